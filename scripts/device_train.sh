@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Train, or continue training, the reference models and the evaluator on the lent GPU.
+# Run from the repository root on the device, with .whl carried (see README "Training"):
+#   bash scripts/device_train.sh MINUTES [shapes-t2v] [shapes-t2i] [evaluator]
+# TRAIN_ARGS adds options to every train-reference (e.g. "--compile --batch-size 64").
+# Resumes from /tmp/ckpt when the machine is still warm, else from the shipped weights.
+# Everything trained comes back in $OUT as weights.tar.part-* (15 MB pieces).
+set -euo pipefail
+minutes=$1; shift
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+shipped=src/tempocache/reference/weights
+rm -rf /tmp/train && mkdir -p /tmp/train/reference /tmp/train/evaluator
+for what in "$@"; do
+  if [ "$what" = evaluator ]; then
+    python3 -m tempocache.cli train-evaluator --out /tmp/train/evaluator --minutes "$minutes" --workers 5 > "$OUT/$what.log" 2>&1 &
+  else
+    python3 -m tempocache.cli train-reference --model "$what" --out "/tmp/train/reference/$what" --minutes "$minutes" \
+      --resume "$shipped/$what" --checkpoint-dir /tmp/ckpt --workers 5 ${TRAIN_ARGS:-} > "$OUT/$what.log" 2>&1 &
+  fi
+done
+status=0
+for job in $(jobs -p); do wait "$job" || status=1; done
+tail -n 3 "$OUT"/*.log
+tar -C /tmp/train -cf - . | split -b 15M - "$OUT/weights.tar.part-"
+exit $status

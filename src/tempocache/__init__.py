@@ -1,0 +1,9 @@
+"""tempocache: make diffusion transformers fast by exploiting temporal redundancy."""
+
+from .generate import generate, load_pipeline, save_clips
+from .reference.models import SPECS
+from .reference.pipeline import ShapesPipeline, ShapesOutput
+
+SHIPPED_MODELS = tuple(SPECS)
+
+__all__ = ["SHIPPED_MODELS", "ShapesOutput", "ShapesPipeline", "generate", "load_pipeline", "save_clips"]

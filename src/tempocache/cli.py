@@ -1,0 +1,128 @@
+"""`tempocache generate | eval-reference | eval-evaluator | train-reference | train-evaluator`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .generate import check_output_path, generate, save_clips
+
+    check_output_path(args.output)
+    clips = generate(
+        args.prompts, model=args.model, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        num_frames=args.frames, device=args.device, batch_size=args.batch_size,
+    )
+    print(f"wrote {save_clips(clips, args.output, fps=args.fps, scale=args.scale)}")
+
+
+def _eval_reference(args: argparse.Namespace) -> None:
+    from .eval.reference_eval import evaluate_reference, format_table
+
+    results = {name: evaluate_reference(name, args.captions, args.steps, args.guidance, args.device, args.batch_size,
+                                        samples_per_caption=args.samples_per_caption)
+               for name in args.model}
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+
+
+def _eval_evaluator(args: argparse.Namespace) -> None:
+    from .eval.reference_eval import evaluate_evaluator
+
+    print(json.dumps(evaluate_evaluator(args.clips, device=args.device), indent=2))
+
+
+def _train_reference(args: argparse.Namespace) -> None:
+    from .reference.train import train_reference
+
+    state = train_reference(args.model, args.out, args.minutes, args.batch_size, args.lr, args.device,
+                            args.resume, args.checkpoint_dir, args.seed, args.workers, compile=args.compile)
+    print(f"{args.model}: {state['steps']} steps, {state['seconds'] / 60:.1f} min in all; weights in {args.out}")
+
+
+def _train_evaluator(args: argparse.Namespace) -> None:
+    from .eval.evaluator import train_evaluator
+
+    state = train_evaluator(args.out, args.minutes, args.device, args.batch_size, seed=args.seed, workers=args.workers)
+    print(f"evaluator: {state['steps']} steps; weights in {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .reference.models import SPECS
+
+    parser = argparse.ArgumentParser(prog="tempocache", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate clips from captions with a shipped model")
+    p.add_argument("prompts", nargs="+", help='captions, e.g. "a red circle moves left on a black background"')
+    p.add_argument("-o", "--output", type=Path, default=Path("out.gif"), help="a .gif, .mp4 or .png file")
+    p.add_argument("--model", default="shapes-t2v", help=f"one of: {', '.join(SPECS)}")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--frames", type=int, default=None, help="frames per clip (video models)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--scale", type=int, default=4, help="upscale factor for the saved file")
+    p.set_defaults(run=_generate)
+
+    p = sub.add_parser("eval-reference", help="semantic accuracy and Fréchet distance on held-out captions, full compute")
+    p.add_argument("--model", nargs="+", default=list(SPECS), help=f"any of: {', '.join(SPECS)}")
+    p.add_argument("--captions", type=int, default=64, help="number of held-out captions")
+    p.add_argument("--samples-per-caption", type=int, default=1, help="seeds per caption (more steadies the Fréchet distance)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--save", type=Path, default=None, help="also write the JSON to this file")
+    p.set_defaults(run=_eval_reference)
+
+    p = sub.add_parser("eval-evaluator", help="the evaluator's accuracy on real clips of held-out captions")
+    p.add_argument("--clips", type=int, default=2048)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=_eval_evaluator)
+
+    p = sub.add_parser("train-reference", help="train a reference model with flow matching (GPU)")
+    p.add_argument("--model", required=True, choices=list(SPECS))
+    p.add_argument("--out", type=Path, required=True, help="folder for the fp16 weights and training.json")
+    p.add_argument("--minutes", type=float, required=True, help="wall-clock budget for this run")
+    p.add_argument("--resume", type=Path, default=None, help="folder written by an earlier run")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="keep a full checkpoint here for exact resume")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=6)
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (falls back to eager)")
+    p.set_defaults(run=_train_reference)
+
+    p = sub.add_parser("train-evaluator", help="train the ShapesWorld attribute classifier")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--minutes", type=float, required=True)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=4)
+    p.set_defaults(run=_train_evaluator)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"tempocache {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

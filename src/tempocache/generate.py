@@ -1,0 +1,88 @@
+"""`tempocache.generate`: captions in, clips out, with a shipped reference model."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+
+from .reference.pipeline import ShapesPipeline
+
+OUTPUT_SUFFIXES = (".gif", ".png")
+
+
+def load_pipeline(model: str = "shapes-t2v", device: str | torch.device = "cpu") -> ShapesPipeline:
+    """A fresh pipeline for a shipped model, loaded from the package's own files (no network)."""
+    return ShapesPipeline.from_reference(model, device)
+
+
+def generate(
+    prompts: str | list[str],
+    model: str = "shapes-t2v",
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    num_frames: int | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    pipe: ShapesPipeline | None = None,
+) -> np.ndarray:
+    """Clips (N, T, H, W, 3) float32 in [0, 1], prompt i drawn with seed `seed + i`.
+
+    Every prompt and setting is checked before any sampling starts. Pass `pipe` to
+    reuse a loaded pipeline; otherwise one is loaded for `model` on `device`.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    pipe = pipe or load_pipeline(model, device)
+    spec = pipe.spec
+    settings = dict(
+        num_inference_steps=spec.default_steps if steps is None else steps,
+        guidance_scale=spec.default_guidance if guidance is None else guidance,
+        num_frames=spec.num_frames if num_frames is None else num_frames,
+        height=spec.size,
+        width=spec.size,
+    )
+    pipe.check_inputs(prompts, *settings.values())
+    clips = [
+        pipe(prompts[i : i + batch_size], seed=[seed + j for j in range(i, min(i + batch_size, len(prompts)))], **settings).frames
+        for i in range(0, len(prompts), batch_size)
+    ]
+    return np.concatenate(clips)
+
+
+def check_output_path(path: Path) -> None:
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"output {str(path)!r} must end in one of: {', '.join(OUTPUT_SUFFIXES)}")
+    if not path.parent.resolve().is_dir():
+        raise ValueError(f"output folder {str(path.parent)!r} does not exist")
+
+
+def save_clips(clips: np.ndarray, path: str | Path, fps: float = 8.0, scale: int = 4) -> Path:
+    """Write clips (N, T, H, W, 3) side by side: an animated GIF, or a PNG with one row per clip.
+
+    The file is written whole or not at all.
+    """
+    path = Path(path)
+    check_output_path(path)
+    pixels = (np.asarray(clips) * 255).round().astype(np.uint8).repeat(scale, 2).repeat(scale, 3)
+    pixels = np.pad(pixels, ((0, 0), (0, 0), (scale, scale), (scale, scale), (0, 0)))  # a dark gap between clips
+    n, t, h, w, _ = pixels.shape
+    if path.suffix.lower() == ".gif":
+        image, options = pixels.transpose(1, 2, 0, 3, 4).reshape(t, h, n * w, 3), {"duration": 1000 / fps, "loop": 0}
+    else:
+        image, options = pixels.transpose(0, 2, 1, 3, 4).reshape(n * h, t * w, 3), {}
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        iio.imwrite(tmp, image, **options)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path

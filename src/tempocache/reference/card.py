@@ -1,0 +1,160 @@
+"""Model cards for the shipped models and the evaluator: `python -m tempocache.reference.card`.
+
+Reads each model's `training.json` and the evaluation in
+`benchmarks/results/reference_eval.json`, draws the loss curve and a grid of samples
+on held-out captions, and writes README.md next to the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..eval.evaluator import WEIGHTS_DIR as EVALUATOR_DIR  # noqa: E402
+from ..generate import generate, load_pipeline  # noqa: E402
+from . import shapesworld  # noqa: E402
+from .models import SPECS, ReferenceSpec, load_weights  # noqa: E402
+
+SAMPLE_CAPTIONS = 8
+
+
+def plot_loss(state: dict, path: Path, title: str) -> None:
+    steps, losses = np.array(state["losses"]).T
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, lw=1)
+    ax.set(xlabel="step", ylabel="training loss", title=title, yscale="log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_samples(spec: ReferenceSpec, path: Path, device: str) -> None:
+    scenes = shapesworld.held_out_scenes(SAMPLE_CAPTIONS, seed=1, with_motion=spec.is_video)
+    captions = [s.caption(spec.is_video) for s in scenes]
+    clips = generate(captions, model=spec.name, device=device, pipe=load_pipeline(spec.name, device))
+    t = clips.shape[1]
+    fig, axes = plt.subplots(len(captions), t, figsize=(1.1 * t + 3.6, 1.15 * len(captions)), squeeze=False)
+    for row, (caption, clip) in enumerate(zip(captions, clips)):
+        for col in range(t):
+            axes[row, col].imshow(clip[col], interpolation="nearest")
+            axes[row, col].axis("off")
+        axes[row, 0].text(-4, 16, caption.replace(" and ", "\nand ").replace(" on a", "\non a"), ha="right", va="center", fontsize=7)
+    fig.suptitle(f"{spec.name}: held-out captions, default settings, seed i for row i", fontsize=9)
+    fig.subplots_adjust(left=0.36 if t > 1 else 0.7, right=0.99, top=0.93, bottom=0.01, wspace=0.05, hspace=0.1)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _accuracy_rows(accuracy: dict) -> str:
+    return "\n".join(f"| {k} | {v:.3f} |" for k, v in accuracy.items())
+
+
+def write_model_card(spec: ReferenceSpec, evaluation: dict | None, device: str) -> Path:
+    directory = spec.directory
+    state = json.loads((directory / "training.json").read_text())
+    config = json.loads((directory / "transformer" / "config.json").read_text())
+    plot_loss(state, directory / "loss.png", f"{spec.name} flow-matching loss")
+    plot_samples(spec, directory / "samples.png", device)
+    transformer, text_encoder = load_weights(directory, spec)
+    n_transformer = sum(p.numel() for p in transformer.parameters())
+    n_text = sum(p.numel() for p in text_encoder.parameters())
+    devices = sorted({s["device"] for s in state["sessions"]})
+    kind = "text-to-video" if spec.is_video else "text-to-image"
+    arch = {k: v for k, v in config.items() if not k.startswith("_")}
+    lines = [
+        f"# {spec.name}",
+        "",
+        f"A {kind} reference model for tempocache: diffusers' `{config['_class_name']}` in pixel space, "
+        f"trained from scratch on ShapesWorld ({'8-frame ' if spec.is_video else 'single-frame '}32x32 RGB).",
+        "",
+        "## Architecture",
+        f"- transformer: `{config['_class_name']}`, {n_transformer / 1e6:.2f}M parameters, config: `{json.dumps(arch)}`",
+        f"- text: word embeddings + 2 transformer layers (`WordEncoder`, {n_text / 1e6:.2f}M parameters) over a "
+        f"{len(shapesworld.vocabulary())}-word vocabulary, fed as `encoder_hidden_states`; the empty caption is the unconditional input",
+        "- sampling: `FlowMatchEulerDiscreteScheduler` (shift 1.0), classifier-free guidance, "
+        f"default {spec.default_steps} steps, guidance {spec.default_guidance}",
+        "- weights: fp16 safetensors (EMA of the training weights, decay 0.999)",
+        "",
+        "## Training",
+        "- data: ShapesWorld train split (captions whose object combinations are not held out), fresh clips every step, "
+        "10% of captions dropped for guidance",
+        "- objective: flow matching (velocity noise - x0, logit-normal noise levels), AdamW, "
+        f"lr {state['lr']}, batch {state['batch_size']}, bf16 autocast",
+        f"- steps: {state['steps']}, time: {state['seconds'] / 60:.1f} min on {', '.join(devices)} "
+        f"in {len(state['sessions'])} runs, seed {state['seed']}",
+        f"- final loss (mean of the last 100 steps): {state['losses'][-1][1]:.4f}",
+        f"- command (repeated, each run resuming the last): `bash scripts/device_train.sh 8.3 {spec.name}` on the GPU "
+        "(or `tempocache train-reference --model " + spec.name + " --out DIR --minutes M --resume DIR`)",
+        "",
+        "![loss](loss.png)",
+        "",
+        "## Quality (full compute, held-out captions)",
+    ]
+    if evaluation:
+        lines += [
+            f"{evaluation['captions']} held-out captions ({evaluation['two_object_captions']} with two objects), "
+            f"{evaluation['steps']} steps, guidance {evaluation['guidance']}, seed {evaluation['seed']}, "
+            f"on {evaluation['device']} ({evaluation['date']}); `tempocache eval-reference --model {spec.name}`.",
+            "",
+            "| attribute | semantic accuracy |",
+            "|---|---|",
+            _accuracy_rows(evaluation["semantic_accuracy"]),
+            "",
+            f"Fréchet distance to real clips of the same captions (evaluator features): {evaluation['frechet_distance']:.2f} "
+            f"(two sets of real clips: {evaluation['frechet_distance_real_vs_real']:.2f}).",
+        ]
+    else:
+        lines.append("Not evaluated yet: run `tempocache eval-reference`.")
+    lines += ["", "## Samples", "", "![samples](samples.png)", ""]
+    path = directory / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_evaluator_card(report: dict) -> Path:
+    state = json.loads((EVALUATOR_DIR / "training.json").read_text())
+    lines = [
+        "# ShapesWorld evaluator",
+        "",
+        "A 3D CNN (`tempocache.eval.evaluator.AttributeClassifier`) reading a clip's background colour and, for each "
+        "object colour, whether such an object is present, its shape and its motion. Its 256-d penultimate features "
+        "give the Fréchet distance. Images are read as static clips.",
+        "",
+        f"- training: {state['steps']} steps of {state['batch_size']} fresh clips (every caption combination; light "
+        f"pixel noise), {state['seconds'] / 60:.1f} min on {state['device']}; `tempocache train-evaluator`",
+        f"- accuracy on {report['clips']} fresh real clips of held-out captions (`tempocache eval-evaluator`):",
+        "",
+        "| attribute | clips | images |",
+        "|---|---|---|",
+    ]
+    for key, value in report["clip_accuracy"].items():
+        image = report["image_accuracy"].get(key)
+        lines.append(f"| {key} | {value:.3f} | {'-' if image is None else f'{image:.3f}'} |")
+    path = EVALUATOR_DIR / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> None:
+    from ..eval.reference_eval import evaluate_evaluator
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results/reference_eval.json"))
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    evaluations = json.loads(args.results.read_text()) if args.results.exists() else {}
+    for spec in SPECS.values():
+        print(f"wrote {write_model_card(spec, evaluations.get(spec.name), args.device)}")
+    print(f"wrote {write_evaluator_card(evaluate_evaluator(device=args.device))}")
+
+
+if __name__ == "__main__":
+    main()

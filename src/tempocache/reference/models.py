@@ -1,0 +1,170 @@
+"""The shipped reference models: their architectures, how each is driven, where the weights live.
+
+Both are plain diffusers model classes working in pixel space on ShapesWorld:
+- `shapes-t2v`: `WanTransformer3DModel`, patch 1x2x2, text-to-video;
+- `shapes-t2i`: `FluxTransformer2DModel` (MMDiT), 2x2-packed pixels, text-to-image.
+Each is trained with flow matching: x_s = (1 - s) x_0 + s noise, the model predicting
+the velocity noise - x_0 at noise level s, exactly what diffusers'
+`FlowMatchEulerDiscreteScheduler` integrates.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, WanTransformer3DModel
+from safetensors.torch import load_file, save_file
+
+from . import shapesworld
+from .text import Tokenizer, WordEncoder
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+MAX_CAPTION_WORDS = 20
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    name: str
+    family: str  # "wan" (video) or "flux" (image)
+    transformer: dict
+    default_steps: int
+    default_guidance: float
+    num_frames: int  # the default; "flux" models make single frames
+    size: int
+
+    @property
+    def is_video(self) -> bool:
+        return self.family == "wan"
+
+    @property
+    def directory(self) -> Path:
+        return WEIGHTS_DIR / self.name
+
+
+SPECS = {
+    "shapes-t2v": ReferenceSpec(
+        name="shapes-t2v",
+        family="wan",
+        transformer=dict(
+            patch_size=(1, 2, 2),
+            num_attention_heads=4,
+            attention_head_dim=64,
+            in_channels=3,
+            out_channels=3,
+            text_dim=128,
+            freq_dim=128,
+            ffn_dim=1024,
+            num_layers=8,
+            rope_max_seq_len=64,
+        ),
+        default_steps=20,
+        default_guidance=4.0,
+        num_frames=shapesworld.DEFAULT_FRAMES,
+        size=shapesworld.DEFAULT_SIZE,
+    ),
+    "shapes-t2i": ReferenceSpec(
+        name="shapes-t2i",
+        family="flux",
+        transformer=dict(
+            patch_size=1,
+            in_channels=12,
+            num_layers=3,
+            num_single_layers=6,
+            attention_head_dim=64,
+            num_attention_heads=4,
+            joint_attention_dim=128,
+            pooled_projection_dim=128,
+            axes_dims_rope=(16, 24, 24),
+        ),
+        default_steps=20,
+        default_guidance=4.0,
+        num_frames=1,
+        size=shapesworld.DEFAULT_SIZE,
+    ),
+}
+TEXT_DIM = 128
+
+
+def get_spec(name: str) -> ReferenceSpec:
+    if name not in SPECS:
+        raise ValueError(f"unknown model {name!r}; the shipped models are: {', '.join(SPECS)}")
+    return SPECS[name]
+
+
+def spec_for(transformer: torch.nn.Module) -> ReferenceSpec:
+    """The shipped spec whose architecture family matches `transformer`."""
+    family = {WanTransformer3DModel: "wan", FluxTransformer2DModel: "flux"}.get(type(transformer))
+    if family is None:
+        raise TypeError(f"reference models are Wan or Flux transformers, not {type(transformer).__name__}")
+    return next(s for s in SPECS.values() if s.family == family)
+
+
+def make_tokenizer() -> Tokenizer:
+    return Tokenizer(shapesworld.vocabulary(), MAX_CAPTION_WORDS)
+
+
+def build_untrained(spec: ReferenceSpec) -> tuple[torch.nn.Module, WordEncoder]:
+    """Fresh (randomly initialised) transformer and text encoder for `spec`."""
+    cls = WanTransformer3DModel if spec.is_video else FluxTransformer2DModel
+    text_encoder = WordEncoder(len(make_tokenizer().words), MAX_CAPTION_WORDS, TEXT_DIM)
+    return cls(**spec.transformer), text_encoder
+
+
+def make_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
+def predict_velocity(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Velocity for pixels x (B, 3, T, H, W) in [-1, 1] at noise level sigma (B,) in [0, 1]."""
+    if isinstance(transformer, WanTransformer3DModel):
+        return transformer(x, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
+    if isinstance(transformer, FluxTransformer2DModel):
+        return _flux_velocity(transformer, x, sigma, text)
+    raise TypeError(f"reference models are Wan or Flux transformers, not {type(transformer).__name__}")
+
+
+def _flux_velocity(transformer: FluxTransformer2DModel, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    b, c, t, h, w = x.shape
+    # Pack each 2x2 pixel patch into one token, as FluxPipeline packs latents.
+    tokens = x.reshape(b, c, t, h // 2, 2, w // 2, 2).permute(0, 2, 3, 5, 1, 4, 6).reshape(b, t * (h // 2) * (w // 2), c * 4)
+    rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(x.device, x.dtype)
+    txt_ids = torch.zeros(text.shape[1], 3, device=x.device, dtype=x.dtype)
+    out = transformer(
+        tokens,
+        encoder_hidden_states=text,
+        pooled_projections=text.mean(1),
+        timestep=sigma,  # Flux multiplies by 1000 itself
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        return_dict=False,
+    )[0]
+    return out.reshape(b, t, h // 2, w // 2, c, 2, 2).permute(0, 4, 1, 2, 5, 3, 6).reshape(b, c, t, h, w)
+
+
+def save_weights(directory: Path, transformer: torch.nn.Module, text_encoder: WordEncoder) -> None:
+    """Write fp16 safetensors in diffusers' layout (transformer shards of at most 15 MB)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    half = type(transformer).from_config(transformer.config).to(torch.float16)
+    half.load_state_dict(transformer.state_dict())
+    half.save_pretrained(directory / "transformer", safe_serialization=True, max_shard_size="15MB")
+    (directory / "text_encoder").mkdir(exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in text_encoder.state_dict().items()}
+    save_file(state, directory / "text_encoder" / "model.safetensors")
+    (directory / "text_encoder" / "config.json").write_text(json.dumps(text_encoder.config, indent=2))
+    make_scheduler().save_config(directory / "scheduler")
+
+
+def load_weights(directory: Path, spec: ReferenceSpec, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, WordEncoder]:
+    """Load a model saved by `save_weights`, from local files only."""
+    if not (directory / "transformer" / "config.json").exists():
+        raise FileNotFoundError(f"no weights for {spec.name} in {directory}; train them with `tempocache train-reference`")
+    cls = WanTransformer3DModel if spec.is_video else FluxTransformer2DModel
+    transformer = cls.from_pretrained(directory / "transformer", torch_dtype=dtype, local_files_only=True)
+    config = json.loads((directory / "text_encoder" / "config.json").read_text())
+    text_encoder = WordEncoder(**config)
+    text_encoder.load_state_dict(load_file(directory / "text_encoder" / "model.safetensors"))
+    return transformer.eval(), text_encoder.to(dtype).eval()

@@ -1,0 +1,108 @@
+"""`ShapesPipeline`: a diffusers pipeline around a shipped reference model.
+
+Flow-matching Euler sampling with diffusers' `FlowMatchEulerDiscreteScheduler` and
+classifier-free guidance (conditional and unconditional branches batched in one call).
+Every argument is checked before any compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+from .models import get_spec, load_weights, make_scheduler, make_tokenizer, predict_velocity, spec_for
+
+MAX_FRAMES = 64
+MAX_SIZE = 128
+
+
+@dataclass
+class ShapesOutput:
+    frames: np.ndarray  # (B, T, H, W, 3) float32 in [0, 1]; T = 1 for images
+    prompts: list[str]
+
+
+class ShapesPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->transformer"
+
+    def __init__(self, transformer: torch.nn.Module, text_encoder: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler):
+        super().__init__()
+        self.register_modules(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
+        self.tokenizer = make_tokenizer()
+        self.spec = spec_for(transformer)
+
+    @classmethod
+    def from_reference(cls, name: str = "shapes-t2v", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "ShapesPipeline":
+        spec = get_spec(name)
+        transformer, text_encoder = load_weights(spec.directory, spec, dtype)
+        pipe = cls(transformer, text_encoder, make_scheduler())
+        pipe.spec = spec
+        return pipe.to(device)
+
+    def check_inputs(self, prompts: list[str], steps: int, guidance: float, num_frames: int, height: int, width: int) -> torch.Tensor:
+        """Validate everything; return the token ids of the prompts."""
+        if not prompts:
+            raise ValueError("no prompt given")
+        ids = self.tokenizer(prompts)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if not guidance >= 1.0:
+            raise ValueError(f"guidance must be at least 1.0 (1.0 turns classifier-free guidance off), got {guidance!r}")
+        if self.spec.is_video:
+            if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not 1 <= num_frames <= MAX_FRAMES:
+                raise ValueError(f"{self.spec.name} makes 1 to {MAX_FRAMES} frames, got num_frames={num_frames!r}")
+        elif num_frames != 1:
+            raise ValueError(f"{self.spec.name} is a text-to-image model: num_frames must be 1, got {num_frames!r}")
+        for label, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value % 2 or not 2 <= value <= MAX_SIZE:
+                raise ValueError(f"{label} must be an even number of pixels from 2 to {MAX_SIZE}, got {value!r}")
+        return ids
+
+    def encode(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(ids.to(self.device))
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | list[int] = 0,
+    ) -> ShapesOutput:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        steps = self.spec.default_steps if num_inference_steps is None else num_inference_steps
+        guidance = self.spec.default_guidance if guidance_scale is None else guidance_scale
+        frames = self.spec.num_frames if num_frames is None else num_frames
+        height = self.spec.size if height is None else height
+        width = self.spec.size if width is None else width
+        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        ids = self.check_inputs(prompts, steps, guidance, frames, height, width)
+
+        dtype = self.transformer.dtype
+        use_cfg = guidance > 1.0
+        text = self.encode(torch.cat([torch.zeros_like(ids), ids]) if use_cfg else ids).to(dtype)
+        # Noise is drawn on the CPU, one generator per sample: same seed, same clip on any device.
+        noise = [torch.randn(3, frames, height, width, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        x = torch.stack(noise).to(self.device, dtype)
+
+        self.scheduler.set_timesteps(steps, device=self.device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            sigma = (t / 1000).expand(len(prompts) * (2 if use_cfg else 1)).to(dtype)
+            x_in = torch.cat([x, x]) if use_cfg else x
+            # diffusers' cache hooks keep their state per named context, as its own pipelines name them.
+            with self.transformer.cache_context("cond_uncond" if use_cfg else "cond"):
+                v = predict_velocity(self.transformer, x_in, sigma, text)
+            if use_cfg:
+                v_uncond, v_cond = v.chunk(2)
+                v = v_uncond + guidance * (v_cond - v_uncond)
+            x = self.scheduler.step(v, t, x, return_dict=False)[0]
+        clips = ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1)
+        return ShapesOutput(clips.cpu().numpy(), prompts)

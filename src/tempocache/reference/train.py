@@ -1,0 +1,135 @@
+"""Train a reference model with flow matching on ShapesWorld (`tempocache train-reference`).
+
+Runs for a wall-clock budget and can resume: the shipped fp16 weights plus
+`training.json` (step count, time, loss history) are enough to continue on a fresh
+machine; a full checkpoint (fp32 weights, EMA, optimizer) is also kept in
+`--checkpoint-dir` for a faster, exact resume on the same machine.
+The EMA weights are the ones saved for shipping.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from . import shapesworld
+from .models import build_untrained, get_spec, load_weights, make_tokenizer, predict_velocity, save_weights
+
+CAPTION_DROPOUT = 0.1
+EMA_DECAY = 0.999
+WARMUP_STEPS = 500
+
+
+def flow_matching_loss(transformer, text_encoder, clips: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    noise = torch.randn_like(clips)
+    sigma = torch.sigmoid(torch.randn(len(clips), device=clips.device))  # logit-normal noise levels
+    s = sigma.view(-1, 1, 1, 1, 1)
+    noisy = (1 - s) * clips + s * noise
+    velocity = predict_velocity(transformer, noisy, sigma, text_encoder(ids))
+    return torch.nn.functional.mse_loss(velocity.float(), (noise - clips).float())
+
+
+def train_reference(
+    model: str,
+    out_dir: Path,
+    minutes: float,
+    batch_size: int = 32,
+    lr: float = 4e-4,
+    device: str = "cuda",
+    resume_dir: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    seed: int = 0,
+    workers: int = 6,
+    log_every: int = 100,
+    compile: bool = False,
+) -> dict:
+    spec = get_spec(model)
+    torch.manual_seed(seed)
+    transformer, text_encoder = build_untrained(spec)
+    state = {"model": model, "steps": 0, "seconds": 0.0, "batch_size": batch_size, "lr": lr, "seed": seed, "losses": [], "sessions": []}
+    checkpoint = checkpoint_dir / f"{model}.pt" if checkpoint_dir else None
+    full = torch.load(checkpoint, map_location="cpu") if checkpoint and checkpoint.exists() else None
+    if full:
+        transformer.load_state_dict(full["transformer"])
+        text_encoder.load_state_dict(full["text_encoder"])
+        state = full["state"]
+    elif resume_dir and (resume_dir / "training.json").exists():
+        transformer, text_encoder = load_weights(resume_dir, spec)
+        state = json.loads((resume_dir / "training.json").read_text())
+    transformer.to(device).train()
+    text_encoder.to(device).train()
+    ema = [copy.deepcopy(m).eval().requires_grad_(False) for m in (transformer, text_encoder)]
+    if full:
+        ema[0].load_state_dict(full["ema_transformer"])
+        ema[1].load_state_dict(full["ema_text_encoder"])
+    params = [*transformer.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    if full:
+        optimizer.load_state_dict(full["optimizer"])
+    ema_params = [*ema[0].parameters(), *ema[1].parameters()]
+
+    stream = shapesworld.BatchStream(batch_size, "train", spec.num_frames, spec.is_video, seed=seed * 1_000_003 + state["steps"])
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+    tokenizer = make_tokenizer()
+    start, running, first_step = time.time(), [], state["steps"]
+    print(f"training {model}: {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M transformer parameters, "
+          f"from step {first_step}, for {minutes} min on {device}", flush=True)
+    # bf16 for the video model's long sequences; the image model trains in fp32 (TF32 matmuls): in bf16 its
+    # backward failed inside cuBLAS on an H100 (CUBLAS_STATUS_EXECUTION_FAILED, 2026-11-22).
+    torch.backends.cuda.matmul.allow_tf32 = True
+    use_bf16 = device.startswith("cuda") and spec.is_video
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    loss_fn = torch.compile(flow_matching_loss) if compile else flow_matching_loss
+    for batch in loader:
+        step = state["steps"]
+        clips = batch.clips.permute(0, 2, 1, 3, 4).to(device, non_blocking=True) * 2 - 1
+        ids = tokenizer(batch.captions(spec.is_video))
+        ids[torch.rand(len(ids)) < CAPTION_DROPOUT] = 0  # the empty caption, for classifier-free guidance
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / WARMUP_STEPS)
+        with autocast:
+            try:
+                loss = loss_fn(transformer, text_encoder, clips, ids.to(device))
+            except Exception as error:  # a compiler failure must not cost the run: go on eagerly
+                if loss_fn is flow_matching_loss:
+                    raise
+                print(f"torch.compile failed ({type(error).__name__}: {error}); training eagerly", flush=True)
+                loss_fn = flow_matching_loss
+                loss = loss_fn(transformer, text_encoder, clips, ids.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
+        state["steps"] += 1
+        running.append(loss.detach())
+        if state["steps"] % log_every == 0:
+            mean = torch.stack(running).mean().item()
+            running = []
+            elapsed = time.time() - start
+            state["losses"].append([state["steps"], mean])
+            print(f"step {state['steps']} loss {mean:.4f} {elapsed / (state['steps'] - first_step) * 1000:.0f} ms/step", flush=True)
+            if not math.isfinite(mean):
+                raise RuntimeError(f"loss is {mean} at step {state['steps']}")
+        if time.time() - start > minutes * 60:
+            break
+    elapsed = time.time() - start
+    state["seconds"] += elapsed
+    state["sessions"].append({"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
+                              "steps": state["steps"] - first_step, "seconds": round(elapsed, 1)})
+    save_weights(out_dir, ema[0], ema[1])
+    (out_dir / "training.json").write_text(json.dumps(state, indent=1))
+    if checkpoint:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
+                    "ema_transformer": ema[0].state_dict(), "ema_text_encoder": ema[1].state_dict(),
+                    "optimizer": optimizer.state_dict(), "state": state}, checkpoint)
+    return state

@@ -1,0 +1,53 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tempocache.cli import main
+
+CAPTION = "a red circle moves left on a black background"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([CAPTION.replace("red", "purple")], "unknown word(s) 'purple'"),
+        ([CAPTION.replace("red", "purple")], "the vocabulary is: a and background black"),
+        ([CAPTION, "--model", "sdxl"], "unknown model 'sdxl'; the shipped models are: shapes-t2v, shapes-t2i"),
+        ([CAPTION, "--steps", "0"], "steps must be a positive integer, got 0"),
+        ([CAPTION, "--frames", "0"], "shapes-t2v makes 1 to 64 frames, got num_frames=0"),
+        ([CAPTION, "--frames", "500"], "shapes-t2v makes 1 to 64 frames"),
+        (["a red circle on a black background", "--model", "shapes-t2i", "--frames", "8"], "num_frames must be 1"),
+        ([CAPTION, "--guidance", "0.5"], "guidance must be at least 1.0"),
+        ([CAPTION, "-o", "clip.avi"], "must end in one of: .gif, .png"),
+        ([CAPTION, "-o", "no/such/folder/clip.gif"], "does not exist"),
+    ],
+)
+def test_bad_input_is_refused_before_any_compute(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    import tempocache.reference.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "predict_velocity", lambda *a: pytest.fail("sampling started"))
+    assert main(["generate", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [], "nothing is written"
+
+
+def test_generate_writes_a_gif_and_a_png(tmp_path, capsys):
+    gif, png = tmp_path / "clip.gif", tmp_path / "grid.png"
+    assert main(["generate", CAPTION, "a blue square grows on a white background", "--steps", "2", "-o", str(gif)]) == 0
+    assert f"wrote {gif}" in capsys.readouterr().out
+    import imageio.v3 as iio
+
+    frames = iio.imread(gif)
+    assert frames.shape[0] == 8 and frames.shape[1] == 4 * 34 and frames.shape[2] == 2 * 4 * 34
+    assert main(["generate", "a red circle on a black background", "--model", "shapes-t2i", "--steps", "2", "-o", str(png)]) == 0
+    assert iio.imread(png).shape[:2] == (4 * 34, 4 * 34)
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "tempocache"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ["generate", "eval-reference", "train-reference", "train-evaluator"]:
+        assert command in out
