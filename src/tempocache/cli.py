@@ -52,6 +52,39 @@ def _train_evaluator(args: argparse.Namespace) -> None:
     print(f"evaluator: {state['steps']} steps; weights in {args.out}")
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from .generate import load_pipeline
+    from .reference import shapesworld
+    from .reference.models import get_spec
+    from .step_cache import calibrate
+
+    spec = get_spec(args.model)
+    rng = np.random.default_rng(args.seed)
+    prompts = [shapesworld.sample_scene(rng, "train", spec.is_video).caption(spec.is_video) for _ in range(args.prompts)]
+    pipe = load_pipeline(args.model, args.device)
+    settings = dict(num_inference_steps=args.steps or spec.default_steps, guidance_scale=args.guidance or spec.default_guidance)
+    pipe.check_inputs(prompts, settings["num_inference_steps"], settings["guidance_scale"], spec.num_frames, spec.size, spec.size)
+    out = args.out or Path(f"{args.model}-{settings['num_inference_steps']}steps.json")
+    profile = calibrate(pipe, [prompts], run=lambda p, batch: p(batch, seed=args.seed, **settings), segments=args.segments)
+    print(f"wrote {profile.save(out)} ({profile.num_steps} steps, segments at blocks {profile.edges}; "
+          f"TeaCache coefficients {[round(c, 4) for c in profile.teacache_coefficients]})")
+
+
+def _cache_quality(args: argparse.Namespace) -> None:
+    from .eval.cache_quality import auto_losses, cache_quality, format_table
+
+    result = cache_quality(args.model, args.captions, args.steps, args.guidance, args.device, args.batch_size, args.seed, args.policies)
+    result["auto_losses"] = auto_losses(result)
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(json.dumps(result, indent=2))
+    print(format_table(result))
+    print("Auto beats every other policy at equal or higher compute" if not result["auto_losses"]
+          else "Auto is matched or beaten by:\n  " + "\n  ".join(result["auto_losses"]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .reference.models import SPECS
 
@@ -102,6 +135,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=6)
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (falls back to eager)")
     p.set_defaults(run=_train_reference)
+
+    p = sub.add_parser("calibrate", help="profile a shipped model at full compute (for Auto, TeaCache, ERTACache)")
+    p.add_argument("--model", default="shapes-t2v", help=f"one of: {', '.join(SPECS)}")
+    p.add_argument("--prompts", type=int, default=8, help="training captions to profile on")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--segments", type=int, default=4, help="block ranges Auto decides on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=None, help="profile JSON (default: <model>-<steps>steps.json)")
+    p.set_defaults(run=_calibrate)
+
+    p = sub.add_parser("cache-quality", help="every step-cache policy against full compute on held-out captions")
+    p.add_argument("--model", default="shapes-t2v", help=f"one of: {', '.join(SPECS)}")
+    p.add_argument("--captions", type=int, default=16)
+    p.add_argument("--policies", nargs="+", default=None, help="default: all")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--save", type=Path, default=None, help="also write the JSON here")
+    p.set_defaults(run=_cache_quality)
 
     p = sub.add_parser("train-evaluator", help="train the ShapesWorld attribute classifier")
     p.add_argument("--out", type=Path, required=True)

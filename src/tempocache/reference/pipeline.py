@@ -1,7 +1,10 @@
 """`ShapesPipeline`: a diffusers pipeline around a shipped reference model.
 
 Flow-matching Euler sampling with diffusers' `FlowMatchEulerDiscreteScheduler` and
-classifier-free guidance (conditional and unconditional branches batched in one call).
+classifier-free guidance. As in diffusers' own pipelines, the conditional and
+unconditional branches are separate transformer calls, each inside
+`cache_context("cond" / "uncond", step_index=..., num_inference_steps=...)`, so that
+cache hooks (diffusers', cache-dit's, ours) can keep their state per branch.
 Every argument is checked before any compute.
 """
 
@@ -88,21 +91,22 @@ class ShapesPipeline(DiffusionPipeline):
 
         dtype = self.transformer.dtype
         use_cfg = guidance > 1.0
-        text = self.encode(torch.cat([torch.zeros_like(ids), ids]) if use_cfg else ids).to(dtype)
+        text = self.encode(ids).to(dtype)
+        empty = self.encode(torch.zeros_like(ids)).to(dtype) if use_cfg else None
         # Noise is drawn on the CPU, one generator per sample: same seed, same clip on any device.
         noise = [torch.randn(3, frames, height, width, generator=torch.Generator().manual_seed(s)) for s in seeds]
         x = torch.stack(noise).to(self.device, dtype)
 
         self.scheduler.set_timesteps(steps, device=self.device)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            sigma = (t / 1000).expand(len(prompts) * (2 if use_cfg else 1)).to(dtype)
-            x_in = torch.cat([x, x]) if use_cfg else x
-            # diffusers' cache hooks keep their state per named context, as its own pipelines name them.
-            with self.transformer.cache_context("cond_uncond" if use_cfg else "cond"):
-                v = predict_velocity(self.transformer, x_in, sigma, text)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            sigma = (t / 1000).expand(len(prompts)).to(dtype)
+            where = dict(step_index=i, num_inference_steps=steps, timestep=t, sigma=float(sigma[0]))
+            with self.transformer.cache_context("cond", **where):
+                v = predict_velocity(self.transformer, x, sigma, text)
             if use_cfg:
-                v_uncond, v_cond = v.chunk(2)
-                v = v_uncond + guidance * (v_cond - v_uncond)
+                with self.transformer.cache_context("uncond", **where):
+                    v_uncond = predict_velocity(self.transformer, x, sigma, empty)
+                v = v_uncond + guidance * (v - v_uncond)
             x = self.scheduler.step(v, t, x, return_dict=False)[0]
         clips = ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1)
         return ShapesOutput(clips.cpu().numpy(), prompts)

@@ -1,0 +1,112 @@
+"""What each step-cache policy costs in quality on a shipped model (`tempocache cache-quality`).
+
+Full compute and every policy setting draw the same held-out captions with the same
+seeds; each setting is scored by its fraction of block compute, fidelity to full
+compute (PSNR, SSIM, relative L2) and semantic accuracy.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from functools import partial
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import step_cache as sc
+from ..generate import generate, load_pipeline
+from ..reference import shapesworld
+from ..reference.models import get_spec
+from .evaluator import load_evaluator
+from .fidelity import fidelity
+from .metrics import read_clips, semantic_accuracy
+
+SETTINGS: dict[str, list[Callable[[], object]]] = {
+    "StaticCache": [partial(sc.StaticCache, interval=i) for i in (2, 3, 4)],
+    "DeltaDiT": [partial(sc.DeltaDiT, interval=i) for i in (2, 3, 4)],
+    "FirstBlockCache": [partial(sc.FirstBlockCache, threshold=t) for t in (0.05, 0.1, 0.2)],
+    "DBCache": [partial(sc.DBCache, fn=2, bn=1, threshold=t) for t in (0.05, 0.1, 0.2)],
+    "TeaCache": [partial(sc.TeaCache, threshold=t) for t in (0.1, 0.2, 0.4)],
+    "TaylorSeer": [partial(sc.TaylorSeer, order=o, interval=i) for o, i in ((1, 2), (1, 3), (1, 4), (2, 3))],
+    "GatedTaylorSeer": [partial(sc.GatedTaylorSeer, threshold=t) for t in (0.05, 0.1, 0.2)],
+    "ERTACache": [partial(sc.ERTACache, budget=b) for b in (0.5, 0.33, 0.25)],
+    "TemporalDeltaCache": [partial(sc.TemporalDeltaCache, threshold=t) for t in (0.05, 0.1, 0.2)],
+    "CFGReuse": [partial(sc.CFGReuse, interval=i) for i in (2, 3, 4)],
+    "Auto": [partial(sc.Auto, budget=b) for b in (0.5, 0.33, 0.25)],
+}
+
+
+def cache_quality(model: str = "shapes-t2v", captions: int = 16, steps: int | None = None, guidance: float | None = None,
+                  device: str = "cpu", batch_size: int = 16, seed: int = 0, policies: list[str] | None = None) -> dict:
+    spec = get_spec(model)
+    unknown = set(policies or []) - set(SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown policies {sorted(unknown)}; known: {', '.join(SETTINGS)}")
+    pipe = load_pipeline(model, device)
+    evaluator = load_evaluator(device)
+    scenes = shapesworld.held_out_scenes(captions, seed, with_motion=spec.is_video)
+    prompts = [s.caption(spec.is_video) for s in scenes]
+    configs = [make() for name in (policies or SETTINGS) for make in SETTINGS[name]]
+    for config in configs:  # fail on a missing profile before any sampling
+        config.make_policy(pipe.transformer)
+
+    def run(config) -> dict:
+        if config is not None:
+            sc.enable(pipe, config)
+        try:
+            start = time.perf_counter()
+            clips = generate(prompts, steps=steps, guidance=guidance, seed=seed, device=device, batch_size=batch_size, pipe=pipe)
+            seconds = time.perf_counter() - start
+            stats = sc.stats(pipe) if config is not None else {"compute_fraction": 1.0}
+        finally:
+            if config is not None:
+                sc.disable(pipe)
+        return {"clips": clips, "seconds": seconds, "compute_fraction": stats["compute_fraction"]}
+
+    reference = run(None)
+    rows = []
+    for config in tqdm([None, *configs], desc=f"{model} cache quality"):
+        result = reference if config is None else run(config)
+        rows.append({
+            "policy": "full compute" if config is None else type(config).__name__,
+            "settings": {} if config is None else {k: v for k, v in vars(config).items() if k != "profile"},
+            "compute_fraction": result["compute_fraction"],
+            **fidelity(result["clips"], reference["clips"]),
+            "semantic_accuracy": semantic_accuracy(read_clips(evaluator, result["clips"])[1], scenes, spec.is_video),
+            "seconds": round(result["seconds"], 2),
+        })
+    return {
+        "model": model, "captions": captions, "seed": seed,
+        "steps": steps or spec.default_steps, "guidance": guidance or spec.default_guidance,
+        "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu",
+        "date": datetime.date.today().isoformat(), "rows": rows,
+    }
+
+
+def auto_losses(result: dict) -> list[str]:
+    """Where Auto is not the most faithful: for each Auto budget and each other policy, that policy's
+    cheapest setting spending at least as much compute as Auto did must have a lower PSNR."""
+    rows = [r for r in result["rows"] if r["policy"] != "full compute"]
+    losses = []
+    for auto in (r for r in rows if r["policy"] == "Auto"):
+        for policy in {r["policy"] for r in rows} - {"Auto"}:
+            costlier = [r for r in rows if r["policy"] == policy and r["compute_fraction"] >= auto["compute_fraction"] - 1e-9]
+            if costlier:
+                rival = min(costlier, key=lambda r: r["compute_fraction"])
+                if rival["psnr"] >= auto["psnr"]:
+                    losses.append(f"{policy} {rival['settings']} ({rival['compute_fraction']:.2f}, {rival['psnr']:.2f} dB) >= "
+                                  f"Auto budget {auto['settings']['budget']} ({auto['compute_fraction']:.2f}, {auto['psnr']:.2f} dB)")
+    return losses
+
+
+def format_table(result: dict) -> str:
+    lines = ["| policy | settings | compute | PSNR (dB) | SSIM | rel. L2 | colour | shape | motion | all |", "|---" * 10 + "|"]
+    for r in result["rows"]:
+        acc = r["semantic_accuracy"]
+        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
+        lines.append(f"| {r['policy']} | {settings} | {r['compute_fraction']:.2f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['relative_l2']:.3f} | "
+                     f"{acc['colour']:.2f} | {acc['shape']:.2f} | {acc.get('motion', float('nan')):.2f} | {acc['all']:.2f} |")
+    return "\n".join(lines)

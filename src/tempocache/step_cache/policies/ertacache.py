@@ -1,0 +1,66 @@
+"""ERTACache-style error-corrected reuse (Gao et al. 2025, "ERTACache: Error Rectification and Timesteps
+Adjustment for Efficient Diffusion").
+
+Offline, from the model's profile: choose the steps whose whole-stack residual is best
+approximated by the last computed one (greedily, least weighted error first, until only
+`budget` of the steps are computed). Online, at a reused step, scale the cached residual
+by the least-squares gain the profile measured between those two steps: a closed-form
+linear correction of the cache-induced error. (The paper's sampler step adjustment is
+not applied: the pipeline's scheduler is left alone.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..policy import Action, BranchMemory, Policy, State, Step, check_int, check_range
+from ..profile import Profile, load_profile
+
+
+@dataclass(frozen=True)
+class ERTACache:
+    budget: float = 0.5  # fraction of the steps computed; 1.0 computes every step
+    profile: str | Profile | None = None  # None: the shipped profile of a reference model
+    warmup: int = 2
+    correct: bool = True  # apply the linear correction
+
+    def __post_init__(self):
+        check_range("budget", self.budget, 0.0, 1.0, low_open=True)
+        check_int("warmup", self.warmup, 1)
+
+    def make_policy(self, transformer=None) -> Policy:
+        profile = load_profile(self.profile, transformer)
+        return ERTAPolicy(self, profile, reuse_steps(profile, self.budget, self.warmup))
+
+
+def reuse_steps(profile: Profile, budget: float, warmup: int) -> set[int]:
+    error = np.array(profile.stack_reuse_error) * profile.step_weights()[:, None]
+    steps = profile.num_steps
+    reused: set[int] = set()
+    while steps - len(reused) > budget * steps + 1e-9:
+        computed = [s for s in range(steps) if s not in reused]
+        candidates = [(error[s, max(c for c in computed if c < s)], s) for s in computed if s >= warmup]
+        if not candidates:
+            break
+        reused.add(min(candidates)[1])
+    return reused
+
+
+class ERTAPolicy(Policy):
+    def __init__(self, config: ERTACache, profile: Profile, reused: set[int]):
+        self.config = config
+        self.profile = profile
+        self.reused = reused
+
+    def decide(self, step: Step, segment: int, x: State, memory: BranchMemory) -> Action:
+        self.profile.check_steps(step.require_num_steps("ERTACache"), "ERTACache")
+        return Action.REUSE if step.index in self.reused else Action.COMPUTE
+
+    def approximate(self, step: Step, segment: int, action: Action, memory: BranchMemory) -> State:
+        cached_step, residual = memory.segments[segment].history[-1]
+        if not self.config.correct:
+            return residual
+        gain = self.profile.stack_gain[step.index][cached_step]
+        return tuple(None if r is None else r * gain for r in residual)

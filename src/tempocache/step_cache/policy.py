@@ -1,0 +1,144 @@
+"""What every step-cache policy shares: the actions, what it knows about a step, what it remembers.
+
+A policy splits the block stack into contiguous *segments* and, at every step, for
+every segment, decides to compute it, reuse its cached residual (output minus input),
+or forecast the residual from the last computed ones. The engine does the rest.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import State
+
+
+class Action(enum.Enum):
+    COMPUTE = "compute"
+    REUSE = "reuse"
+    FORECAST = "forecast"
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int  # denoising step of this generation, from 0
+    num_steps: int | None  # steps in this generation, when the pipeline tells (or the config says)
+    timestep: float
+    branch: str  # "cond", "uncond", ... (the pipeline's cache_context name, else the call's order at this timestep)
+
+    def require_num_steps(self, policy: str) -> int:
+        if self.num_steps is None:
+            raise ValueError(f"{policy} needs the number of denoising steps: enable it on a pipeline, call the "
+                             "transformer inside cache_context(name, num_inference_steps=...), or set num_steps in the config")
+        return self.num_steps
+
+
+@dataclass
+class SegmentMemory:
+    history: list[tuple[int, State]] = field(default_factory=list)  # (step, residual) at its last computations, oldest first
+    input: State | None = None  # its input when last computed (for policies that compare inputs)
+
+    @property
+    def last_step(self) -> int | None:
+        return self.history[-1][0] if self.history else None
+
+
+@dataclass
+class BranchMemory:
+    """Everything remembered for one CFG branch of one generation."""
+
+    segments: list[SegmentMemory]
+    scratch: dict = field(default_factory=dict)  # the policy's own values
+    actions: dict[int, Action] = field(default_factory=dict)  # this step's decision per segment
+    segment_input: State | None = None  # input of the segment being computed
+    temb: torch.Tensor | None = None  # the timestep embedding the first block got at this step
+    index: int = -1
+    timestep: float | None = None
+    shape: tuple | None = None
+
+    def nbytes(self) -> int:
+        tensors = [t for m in self.segments for _, r in m.history for t in r]
+        tensors += [t for m in self.segments if m.input for t in m.input]
+        tensors += [v for v in self.scratch.values() if isinstance(v, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def add(a: State, b: State) -> State:
+    return tuple(None if x is None or y is None else x + y for x, y in zip(a, b))
+
+
+def sub(a: State, b: State) -> State:
+    return tuple(None if x is None or y is None else x - y for x, y in zip(a, b))
+
+
+def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    """mean|a - b| / mean|b|."""
+    return float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
+
+
+def taylor_forecast(history: list[tuple[int, State]], step: int, order: int) -> State:
+    """Extrapolate residuals to `step` with the Newton polynomial through the last order + 1 computed ones.
+
+    With evenly spaced points this is TaylorSeer's series of finite differences; the
+    divided differences also handle uneven spacing.
+    """
+    points = history[-(order + 1):]
+    steps = [s for s, _ in points]
+    coefficients = [r for _, r in points]  # divided differences, computed in place
+    for level in range(1, len(points)):
+        for i in range(len(points) - 1, level - 1, -1):
+            span = steps[i] - steps[i - level]
+            coefficients[i] = tuple(None if a is None else (a - b) / span for a, b in zip(coefficients[i], coefficients[i - 1]))
+    result = coefficients[-1]
+    for i in range(len(points) - 2, -1, -1):  # Horner
+        result = tuple(None if r is None else c + r * (step - steps[i]) for c, r in zip(coefficients[i], result))
+    return result
+
+
+class Policy:
+    """Base class: computes everything. Subclasses override what they need."""
+
+    history = 1  # residuals kept per segment
+    order = 1  # of forecasts
+    keeps_inputs = False  # whether segment inputs are kept too
+
+    def boundaries(self, num_blocks: int) -> list[int]:
+        """Segment edges, from 0 to num_blocks."""
+        return [0, num_blocks]
+
+    def check(self, num_blocks: int) -> None:
+        """Raise ValueError if the policy cannot run on a stack of this many blocks."""
+
+    def decide(self, step: Step, segment: int, x: State, memory: BranchMemory) -> Action:
+        return Action.COMPUTE
+
+    def approximate(self, step: Step, segment: int, action: Action, memory: BranchMemory) -> State:
+        history = memory.segments[segment].history
+        if action is Action.FORECAST and len(history) > 1:
+            return taylor_forecast(history, step.index, self.order)
+        return history[-1][1]
+
+    def computed(self, step: Step, segment: int, x_in: State, x_out: State, memory: BranchMemory) -> None:
+        """Called after a segment was computed."""
+
+    def call_output(self, step: Step, branches: dict[str, BranchMemory]):
+        """An output standing in for the whole transformer call, or None to run it."""
+        return None
+
+    def call_done(self, step: Step, branches: dict[str, BranchMemory], output) -> None:
+        """Called after a transformer call ran."""
+
+
+def check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+    if not number or not (low < value if low_open else low <= value) or value > high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")
+
+
+def check_int(name: str, value: int, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -1,0 +1,272 @@
+"""Profiles: what full-compute trajectories of a model say about the cost of skipping.
+
+`calibrate` runs a pipeline at full compute on a few prompts while recording, at every
+step and for every segment of the block stack, the segment's residual (on a fixed
+sample of tokens). From those it tabulates, averaged over prompts and CFG branches:
+- the error of reusing a segment's residual from an earlier step, and of forecasting it
+  (first-order Taylor) from two earlier steps, in units of the model output;
+- the stack residual's reuse error and least-squares gain (ERTACache);
+- TeaCache's polynomial from its input signal to the stack's output change.
+Profiles are JSON, reused across runs; the shipped models have theirs in `profiles/`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .policy import BranchMemory, Policy, State, Step, relative_change
+
+SHIPPED_DIR = Path(__file__).parent / "profiles"
+TOKENS = 512  # tokens sampled per trajectory to measure errors on
+OUTPUT_SAMPLES = 4096  # output values sampled per call to measure closed-loop drift on
+# Auto's planner variants tried by calibrate: (forecast error penalty, plan the whole stack as one segment).
+# The open-loop error tables cannot see how errors compound; closed-loop runs pick the variant that copes best.
+AUTO_VARIANTS = ((1.0, False), (2.0, False), (float("inf"), False), (1.0, True), (float("inf"), True))
+
+
+@dataclass
+class Profile:
+    model: str  # transformer class
+    num_steps: int
+    edges: list[int]  # segment boundaries in blocks
+    timesteps: list[float]
+    output_norm: list[float]  # mean |model output| per step
+    reuse_error: list  # [segment][step][earlier step]
+    forecast_error: list  # [segment][step][last computed][the one before]
+    stack_reuse_error: list  # [step][earlier step], the whole stack as one segment
+    stack_forecast_error: list  # [step][last computed][the one before]
+    stack_gain: list  # [step][earlier step]: least-squares scale of the reused stack residual
+    teacache_coefficients: list[float]
+    prompts: list[str]
+    # Auto's planner variant per budget, chosen by closed-loop runs: [forecast penalty, whole stack as one segment]
+    auto_variants: dict[str, list] = field(default_factory=dict)
+
+    def auto_variant(self, budget: float) -> tuple[float, bool]:
+        if not self.auto_variants:
+            return AUTO_VARIANTS[0]
+        nearest = min(self.auto_variants, key=lambda b: abs(float(b) - budget))
+        penalty, whole_stack = self.auto_variants[nearest]
+        return float(penalty), bool(whole_stack)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self)))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def check_steps(self, num_steps: int, policy: str) -> None:
+        if num_steps != self.num_steps:
+            raise ValueError(f"{policy}'s profile was made for {self.num_steps} steps, this generation has {num_steps}: "
+                             f"run `tempocache calibrate` with {num_steps} steps and pass the profile")
+
+    def step_weights(self) -> np.ndarray:
+        """How much an error in the model output at each step moves the sample: the sampler's step size."""
+        t = np.array(self.timesteps + [0.0])
+        return np.abs(np.diff(t)) / max(abs(t[0]), 1e-12)
+
+
+def teacache_signal(x: State, temb: torch.Tensor | None, previous: tuple | None) -> float | None:
+    """TeaCache's input signal: the relative change of the first block's input and of its timestep embedding."""
+    if previous is None:
+        return None
+    signal = relative_change(x[0], previous[0])
+    if temb is not None and previous[1] is not None:
+        signal += relative_change(temb, previous[1])
+    return signal
+
+
+def shipped_profile_path(transformer: torch.nn.Module) -> Path | None:
+    from ..reference.models import SPECS
+
+    for spec in SPECS.values():
+        if getattr(transformer, "config", None) is not None and all(transformer.config.get(k) == _plain(v) for k, v in spec.transformer.items()):
+            return SHIPPED_DIR / f"{spec.name}.json"
+    return None
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def load_profile(profile: "str | Path | Profile | None", transformer: torch.nn.Module | None) -> Profile:
+    if isinstance(profile, Profile):
+        return profile
+    if profile is None:
+        path = shipped_profile_path(transformer) if transformer is not None else None
+        if path is None or not path.exists():
+            name = type(transformer).__name__ if transformer is not None else "this model"
+            raise ValueError(f"no profile for {name}: run `tempocache calibrate` (or tempocache.calibrate(pipe, prompts)) "
+                             "and pass profile=<the JSON it writes>")
+        profile = path
+    return Profile.load(profile)
+
+
+class _Recorder(Policy):
+    """Computes everything and records each segment's residual on a fixed token sample."""
+
+    def __init__(self, num_segments: int):
+        self.num_segments = num_segments
+        self.trajectories: list[dict] = []
+        self.open: dict[str, dict] = {}
+        self.calls: list[tuple[int, int]] = []  # (trajectory, step) of every transformer call, in order
+        self.output_samples: list[torch.Tensor] = []
+
+    def boundaries(self, num_blocks: int) -> list[int]:
+        n = min(self.num_segments, num_blocks)
+        return [round(k * num_blocks / n) for k in range(n + 1)]
+
+    def computed(self, step: Step, segment: int, x_in: State, x_out: State, memory: BranchMemory) -> None:
+        if segment == 0:
+            if step.index == 0:
+                self.open[step.branch] = {"residuals": [], "h0": [], "signal": [], "timesteps": [], "outputs": []}
+                self.trajectories.append(self.open[step.branch])
+            record = self.open[step.branch]
+            record["timesteps"].append(step.timestep)
+            record["signal"].append(teacache_signal(x_in, memory.temb, memory.scratch.get("previous")))
+            memory.scratch["previous"] = (x_in[0], memory.temb)
+            record["h0"].append(self._sample(x_in[0]))
+            record["residuals"].append([])
+        self.open[step.branch]["residuals"][-1].append(self._sample(x_out[0] - x_in[0]))
+
+    def call_done(self, step: Step, branches: dict[str, BranchMemory], output) -> None:
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        self.open[step.branch]["outputs"].append(float(sample.float().abs().mean()))
+        self.calls.append((id(self.open[step.branch]), step.index))
+        self.output_samples.append(output_sample(output))
+
+    def _sample(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        if not hasattr(self, "index"):
+            generator = torch.Generator().manual_seed(0)
+            self.index = torch.randperm(len(tokens), generator=generator)[:TOKENS].sort().values
+        return tokens[self.index.to(x.device)].float().cpu()
+
+
+def output_sample(output) -> torch.Tensor:
+    sample = (output[0] if isinstance(output, tuple) else output.sample).flatten()
+    index = torch.linspace(0, len(sample) - 1, min(OUTPUT_SAMPLES, len(sample)), device=sample.device).long()
+    return sample[index].float().cpu()
+
+
+def calibrate(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | None = None, segments: int = 4,
+              auto_budgets: tuple[float, ...] = (0.5, 0.33, 0.25)) -> Profile:
+    """Profile `pipe`'s transformer over full-compute generations of `prompts`.
+
+    `run(pipe, prompt)` makes one generation (default: `pipe(prompt)`; a "prompt" may be a
+    batch); every run must use the same number of steps. For each of `auto_budgets`, Auto's
+    planner variants are then run closed-loop on the same prompts and the one whose
+    sampling drifts least from full compute is kept.
+    """
+    from .engine import disable, enable
+    from .policies.auto import Auto
+
+    if not prompts:
+        raise ValueError("calibrate needs at least one prompt")
+    run = run or (lambda p, prompt: p(prompt))
+    recorder = _Recorder(segments)
+    engine = enable(pipe, _RecorderConfig(recorder))
+    try:
+        for prompt in prompts:
+            run(pipe, prompt)
+    finally:
+        disable(pipe)
+    lengths = {len(t["residuals"]) for t in recorder.trajectories}
+    if len(lengths) != 1:
+        raise ValueError(f"every calibration run must take the same number of steps, got {sorted(lengths)}")
+    profile = _tabulate(recorder.trajectories, engine.edges, type(engine.transformer).__name__, [str(p) for p in prompts])
+    weights = profile.step_weights()
+    for budget in auto_budgets:
+        drift = {}
+        for variant in AUTO_VARIANTS:
+            captured = []
+            handle = engine.transformer.register_forward_hook(lambda module, args, output: captured.append(output_sample(output)))
+            enable(pipe, Auto(budget, profile, variant=variant))
+            try:
+                for prompt in prompts:
+                    run(pipe, prompt)
+            finally:
+                disable(pipe)
+                handle.remove()
+            totals: dict[int, torch.Tensor] = {}
+            for (trajectory, step), approx, exact in zip(recorder.calls, captured, recorder.output_samples):
+                totals[trajectory] = totals.get(trajectory, 0) + weights[step] * (approx - exact)
+            drift[variant] = float(sum(t.abs().mean() for t in totals.values()))
+        profile.auto_variants[str(budget)] = list(min(drift, key=drift.get))
+    return profile
+
+
+@dataclass(frozen=True)
+class _RecorderConfig:
+    recorder: _Recorder
+
+    def make_policy(self, transformer=None) -> Policy:
+        return self.recorder
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().mean(dim=(-2, -1))
+
+
+def _errors(r: torch.Tensor, scale: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Reuse error [s, c] and first-order forecast error [s, c1, c2] of residuals r (S, N, D), in output units."""
+    steps = len(r)
+    reuse = (_norm(r[:, None] - r[None]) * scale[:, None]).numpy()
+    forecast = np.zeros((steps, steps, steps))
+    s = torch.arange(steps)
+    for c1 in range(1, steps):
+        slope = (r[c1] - r[:c1]) / (c1 - s[:c1]).view(-1, 1, 1).float()  # from each earlier c2
+        for later in range(c1 + 1, steps):
+            forecast[later, c1, :c1] = (_norm(r[later] - (r[c1] + slope * (later - c1))) * scale[later]).numpy()
+    return reuse, forecast
+
+
+def _tabulate(trajectories: list[dict], edges: list[int], model: str, prompts: list[str]) -> Profile:
+    num_steps = len(trajectories[0]["residuals"])
+    parts = len(edges)  # the segments, then the whole stack
+    reuse = np.zeros((parts, num_steps, num_steps))
+    forecast = np.zeros((parts, num_steps, num_steps, num_steps))
+    gain = np.zeros((num_steps, num_steps))
+    signals, changes = [], []
+    for trajectory in trajectories:
+        r = torch.stack([torch.stack(step) for step in trajectory["residuals"]])  # (S, K, N, D)
+        stack = r.sum(1)
+        top = torch.stack(trajectory["h0"]) + stack  # the last block's output
+        scale = torch.tensor(trajectory["outputs"]) / _norm(top)  # error in hidden units -> error in output units
+        for k, residual in enumerate([*r.unbind(1), stack]):
+            errors = _errors(residual, scale)
+            reuse[k] += errors[0]
+            forecast[k] += errors[1]
+        flat = stack.flatten(1).double()
+        gain += ((flat @ flat.T) / (flat * flat).sum(1)[None, :].clamp_min(1e-12)).numpy()
+        for i in range(1, num_steps):
+            if trajectory["signal"][i] is not None:
+                signals.append(trajectory["signal"][i])
+                changes.append(float(_norm(stack[i] - stack[i - 1]) / _norm(stack[i - 1]).clamp_min(1e-12)))
+    n = len(trajectories)
+    coefficients = np.polyfit(signals, changes, deg=min(4, max(len(signals) - 1, 0))).tolist() if signals else [1.0, 0.0]
+    return Profile(
+        model=model,
+        num_steps=num_steps,
+        edges=list(edges),
+        timesteps=[float(t) for t in trajectories[0]["timesteps"]],
+        output_norm=np.mean([t["outputs"] for t in trajectories], 0).tolist(),
+        reuse_error=(reuse[:-1] / n).tolist(),
+        forecast_error=(forecast[:-1] / n).tolist(),
+        stack_reuse_error=(reuse[-1] / n).tolist(),
+        stack_forecast_error=(forecast[-1] / n).tolist(),
+        stack_gain=(gain / n).tolist(),
+        teacache_coefficients=coefficients,
+        prompts=prompts,
+    )
