@@ -26,8 +26,8 @@ def test_generation_is_deterministic_for_a_seed_and_leaves_no_state(t2v):
     assert first.shape == (2, 8, 32, 32, 3) and first.dtype == np.float32
     assert np.array_equal(first, again) and np.array_equal(first, fresh)
     assert not np.array_equal(first, other)
-    # Batching does not change a sample: prompt i always gets seed + i.
-    assert np.array_equal(tempocache.generate(prompts[1:], steps=3, seed=12, pipe=t2v)[0], first[1])
+    # Batching does not change a sample beyond float rounding: prompt i always gets seed + i.
+    np.testing.assert_allclose(tempocache.generate(prompts[1:], steps=3, seed=12, pipe=t2v)[0], first[1], atol=1e-5)
 
 
 def test_frame_count_is_configurable(t2v):

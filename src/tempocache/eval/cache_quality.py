@@ -24,17 +24,18 @@ from .evaluator import load_evaluator
 from .fidelity import fidelity
 from .metrics import read_clips, semantic_accuracy
 
+# Each policy at settings spanning roughly the same range of compute (about 0.25 to 0.8).
 SETTINGS: dict[str, list[Callable[[], object]]] = {
-    "StaticCache": [partial(sc.StaticCache, interval=i) for i in (2, 3, 4)],
-    "DeltaDiT": [partial(sc.DeltaDiT, interval=i) for i in (2, 3, 4)],
-    "FirstBlockCache": [partial(sc.FirstBlockCache, threshold=t) for t in (0.05, 0.1, 0.2)],
-    "DBCache": [partial(sc.DBCache, fn=2, bn=1, threshold=t) for t in (0.05, 0.1, 0.2)],
-    "TeaCache": [partial(sc.TeaCache, threshold=t) for t in (0.1, 0.2, 0.4)],
+    "StaticCache": [partial(sc.StaticCache, interval=i) for i in (2, 3, 4, 5)],
+    "DeltaDiT": [partial(sc.DeltaDiT, interval=i) for i in (2, 4, 8)],
+    "FirstBlockCache": [partial(sc.FirstBlockCache, threshold=t) for t in (0.1, 0.2, 0.4, 0.8)],
+    "DBCache": [partial(sc.DBCache, fn=2, bn=1, threshold=t) for t in (0.1, 0.2, 0.4, 0.8)],
+    "TeaCache": [partial(sc.TeaCache, threshold=t) for t in (0.1, 0.3, 0.6)],
     "TaylorSeer": [partial(sc.TaylorSeer, order=o, interval=i) for o, i in ((1, 2), (1, 3), (1, 4), (2, 3))],
-    "GatedTaylorSeer": [partial(sc.GatedTaylorSeer, threshold=t) for t in (0.05, 0.1, 0.2)],
+    "GatedTaylorSeer": [partial(sc.GatedTaylorSeer, threshold=t, max_interval=6) for t in (0.1, 0.2, 0.4)],
     "ERTACache": [partial(sc.ERTACache, budget=b) for b in (0.5, 0.33, 0.25)],
-    "TemporalDeltaCache": [partial(sc.TemporalDeltaCache, threshold=t) for t in (0.05, 0.1, 0.2)],
-    "CFGReuse": [partial(sc.CFGReuse, interval=i) for i in (2, 3, 4)],
+    "TemporalDeltaCache": [partial(sc.TemporalDeltaCache, threshold=t) for t in (0.1, 0.2, 0.3)],
+    "CFGReuse": [partial(sc.CFGReuse, interval=i) for i in (2, 4, 8)],
     "Auto": [partial(sc.Auto, budget=b) for b in (0.5, 0.33, 0.25)],
 }
 

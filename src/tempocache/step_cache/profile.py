@@ -24,10 +24,12 @@ from .policy import BranchMemory, Policy, State, Step, relative_change
 
 SHIPPED_DIR = Path(__file__).parent / "profiles"
 TOKENS = 512  # tokens sampled per trajectory to measure errors on
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the error tables are computed
 OUTPUT_SAMPLES = 4096  # output values sampled per call to measure closed-loop drift on
-# Auto's planner variants tried by calibrate: (forecast error penalty, plan the whole stack as one segment).
-# The open-loop error tables cannot see how errors compound; closed-loop runs pick the variant that copes best.
-AUTO_VARIANTS = ((1.0, False), (2.0, False), (float("inf"), False), (1.0, True), (float("inf"), True))
+# Auto's planner variants tried by calibrate: (forecast error penalty, plan the whole stack as one segment,
+# gap growth). The open-loop error tables cannot see how errors compound; closed-loop runs pick the variant
+# that copes best on the model at hand.
+AUTO_VARIANTS = tuple((penalty, whole, growth) for penalty in (1.0, float("inf")) for whole in (False, True) for growth in (0.0, 1.0))
 
 
 @dataclass
@@ -44,15 +46,15 @@ class Profile:
     stack_gain: list  # [step][earlier step]: least-squares scale of the reused stack residual
     teacache_coefficients: list[float]
     prompts: list[str]
-    # Auto's planner variant per budget, chosen by closed-loop runs: [forecast penalty, whole stack as one segment]
+    # Auto's planner variant per budget, chosen by closed-loop runs (see AUTO_VARIANTS)
     auto_variants: dict[str, list] = field(default_factory=dict)
+    auto_drift: dict[str, list] = field(default_factory=dict)  # budget -> closed-loop drift of each variant
 
-    def auto_variant(self, budget: float) -> tuple[float, bool]:
+    def auto_variant(self, budget: float) -> tuple[float, bool, float]:
         if not self.auto_variants:
             return AUTO_VARIANTS[0]
-        nearest = min(self.auto_variants, key=lambda b: abs(float(b) - budget))
-        penalty, whole_stack = self.auto_variants[nearest]
-        return float(penalty), bool(whole_stack)
+        penalty, whole_stack, gap_growth = self.auto_variants[min(self.auto_variants, key=lambda b: abs(float(b) - budget))]
+        return float(penalty), bool(whole_stack), float(gap_growth)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -204,6 +206,7 @@ def calibrate(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | None = 
                 totals[trajectory] = totals.get(trajectory, 0) + weights[step] * (approx - exact)
             drift[variant] = float(sum(t.abs().mean() for t in totals.values()))
         profile.auto_variants[str(budget)] = list(min(drift, key=drift.get))
+        profile.auto_drift[str(budget)] = list(drift.values())
     return profile
 
 
@@ -222,13 +225,14 @@ def _norm(x: torch.Tensor) -> torch.Tensor:
 def _errors(r: torch.Tensor, scale: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Reuse error [s, c] and first-order forecast error [s, c1, c2] of residuals r (S, N, D), in output units."""
     steps = len(r)
-    reuse = (_norm(r[:, None] - r[None]) * scale[:, None]).numpy()
+    r, scale = r.to(DEVICE), scale.to(DEVICE)
+    reuse = (_norm(r[:, None] - r[None]) * scale[:, None]).cpu().numpy()
     forecast = np.zeros((steps, steps, steps))
-    s = torch.arange(steps)
+    s = torch.arange(steps, device=DEVICE)
     for c1 in range(1, steps):
         slope = (r[c1] - r[:c1]) / (c1 - s[:c1]).view(-1, 1, 1).float()  # from each earlier c2
         for later in range(c1 + 1, steps):
-            forecast[later, c1, :c1] = (_norm(r[later] - (r[c1] + slope * (later - c1))) * scale[later]).numpy()
+            forecast[later, c1, :c1] = (_norm(r[later] - (r[c1] + slope * (later - c1))) * scale[later]).cpu().numpy()
     return reuse, forecast
 
 

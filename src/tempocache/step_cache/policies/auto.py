@@ -29,16 +29,16 @@ from ..profile import Profile, load_profile
 class Auto:
     budget: float = 0.33  # fraction of block compute to spend; 1.0 computes everything
     profile: str | Profile | None = None  # None: the shipped profile of a reference model
-    variant: tuple[float, bool] | None = None  # planner variant; None: the one calibrate found best near this budget
+    variant: tuple[float, bool, float] | None = None  # plan() options; None: those calibrate found best near this budget
 
     def __post_init__(self):
         check_range("budget", self.budget, 0.0, 1.0, low_open=True)
 
     def make_policy(self, transformer=None) -> Policy:
         profile = load_profile(self.profile, transformer)
-        penalty, whole_stack = self.variant or profile.auto_variant(self.budget)
+        penalty, whole_stack, gap_growth = self.variant or profile.auto_variant(self.budget)
         edges = [0, profile.edges[-1]] if whole_stack else profile.edges
-        return AutoPolicy(self, profile, edges, plan(profile, self.budget, penalty, whole_stack))
+        return AutoPolicy(self, profile, edges, plan(profile, self.budget, penalty, whole_stack, gap_growth))
 
 
 class AutoPolicy(Policy):
@@ -62,11 +62,13 @@ class AutoPolicy(Policy):
         return self.schedule[segment][step.index]
 
 
-def plan(profile: Profile, budget: float, forecast_penalty: float = 1.0, whole_stack: bool = False) -> list[list[Action]]:
+def plan(profile: Profile, budget: float, forecast_penalty: float = 1.0, whole_stack: bool = False,
+         gap_growth: float = 0.0) -> list[list[Action]]:
     """[segment][step] -> action, spending at most `budget` of the block compute.
 
     `forecast_penalty` scales the forecast errors (inf: reuse only); `whole_stack` plans the
-    stack as one segment.
+    stack as one segment; `gap_growth` makes an error count (1 + gap_growth * k) times when
+    it is made k steps after the previous approximated-from step, for errors that compound.
     """
     steps = profile.num_steps
     edges = [0, profile.edges[-1]] if whole_stack else profile.edges
@@ -78,12 +80,12 @@ def plan(profile: Profile, budget: float, forecast_penalty: float = 1.0, whole_s
         raise ValueError(f"budget {budget} is below one full step in {steps} ({1 / steps:.3f}); the first step is always computed")
     weights = profile.step_weights()
     penalised = [np.array(f) * forecast_penalty if np.isfinite(forecast_penalty) else np.full(np.shape(f), np.inf) for f in forecast]
-    curves = [_segment_curves(np.array(reuse[k]), penalised[k], weights) for k in range(len(sizes))]
+    curves = [_segment_curves(np.array(reuse[k]), penalised[k], weights, gap_growth) for k in range(len(sizes))]
     counts = _allocate([c[0] for c in curves], sizes, capacity)
     return [curves[k][1](n) for k, n in enumerate(counts)]
 
 
-def _segment_curves(reuse: np.ndarray, forecast: np.ndarray, weights: np.ndarray):
+def _segment_curves(reuse: np.ndarray, forecast: np.ndarray, weights: np.ndarray, gap_growth: float = 0.0):
     """(error[n - 1] for n = 1..S computed steps, n -> actions) for one segment.
 
     reuse[s, c] and forecast[s, c1, c2] are the profile's errors at step s.
@@ -96,7 +98,7 @@ def _segment_curves(reuse: np.ndarray, forecast: np.ndarray, weights: np.ndarray
     reuse_cost = np.broadcast_to(reuse.T[None], (S + 1, S, S))
     use_forecast = forecast_cost < reuse_cost
     cost = np.minimum(forecast_cost, reuse_cost) * weights
-    cost = np.where((later > earlier)[None], cost, 0.0)  # only steps after c1 are approximated from it
+    cost = np.where((later > earlier)[None], cost * (1 + gap_growth * np.maximum(later - earlier - 1, 0))[None], 0.0)
     cumulative = np.concatenate([np.zeros((S + 1, S, 1)), np.cumsum(cost, axis=2)], axis=2)
     # gap[c2, c1, c]: cost of the steps strictly between computed c1 and the next computed c (c = S: the end)
     c1 = np.arange(S)
