@@ -67,7 +67,8 @@ def _calibrate(args: argparse.Namespace) -> None:
     settings = dict(num_inference_steps=args.steps or spec.default_steps, guidance_scale=args.guidance or spec.default_guidance)
     pipe.check_inputs(prompts, settings["num_inference_steps"], settings["guidance_scale"], spec.num_frames, spec.size, spec.size)
     out = args.out or Path(f"{args.model}-{settings['num_inference_steps']}steps.json")
-    profile = calibrate(pipe, [prompts], run=lambda p, batch: p(batch, seed=args.seed, **settings), segments=args.segments)
+    profile = calibrate(pipe, [prompts], run=lambda p, batch: p(batch, seed=args.seed, **settings), segments=args.segments,
+                        auto_budgets=tuple(args.auto_budgets))
     print(f"wrote {profile.save(out)} ({profile.num_steps} steps, segments at blocks {profile.edges}; "
           f"TeaCache coefficients {[round(c, 4) for c in profile.teacache_coefficients]})")
 
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--segments", type=int, default=4, help="block ranges Auto decides on")
+    p.add_argument("--auto-budgets", type=float, nargs="*", default=[0.5, 0.33, 0.25],
+                   help="budgets at which Auto's planner variants are compared closed-loop (none: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=None, help="profile JSON (default: <model>-<steps>steps.json)")

@@ -79,8 +79,11 @@ def save_clips(clips: np.ndarray, path: str | Path, fps: float = 8.0, scale: int
         image, options = pixels.transpose(0, 2, 1, 3, 4).reshape(n * h, t * w, 3), {}
     fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         iio.imwrite(tmp, image, **options)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

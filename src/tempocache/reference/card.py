@@ -87,7 +87,8 @@ def write_model_card(spec: ReferenceSpec, evaluation: dict | None, device: str) 
         "- data: ShapesWorld train split (captions whose object combinations are not held out), fresh clips every step, "
         "10% of captions dropped for guidance",
         "- objective: flow matching (velocity noise - x0, logit-normal noise levels), AdamW, "
-        f"lr {state['lr']}, batch {state['batch_size']}, bf16 autocast",
+        f"lr {state['lr']}, batch size per run {', '.join(str(r.get('batch_size', state['batch_size'])) for r in state['sessions'])}, "
+        + ("bf16 autocast" if spec.is_video else "fp32 with TF32 matmuls"),
         f"- steps: {state['steps']}, time: {state['seconds'] / 60:.1f} min on {', '.join(devices)} "
         f"in {len(state['sessions'])} runs, seed {state['seed']}",
         f"- final loss (mean of the last 100 steps): {state['losses'][-1][1]:.4f}",

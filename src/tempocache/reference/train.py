@@ -123,8 +123,9 @@ def train_reference(
             break
     elapsed = time.time() - start
     state["seconds"] += elapsed
+    state["batch_size"], state["lr"] = batch_size, lr  # of the latest session; each session records its own
     state["sessions"].append({"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
-                              "steps": state["steps"] - first_step, "seconds": round(elapsed, 1)})
+                              "steps": state["steps"] - first_step, "seconds": round(elapsed, 1), "batch_size": batch_size})
     save_weights(out_dir, ema[0], ema[1])
     (out_dir / "training.json").write_text(json.dumps(state, indent=1))
     if checkpoint:

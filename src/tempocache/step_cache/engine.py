@@ -54,10 +54,14 @@ class StepCacheEngine:
     def num_blocks(self) -> int:
         return len(self.calls)
 
-    def reset(self) -> None:
-        """Forget every cached value and zero the counters."""
+    def forget(self) -> None:
+        """Drop every cached value (diffusers pipelines call this at the end of each generation)."""
         self.branches = {}
         self._last_timestep = None
+
+    def reset(self) -> None:
+        """Forget every cached value and zero the counters."""
+        self.forget()
         self.counts = {"calls": 0, "full_calls": 0, "skipped_calls": 0, "generations": 0,
                        "blocks_computed": 0, "blocks_reused": 0, "blocks_forecast": 0}
         self.peak_cache_bytes = 0
@@ -127,6 +131,7 @@ class _TransformerHook(ModelHook):
     def new_forward(self, module: nn.Module, *args, **kwargs):
         engine = self.engine
         step, branch = engine.begin_call(args, kwargs)
+        engine.policy.check_step(step)
         engine.counts["calls"] += 1
         output = engine.policy.call_output(step, engine.branches)
         if output is not None:
@@ -145,7 +150,7 @@ class _TransformerHook(ModelHook):
         return output
 
     def reset_state(self, module: nn.Module) -> nn.Module:
-        self.engine.reset()
+        self.engine.forget()  # keep the counters: stats() after pipe(...) should still tell
         return module
 
 

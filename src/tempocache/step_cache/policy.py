@@ -62,7 +62,7 @@ class BranchMemory:
     def nbytes(self) -> int:
         tensors = [t for m in self.segments for _, r in m.history for t in r]
         tensors += [t for m in self.segments if m.input for t in m.input]
-        tensors += [v for v in self.scratch.values() if isinstance(v, torch.Tensor)]
+        tensors += [t for v in self.scratch.values() for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -123,6 +123,9 @@ class Policy:
 
     def computed(self, step: Step, segment: int, x_in: State, x_out: State, memory: BranchMemory) -> None:
         """Called after a segment was computed."""
+
+    def check_step(self, step: Step) -> None:
+        """Raise ValueError, before the call runs, if the policy cannot handle this step."""
 
     def call_output(self, step: Step, branches: dict[str, BranchMemory]):
         """An output standing in for the whole transformer call, or None to run it."""

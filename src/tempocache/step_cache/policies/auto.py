@@ -57,8 +57,10 @@ class AutoPolicy(Policy):
     def boundaries(self, num_blocks: int) -> list[int]:
         return list(self.edges)
 
+    def check_step(self, step: Step) -> None:
+        self.profile.check_steps(step.num_steps or max(self.profile.num_steps, step.index + 1), "Auto")  # unknown: assume the profile's
+
     def decide(self, step: Step, segment: int, x: State, memory: BranchMemory) -> Action:
-        self.profile.check_steps(step.require_num_steps("Auto"), "Auto")
         return self.schedule[segment][step.index]
 
 

@@ -54,8 +54,10 @@ class ERTAPolicy(Policy):
         self.profile = profile
         self.reused = reused
 
+    def check_step(self, step: Step) -> None:
+        self.profile.check_steps(step.num_steps or max(self.profile.num_steps, step.index + 1), "ERTACache")  # unknown: assume the profile's
+
     def decide(self, step: Step, segment: int, x: State, memory: BranchMemory) -> Action:
-        self.profile.check_steps(step.require_num_steps("ERTACache"), "ERTACache")
         return Action.REUSE if step.index in self.reused else Action.COMPUTE
 
     def approximate(self, step: Step, segment: int, action: Action, memory: BranchMemory) -> State:

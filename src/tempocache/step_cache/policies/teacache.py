@@ -47,9 +47,13 @@ class TeaCachePolicy(Policy):
         memory.scratch["previous"] = (x[0], memory.temb)
         if step.index < self.config.warmup or signal is None:
             return Action.COMPUTE
-        accumulated = memory.scratch.get("accumulated", 0.0) + float(self.polynomial(signal))
+        accumulated = memory.scratch.get("accumulated", 0.0) + max(0.0, float(self.polynomial(signal)))  # a fit can dip below 0
         if accumulated < self.config.threshold:
             memory.scratch["accumulated"] = accumulated
             return Action.REUSE
         memory.scratch["accumulated"] = 0.0
         return Action.COMPUTE
+
+    def computed(self, step: Step, segment: int, x_in: State, x_out: State, memory: BranchMemory) -> None:
+        if step.index == 0:  # decide() is not asked at the first step; start the signal here
+            memory.scratch["previous"] = (x_in[0], memory.temb)

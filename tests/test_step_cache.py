@@ -1,0 +1,562 @@
+"""The step-cache engine on tiny random-weight transformers of ten diffusers families.
+
+The transformer is driven directly by a small denoising loop (no pipeline): 6 steps,
+timesteps 900 -> 100, x <- x - 0.1 * output. Zero-budget settings must be bit-identical
+to the untouched model; caching settings must skip exactly what they say; state must not
+leak between generations, CFG branches, batch sizes or resolutions; bad input must fail
+clearly before any compute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.hooks.hooks import CacheContext, _set_cache_context
+from torch import nn
+
+import tempocache
+
+sys.path.insert(0, str(Path(__file__).parent))
+import families  # noqa: E402
+
+STEPS = (900.0, 740.0, 580.0, 420.0, 260.0, 100.0)
+N = len(STEPS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The models are tiny: intra-op threads only add sync overhead (and spin badly on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+_BUILT: list = []
+
+
+@pytest.fixture(autouse=True)
+def _disable_leftovers():
+    """A failing test must not leave hooks on a model another test builds from the same helper."""
+    yield
+    for fam in _BUILT:
+        if getattr(fam.transformer, "_tempocache_step_cache", None) is not None:
+            tempocache.disable(fam.transformer)
+    _BUILT.clear()
+
+
+def tiny(name: str):
+    fam = families.tiny(name)
+    _BUILT.append(fam)
+    return fam
+
+
+def num_blocks(fam) -> int:
+    return sum(len(getattr(fam.transformer, b)) for b in fam.block_lists)
+
+
+@contextlib.contextmanager
+def cache_context(transformer, name: str, **where):
+    """`transformer.cache_context(...)`; for models without diffusers' CacheMixin (PixArt, DiT), what it does."""
+    if hasattr(transformer, "cache_context"):
+        with transformer.cache_context(name, **where):
+            yield
+        return
+    _set_cache_context(transformer, CacheContext(name, **where))
+    try:
+        yield
+    finally:
+        _set_cache_context(transformer, None)
+
+
+def call(fam, kwargs: dict, name: str | None = None, step: int | None = None, steps: int = N):
+    """One transformer call, inside cache_context(name, step_index=step, ...) when a name is given."""
+    context = cache_context(fam.transformer, name, step_index=step, num_inference_steps=steps) if name else contextlib.nullcontext()
+    with context:
+        return fam.transformer(**kwargs, return_dict=False)[0]
+
+
+def denoise(fam, batch: int = 1, size: int = 8, seed: int = 0, steps=STEPS, context: str | None = None, record=None):
+    """The toy sampler: x <- x - 0.1 * model(x, t) over `steps`."""
+    x = fam.inputs(batch, size, steps[0], seed)["hidden_states"]
+    for i, t in enumerate(steps):
+        kwargs = fam.inputs(batch, size, t, seed)
+        kwargs["hidden_states"] = x
+        out = call(fam, kwargs, context, i, len(steps))
+        if record is not None:
+            record.append(out)
+        x = x - 0.1 * out
+    return x
+
+
+def branch_loop(fam, seeds: dict[str, int], named: bool, record: dict | None = None) -> dict[str, torch.Tensor]:
+    """Several independent trajectories, their calls interleaved at every step (as CFG branches are)."""
+    xs = {n: fam.inputs(1, 8, STEPS[0], s)["hidden_states"] for n, s in seeds.items()}
+    for i, t in enumerate(STEPS):
+        for n, s in seeds.items():
+            kwargs = fam.inputs(1, 8, t, s)
+            kwargs["hidden_states"] = xs[n]
+            out = call(fam, kwargs, n if named else None, i)
+            if record is not None:
+                record.setdefault(n, []).append(out)
+            xs[n] = xs[n] - 0.1 * out
+    return xs
+
+
+def fake_pipe(fam, steps=STEPS):
+    """What the engine reads from a pipeline: `.transformer`, and `.scheduler.timesteps` for the step count."""
+    return types.SimpleNamespace(transformer=fam.transformer, scheduler=types.SimpleNamespace(timesteps=torch.tensor(steps)))
+
+
+_PROFILES: dict[str, tempocache.Profile] = {}
+
+
+def profile_for(name: str) -> tempocache.Profile:
+    """calibrate on the tiny model (seeds as prompts), once per family.
+
+    The run names its calls with cache_context(num_inference_steps=...), as pipelines do.
+    """
+    if name not in _PROFILES:
+        fam = tiny(name)
+        pipe = types.SimpleNamespace(transformer=fam.transformer)
+        _PROFILES[name] = tempocache.calibrate(pipe, [0, 1], run=lambda p, seed: denoise(fam, seed=seed, context="cond"),
+                                               auto_budgets=(0.5,))
+        assert not hasattr(fam.transformer, "_tempocache_step_cache")
+    return _PROFILES[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Every family: identity at zero budget, real skipping, no leaks, shape changes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", families.FAMILIES)
+def test_zero_budget_and_disable_are_bit_identical(name):
+    fam = tiny(name)
+    reference = denoise(fam)
+    engine = tempocache.enable(fam.transformer, tempocache.StaticCache(interval=1))
+    assert engine.family == name
+    enabled = denoise(fam)
+    stats = tempocache.stats(fam.transformer)
+    tempocache.disable(fam.transformer)
+    disabled = denoise(fam)
+    assert torch.equal(enabled, reference)
+    assert torch.equal(disabled, reference)
+    assert stats["blocks_computed"] == N * num_blocks(fam) and stats["blocks_reused"] == stats["blocks_forecast"] == 0
+    assert stats["calls"] == stats["full_calls"] == N and stats["compute_fraction"] == 1.0 and stats["family"] == name
+    assert not hasattr(fam.transformer, "_tempocache_step_cache")
+
+
+@pytest.mark.parametrize("name", families.FAMILIES)
+def test_static_interval_skips_exactly_the_planned_steps(name):
+    fam = tiny(name)
+    blocks = num_blocks(fam)
+    reference = denoise(fam)
+    tempocache.enable(fam.transformer, tempocache.StaticCache(interval=2, warmup=1))
+    out = denoise(fam)
+    stats = tempocache.stats(fam.transformer)
+    # steps 0 (warmup), 1, 3, 5 computed; 2 and 4 reuse the whole stack's residual
+    assert stats["blocks_reused"] == 2 * blocks
+    assert stats["blocks_computed"] == 4 * blocks and stats["blocks_forecast"] == 0
+    assert stats["block_calls"] == N * blocks
+    assert stats["compute_fraction"] == pytest.approx(4 / 6)
+    assert stats["calls"] == N and stats["full_calls"] == 4 and stats["skipped_calls"] == 0 and stats["generations"] == 1
+    assert stats["cache_bytes"] > 0
+    assert not torch.equal(out, reference)
+    assert torch.isfinite(out).all()
+
+
+# (config, blocks approximated over 5 calls with an unchanged input, for a stack of B blocks)
+UNCHANGED_INPUT = [
+    (tempocache.StaticCache(interval=2, warmup=1), lambda B: 2 * B),  # steps 2, 4 reused
+    (tempocache.TaylorSeer(order=2, interval=4, warmup=2), lambda B: 2 * B),  # steps 3, 4 forecast
+    (tempocache.DeltaDiT(interval=2), lambda B: B),  # step 2 the rear half, step 4 the front half
+    (tempocache.DBCache(fn=1, bn=1, threshold=0.5), lambda B: 4 * (B - 2)),  # the middle at steps 1-4
+    (tempocache.FirstBlockCache(threshold=0.5), lambda B: 4 * (B - 1)),
+    (tempocache.TeaCache(threshold=0.5, coefficients=(1.0, 0.0)), lambda B: 4 * B),  # steps 1-4
+    (tempocache.GatedTaylorSeer(order=2, threshold=0.5), lambda B: 3 * (B - 1)),  # steps 2-4 after the probe
+    (tempocache.TemporalDeltaCache(threshold=0.5), lambda B: 4 * B),  # every block at steps 1-4
+]
+
+
+@pytest.mark.parametrize("name", families.FAMILIES)
+def test_reused_and_forecast_residuals_reproduce_an_unchanged_input(name):
+    """Where the input does not change between steps, every policy skips and a reused (or forecast) residual
+    gives the full output: checks each family's state layout (which output is hidden_states, the encoder
+    stream of dual-stream models) and segments spanning two block lists (flux, hunyuan_video)."""
+    fam = tiny(name)
+    blocks = num_blocks(fam)
+    kwargs = fam.inputs(1, 8, 500.0, 0)
+    full = fam.transformer(**kwargs, return_dict=False)[0]
+    for config, approximated in UNCHANGED_INPUT:
+        tempocache.enable(fam.transformer, config)
+        outs = [call(fam, kwargs, "cond", i, 5) for i in range(5)]
+        stats = tempocache.stats(fam.transformer)
+        tempocache.disable(fam.transformer)
+        assert stats["blocks_reused"] + stats["blocks_forecast"] == approximated(blocks), config
+        assert stats["blocks_computed"] == 5 * blocks - approximated(blocks), config
+        assert torch.equal(outs[0], full)
+        for i, out in enumerate(outs):
+            torch.testing.assert_close(out, full, rtol=1e-4, atol=1e-5, msg=f"{config} step {i}")
+
+
+@pytest.mark.parametrize("name", families.FAMILIES)
+def test_consecutive_generations_do_not_leak_state(name):
+    fam = tiny(name)
+    config = tempocache.StaticCache(interval=2, warmup=1)
+    tempocache.enable(fam.transformer, config)
+    first = denoise(fam, seed=0)
+    second = denoise(fam, seed=1)
+    third = denoise(fam, seed=0)
+    stats = tempocache.stats(fam.transformer)
+    assert stats["generations"] == 3 and stats["calls"] == 3 * N
+    assert stats["blocks_reused"] == 3 * 2 * num_blocks(fam)
+    tempocache.disable(fam.transformer)
+
+    tempocache.enable(fam.transformer, config)
+    fresh_second = denoise(fam, seed=1)
+    assert tempocache.stats(fam.transformer)["generations"] == 1
+    tempocache.disable(fam.transformer)
+    assert torch.equal(second, fresh_second)
+    assert torch.equal(first, third)
+
+    tempocache.enable(fam.transformer, config)
+    denoise(fam, seed=0)
+    denoise(fam, seed=1)
+    assert tempocache.stats(fam.transformer)["generations"] == 2
+
+
+@pytest.mark.parametrize("name", families.FAMILIES)
+def test_batch_and_resolution_changes(name):
+    fam = tiny(name)
+    shapes = ((1, 8), (2, 12), (1, 8))
+    references = [denoise(fam, batch=b, size=s, seed=3) for b, s in shapes]
+
+    tempocache.enable(fam.transformer, tempocache.StaticCache(interval=1))
+    outs = [denoise(fam, batch=b, size=s, seed=3) for b, s in shapes]
+    assert tempocache.stats(fam.transformer)["generations"] == 3
+    tempocache.disable(fam.transformer)
+    for (b, s), out, ref in zip(shapes, outs, references):
+        assert out.shape == ref.shape and out.shape[0] == b
+        assert torch.equal(out, ref), (b, s)
+
+    # Caching across a shape change equals caching from scratch at that shape.
+    tempocache.enable(fam.transformer, tempocache.StaticCache(interval=2, warmup=1))
+    cached = [denoise(fam, batch=b, size=s, seed=3) for b, s in shapes]
+    tempocache.disable(fam.transformer)
+    for (b, s), out in zip(shapes, cached):
+        tempocache.enable(fam.transformer, tempocache.StaticCache(interval=2, warmup=1))
+        fresh = denoise(fam, batch=b, size=s, seed=3)
+        tempocache.disable(fam.transformer)
+        assert torch.equal(out, fresh), (b, s)
+
+    # The shape change alone starts afresh: here the next run starts below the timestep the last one stopped at.
+    config = tempocache.StaticCache(interval=2, warmup=1)
+    tempocache.enable(fam.transformer, config)
+    denoise(fam, batch=1, size=8, seed=3, steps=STEPS[:3])
+    tail = denoise(fam, batch=2, size=12, seed=3, steps=STEPS[3:])
+    stats = tempocache.stats(fam.transformer)
+    assert stats["generations"] == 2 and stats["blocks_reused"] == 2 * num_blocks(fam)  # step 2 of each run
+    tempocache.disable(fam.transformer)
+    tempocache.enable(fam.transformer, config)
+    assert torch.equal(tail, denoise(fam, batch=2, size=12, seed=3, steps=STEPS[3:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Every policy at zero budget is the identity (single- and dual-stream families)
+# ---------------------------------------------------------------------------------------------
+
+ZERO_BUDGET = {
+    "StaticCache": lambda p: tempocache.StaticCache(interval=1),
+    "DeltaDiT": lambda p: tempocache.DeltaDiT(interval=1, num_steps=N),
+    "FirstBlockCache": lambda p: tempocache.FirstBlockCache(threshold=0),
+    "DBCache": lambda p: tempocache.DBCache(fn=1, bn=1, threshold=0),
+    "TeaCache": lambda p: tempocache.TeaCache(threshold=0, coefficients=(1.0, 0.0)),
+    "TaylorSeer": lambda p: tempocache.TaylorSeer(interval=1),
+    "GatedTaylorSeer": lambda p: tempocache.GatedTaylorSeer(threshold=0),
+    "TemporalDeltaCache": lambda p: tempocache.TemporalDeltaCache(threshold=0),
+    "Auto": lambda p: tempocache.Auto(budget=1.0, profile=p),
+    "ERTACache": lambda p: tempocache.ERTACache(budget=1.0, profile=p),
+}
+
+
+@pytest.mark.parametrize("policy", ZERO_BUDGET)
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_every_policy_at_zero_budget_is_bit_identical(name, policy):
+    fam = tiny(name)
+    profile = profile_for(name) if policy in ("Auto", "ERTACache") else None
+    reference = denoise(fam)
+    pipe = fake_pipe(fam)  # the step count comes from the "scheduler" (Auto and ERTACache need it)
+    tempocache.enable(pipe, ZERO_BUDGET[policy](profile))
+    out = denoise(fam)
+    stats = tempocache.stats(pipe)
+    tempocache.disable(pipe)
+    assert torch.equal(out, reference)
+    assert stats["policy"] == ("DBCache" if policy == "FirstBlockCache" else policy)
+    assert stats["compute_fraction"] == 1.0 and stats["blocks_computed"] == N * num_blocks(fam)
+    assert torch.equal(denoise(fam), reference)
+
+
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_auto_and_ertacache_keep_to_their_budget(name):
+    fam = tiny(name)
+    profile = profile_for(name)
+    assert profile.num_steps == N and profile.edges[-1] == num_blocks(fam) and "0.5" in profile.auto_variants
+    reference = denoise(fam)
+    for config in (tempocache.Auto(budget=0.5, profile=profile), tempocache.ERTACache(budget=0.5, profile=profile)):
+        pipe = fake_pipe(fam)
+        tempocache.enable(pipe, config)
+        out = denoise(fam)
+        stats = tempocache.stats(pipe)
+        tempocache.disable(pipe)
+        assert stats["compute_fraction"] <= 0.5 + 1e-9, config
+        assert stats["blocks_reused"] + stats["blocks_forecast"] > 0
+        assert not torch.equal(out, reference)
+        assert torch.isfinite(out).all()
+    # Through cache_context instead of a scheduler, the same plan.
+    tempocache.enable(fam.transformer, tempocache.Auto(budget=0.5, profile=profile))
+    via_context = denoise(fam, context="cond")
+    assert tempocache.stats(fam.transformer)["compute_fraction"] <= 0.5 + 1e-9
+    tempocache.disable(fam.transformer)
+    pipe = fake_pipe(fam)
+    tempocache.enable(pipe, tempocache.Auto(budget=0.5, profile=profile))
+    assert torch.equal(denoise(fam), via_context)
+
+
+def test_calibrate_on_a_bare_namespace_with_a_plain_loop():
+    fam = tiny("wan")
+    profile = tempocache.calibrate(types.SimpleNamespace(transformer=fam.transformer), [0, 1],
+                                   run=lambda p, seed: denoise(fam, seed=seed), auto_budgets=(0.5,))
+    assert profile.num_steps == N
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. CFG branches
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["cache_context", "by_order"])
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_cfg_branches_keep_separate_state(name, named):
+    fam = tiny(name)
+    seeds = {"cond": 0, "uncond": 1}  # different latents and encoder states per branch
+    config = tempocache.StaticCache(interval=2, warmup=1)
+    reference = branch_loop(fam, seeds, named)
+    tempocache.enable(fam.transformer, config)
+    both = branch_loop(fam, seeds, named)
+    stats = tempocache.stats(fam.transformer)
+    tempocache.disable(fam.transformer)
+    assert stats["generations"] == 1 and stats["calls"] == 2 * N
+    assert stats["blocks_reused"] == 2 * 2 * num_blocks(fam)
+    for branch, seed in seeds.items():
+        tempocache.enable(fam.transformer, config)
+        alone = branch_loop(fam, {branch: seed}, named)[branch]
+        tempocache.disable(fam.transformer)
+        assert torch.equal(both[branch], alone), branch
+        assert not torch.equal(both[branch], reference[branch])
+
+
+def _cfg_loop(fam, record: dict, guidance: float = 3.0):
+    """Real CFG: both branches see the same latent; uncond gets other encoder states."""
+    x = fam.inputs(1, 8, STEPS[0], 0)["hidden_states"]
+    for i, t in enumerate(STEPS):
+        kwargs = fam.inputs(1, 8, t, 0)
+        kwargs["hidden_states"] = x
+        uncond_kwargs = dict(kwargs, encoder_hidden_states=fam.inputs(1, 8, t, 1)["encoder_hidden_states"])
+        cond = call(fam, kwargs, "cond", i)
+        uncond = call(fam, uncond_kwargs, "uncond", i)
+        record["cond"].append(cond)
+        record["uncond"].append(uncond)
+        x = x - 0.1 * (uncond + guidance * (cond - uncond))
+    return x
+
+
+def test_cfg_reuse_skips_uncond_calls_with_the_stored_difference():
+    fam = tiny("wan")
+    plain = {"cond": [], "uncond": []}
+    reference = _cfg_loop(fam, plain)
+    tempocache.enable(fam.transformer, tempocache.CFGReuse(interval=2))  # warmup 2: uncond skipped at steps 3, 5
+    cached = {"cond": [], "uncond": []}
+    out = _cfg_loop(fam, cached)
+    stats = tempocache.stats(fam.transformer)
+    tempocache.disable(fam.transformer)
+    assert stats["skipped_calls"] == 2 and stats["calls"] == 2 * N and stats["full_calls"] == 2 * N - 2
+    assert stats["blocks_reused"] == 2 * num_blocks(fam) and stats["blocks_computed"] == (2 * N - 2) * num_blocks(fam)
+    for i in range(3):  # nothing skipped yet: the same trajectory as without the cache
+        assert torch.equal(cached["cond"][i], plain["cond"][i]) and torch.equal(cached["uncond"][i], plain["uncond"][i])
+    for i in (3, 5):
+        expected = cached["cond"][i] + (cached["uncond"][i - 1] - cached["cond"][i - 1])
+        assert torch.equal(cached["uncond"][i], expected), i
+    assert not torch.equal(out, reference)
+
+
+def test_cfg_reuse_needs_named_calls():
+    fam = tiny("wan")
+    tempocache.enable(fam.transformer, tempocache.CFGReuse())
+    with pytest.raises(ValueError, match=r"cache_context\('cond' / 'uncond'\).*'call0'"):
+        denoise(fam)
+    assert tempocache.stats(fam.transformer)["blocks_computed"] == 0
+    with pytest.raises(ValueError, match="'other'"):
+        denoise(fam, context="other")
+    assert tempocache.stats(fam.transformer)["blocks_computed"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Bad input: clear errors, before any compute
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [
+    lambda: tempocache.StaticCache(intervall=2),
+    lambda: tempocache.Auto(budgett=0.3),
+    lambda: tempocache.FirstBlockCache(treshold=0.1),
+    lambda: tempocache.DBCache(fn=1, bn=1, thresh=0.1),
+    lambda: tempocache.TaylorSeer(orders=2),
+    lambda: tempocache.CFGReuse(every=2),
+], ids=["StaticCache", "Auto", "FirstBlockCache", "DBCache", "TaylorSeer", "CFGReuse"])
+def test_unknown_config_field_is_a_type_error(make):
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        make()
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: tempocache.Auto(budget=0), "budget"),
+    (lambda: tempocache.Auto(budget=1.5), "budget"),
+    (lambda: tempocache.Auto(budget=float("nan")), "budget"),
+    (lambda: tempocache.ERTACache(budget=0), "budget"),
+    (lambda: tempocache.FirstBlockCache(threshold=-1), "threshold"),
+    (lambda: tempocache.TeaCache(threshold=-0.1), "threshold"),
+    (lambda: tempocache.TemporalDeltaCache(threshold=-0.5), "threshold"),
+    (lambda: tempocache.GatedTaylorSeer(threshold=-1), "threshold"),
+    (lambda: tempocache.TaylorSeer(order=3), "order"),
+    (lambda: tempocache.StaticCache(interval=0), "interval"),
+    (lambda: tempocache.StaticCache(interval=1.5), "interval"),
+    (lambda: tempocache.DBCache(fn=0), "fn"),
+    (lambda: tempocache.DeltaDiT(boundary=2.0), "boundary"),
+    (lambda: tempocache.CFGReuse(warmup=0), "warmup"),
+])
+def test_out_of_range_settings_are_value_errors(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
+
+
+def test_dbcache_needs_a_block_to_cache_and_leaves_the_model_untouched():
+    fam = tiny("wan")
+    reference = denoise(fam)
+    for fn, bn in ((2, 2), (4, 0), (3, 1)):
+        with pytest.raises(ValueError, match=r"fn \+ bn"):
+            tempocache.enable(fam.transformer, tempocache.DBCache(fn=fn, bn=bn))
+        assert not hasattr(fam.transformer, "_tempocache_step_cache")
+    assert torch.equal(denoise(fam), reference)
+    tempocache.enable(fam.transformer, tempocache.DBCache(fn=2, bn=1, threshold=0))  # 1 block left to cache: fine
+    assert torch.equal(denoise(fam), reference)
+
+
+def test_enable_twice_and_not_enabled_are_runtime_errors():
+    fam = tiny("wan")
+    pipe = fake_pipe(fam)
+    for op in (tempocache.disable, tempocache.stats, tempocache.reset):
+        with pytest.raises(RuntimeError, match="not enabled"):
+            op(fam.transformer)
+    tempocache.enable(pipe, tempocache.StaticCache())
+    for target in (pipe, fam.transformer):
+        with pytest.raises(RuntimeError, match="already enabled"):
+            tempocache.enable(target, tempocache.FirstBlockCache())
+    assert tempocache.stats(fam.transformer)["policy"] == "StaticCache"  # the first one is still in place
+    tempocache.disable(fam.transformer)
+    with pytest.raises(RuntimeError, match="not enabled"):
+        tempocache.disable(pipe)
+
+
+def test_enable_rejects_what_it_cannot_cache():
+    class NotADiffusionTransformer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, hidden_states, timestep):
+            return self.proj(hidden_states)
+
+    model = NotADiffusionTransformer()
+    with pytest.raises(TypeError, match="NotADiffusionTransformer"):
+        tempocache.enable(model, tempocache.StaticCache())
+    assert not hasattr(model, "_tempocache_step_cache")
+    x = torch.randn(2, 4)
+    assert torch.equal(model(x, 1.0), model.proj(x))
+    with pytest.raises(TypeError, match="config"):
+        tempocache.enable(tiny("wan").transformer, {"interval": 2})
+    with pytest.raises(TypeError, match="transformer"):
+        tempocache.enable(object(), tempocache.StaticCache())
+
+
+def test_auto_step_count_must_match_its_profile():
+    fam = tiny("wan")
+    with pytest.raises(ValueError, match="below one full step"):  # 0.1 of 6 steps: not even the first one
+        tempocache.enable(fam.transformer, tempocache.Auto(budget=0.1, profile=profile_for("wan")))
+    assert not hasattr(fam.transformer, "_tempocache_step_cache")
+    tempocache.enable(fam.transformer, tempocache.Auto(budget=0.5, profile=profile_for("wan")))
+    with pytest.raises(ValueError, match=r"made for 6 steps.*has 4.*calibrate"):
+        denoise(fam, steps=STEPS[:4], context="cond")
+    tempocache.disable(fam.transformer)
+    tempocache.enable(fam.transformer, tempocache.ERTACache(budget=0.5, profile=profile_for("wan")))
+    with pytest.raises(ValueError, match="calibrate"):
+        denoise(fam, steps=STEPS[:4], context="cond")
+
+
+def test_auto_step_count_mismatch_fails_before_any_compute():
+    fam = tiny("wan")
+    tempocache.enable(fam.transformer, tempocache.Auto(budget=0.5, profile=profile_for("wan")))
+    kwargs = fam.inputs(1, 8, STEPS[0], 0)
+    with pytest.raises(ValueError, match="calibrate"):
+        call(fam, kwargs, "cond", 0, steps=4)
+    assert tempocache.stats(fam.transformer)["blocks_computed"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. reset
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reset_clears_cache_and_counters():
+    fam = tiny("wan")
+    config = tempocache.StaticCache(interval=2, warmup=1)
+    tempocache.enable(fam.transformer, config)
+    denoise(fam, seed=0)
+    before = tempocache.stats(fam.transformer)
+    assert before["cache_bytes"] > 0 and before["peak_cache_bytes"] > 0 and before["calls"] == N
+    tempocache.reset(fam.transformer)
+    after = tempocache.stats(fam.transformer)
+    assert after["cache_bytes"] == 0 and after["peak_cache_bytes"] == 0
+    for key in ("calls", "full_calls", "skipped_calls", "generations", "blocks_computed", "blocks_reused",
+                "blocks_forecast", "block_calls"):
+        assert after[key] == 0, key
+    assert after["compute_fraction"] == 1.0 and after["policy"] == "StaticCache"
+    # After a reset mid-generation, the next call starts over: same as a fresh cache.
+    denoise(fam, seed=1, steps=STEPS[:3])
+    tempocache.reset(fam.transformer)
+    again = denoise(fam, seed=1)
+    assert tempocache.stats(fam.transformer)["generations"] == 1
+    tempocache.disable(fam.transformer)
+    tempocache.enable(fam.transformer, config)
+    assert torch.equal(again, denoise(fam, seed=1))
+
+
+def test_stats_survive_the_end_of_call_reset_of_diffusers_pipelines():
+    fam = tiny("wan")
+    tempocache.enable(fam.transformer, tempocache.StaticCache(interval=2, warmup=1))
+    denoise(fam)
+    fam.transformer._reset_stateful_cache()  # what DiffusionPipeline.maybe_free_model_hooks() does
+    stats = tempocache.stats(fam.transformer)
+    assert stats["cache_bytes"] == 0  # freeing the cache is right
+    assert stats["calls"] == N and stats["blocks_reused"] == 2 * num_blocks(fam)
