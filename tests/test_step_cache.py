@@ -560,3 +560,23 @@ def test_stats_survive_the_end_of_call_reset_of_diffusers_pipelines():
     stats = tempocache.stats(fam.transformer)
     assert stats["cache_bytes"] == 0  # freeing the cache is right
     assert stats["calls"] == N and stats["blocks_reused"] == 2 * num_blocks(fam)
+
+
+@pytest.mark.parametrize("name", ["wan", "flux", "hunyuan_video"])
+def test_generic_fallback_finds_blocks_and_learns_their_layout(name, monkeypatch):
+    """With the family table emptied, the generic search finds the block lists and each block's output layout."""
+    from tempocache.step_cache import adapters
+
+    fam = tiny(name)
+    monkeypatch.setattr(adapters, "FAMILIES", {})
+    reference = denoise(fam)
+    tempocache.enable(fam.transformer, tempocache.StaticCache(interval=1))
+    assert tempocache.stats(fam.transformer)["family"] == "generic"
+    assert torch.equal(denoise(fam), reference)
+    tempocache.disable(fam.transformer)
+    tempocache.enable(fam.transformer, tempocache.FirstBlockCache(threshold=10.0))
+    out = denoise(fam)
+    stats = tempocache.stats(fam.transformer)
+    tempocache.disable(fam.transformer)
+    assert stats["blocks_reused"] == (N - 1) * (num_blocks(fam) - 1)
+    assert torch.isfinite(out).all() and out.shape == reference.shape

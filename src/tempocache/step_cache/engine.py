@@ -184,6 +184,8 @@ class _BlockHook(ModelHook):
             return call.pack(call.state_in(args, kwargs))  # the segment's output was already given at its start
         output = self.fn_ref.original_forward(*args, **kwargs)
         engine.counts["blocks_computed"] += 1
+        if call.output_order == "infer":  # generic fallback: learn this block's output layout before it is ever skipped
+            call.state_out(output, args, kwargs)
         if i == end - 1:
             x_in, branch.segment_input = branch.segment_input, None
             x_out = call.state_out(output, args, kwargs)

@@ -80,10 +80,11 @@ def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def taylor_forecast(history: list[tuple[int, State]], step: int, order: int) -> State:
-    """Extrapolate residuals to `step` with the Newton polynomial through the last order + 1 computed ones.
+    """Extrapolate residuals to `step` with the polynomial through the last order + 1 computed ones (Newton form).
 
-    With evenly spaced points this is TaylorSeer's series of finite differences; the
-    divided differences also handle uneven spacing.
+    At order 1 this is TaylorSeer's first-order series; at order 2 it is the quadratic
+    through the three points rather than TaylorSeer's truncated series (see
+    docs/step_cache/taylorseer.md). Divided differences handle uneven spacing.
     """
     points = history[-(order + 1):]
     steps = [s for s, _ in points]
