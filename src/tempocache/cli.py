@@ -74,16 +74,18 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 
 def _cache_quality(args: argparse.Namespace) -> None:
-    from .eval.cache_quality import auto_losses, cache_quality, format_table
+    from .eval.cache_quality import auto_comparison, cache_quality, format_table
 
     result = cache_quality(args.model, args.captions, args.steps, args.guidance, args.device, args.batch_size, args.seed, args.policies)
-    result["auto_losses"] = auto_losses(result)
+    result["auto_comparison"] = comparison = auto_comparison(result)
     if args.save:
         args.save.parent.mkdir(parents=True, exist_ok=True)
         args.save.write_text(json.dumps(result, indent=2))
     print(format_table(result))
-    print("Auto beats every other policy at equal or higher compute" if not result["auto_losses"]
-          else "Auto is matched or beaten by:\n  " + "\n  ".join(result["auto_losses"]))
+    print("Auto is the most faithful policy at its compute" if not comparison["losses"]
+          else "Auto is matched or beaten at its compute by:\n  " + "\n  ".join(comparison["losses"]))
+    if comparison["out_of_reach"]:
+        print("Cannot run as cheaply as Auto:\n  " + "\n  ".join(comparison["out_of_reach"]))
 
 
 def build_parser() -> argparse.ArgumentParser:

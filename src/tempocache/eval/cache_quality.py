@@ -87,20 +87,28 @@ def cache_quality(model: str = "shapes-t2v", captions: int = 16, steps: int | No
     }
 
 
-def auto_losses(result: dict) -> list[str]:
-    """Where Auto is not the most faithful: for each Auto budget and each other policy, that policy's
-    cheapest setting spending at least as much compute as Auto did must have a lower PSNR."""
+def auto_comparison(result: dict) -> dict[str, list[str]]:
+    """Auto against every other policy at Auto's own compute.
+
+    A policy's PSNR at that compute is read off its settings' frontier (the best PSNR at
+    each compute, linearly interpolated). `losses`: policies at least as faithful there;
+    `out_of_reach`: policies whose cheapest setting spends more than Auto did.
+    """
     rows = [r for r in result["rows"] if r["policy"] != "full compute"]
-    losses = []
+    losses, out_of_reach = [], []
     for auto in (r for r in rows if r["policy"] == "Auto"):
-        for policy in {r["policy"] for r in rows} - {"Auto"}:
-            costlier = [r for r in rows if r["policy"] == policy and r["compute_fraction"] >= auto["compute_fraction"] - 1e-9]
-            if costlier:
-                rival = min(costlier, key=lambda r: r["compute_fraction"])
-                if rival["psnr"] >= auto["psnr"]:
-                    losses.append(f"{policy} {rival['settings']} ({rival['compute_fraction']:.2f}, {rival['psnr']:.2f} dB) >= "
-                                  f"Auto budget {auto['settings']['budget']} ({auto['compute_fraction']:.2f}, {auto['psnr']:.2f} dB)")
-    return losses
+        c = auto["compute_fraction"]
+        for policy in sorted({r["policy"] for r in rows} - {"Auto"}):
+            points = sorted((r["compute_fraction"], r["psnr"]) for r in rows if r["policy"] == policy)
+            frontier = [(x, max(y for x2, y in points if x2 <= x)) for x, _ in points]
+            if c < frontier[0][0] - 1e-9:
+                out_of_reach.append(f"{policy} (cheapest setting {frontier[0][0]:.2f} compute, {frontier[0][1]:.2f} dB) "
+                                    f"vs Auto budget {auto['settings']['budget']} ({c:.2f}, {auto['psnr']:.2f} dB)")
+                continue
+            rival = float(np.interp(c, [x for x, _ in frontier], [y for _, y in frontier]))
+            if rival >= auto["psnr"]:
+                losses.append(f"{policy} at {c:.2f} compute: {rival:.2f} dB >= Auto budget {auto['settings']['budget']} {auto['psnr']:.2f} dB")
+    return {"losses": losses, "out_of_reach": out_of_reach}
 
 
 def format_table(result: dict) -> str:

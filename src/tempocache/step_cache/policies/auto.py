@@ -12,7 +12,10 @@ size there, so each is weighted by it. Auto then plans exactly:
 2. across segments, the counts that minimise the total error within the budget
    (a knapsack over block-steps).
 Where the profile shows a segment is stable it is computed rarely, where it moves fast
-often: no fixed rule, the profile decides.
+often: no fixed rule, the profile decides. Open-loop tables cannot see how errors
+compound along the trajectory, so `calibrate` also runs a few planner variants (forecast
+penalty, whole stack or segments, gap growth) closed-loop and records, per budget, the
+one that drifts least from full compute.
 """
 
 from __future__ import annotations
