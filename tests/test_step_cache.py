@@ -580,3 +580,28 @@ def test_generic_fallback_finds_blocks_and_learns_their_layout(name, monkeypatch
     tempocache.disable(fam.transformer)
     assert stats["blocks_reused"] == (N - 1) * (num_blocks(fam) - 1)
     assert torch.isfinite(out).all() and out.shape == reference.shape
+
+
+def test_auto_comparison_reads_each_policy_frontier_at_autos_compute():
+    from tempocache.eval.cache_quality import auto_comparison
+
+    def row(policy, compute, psnr, **settings):
+        return {"policy": policy, "compute_fraction": compute, "psnr": psnr, "settings": settings}
+
+    result = {"rows": [
+        row("full compute", 1.0, 100.0),
+        row("Auto", 0.5, 35.0, budget=0.5),
+        row("StaticCache", 0.4, 28.0), row("StaticCache", 0.6, 38.0),  # 33 dB at 0.5: Auto wins
+        row("TeaCache", 0.3, 30.0), row("TeaCache", 0.7, 44.0),  # 37 dB at 0.5: TeaCache wins
+        row("CFGReuse", 0.62, 29.0),  # cannot go as low as 0.5
+    ]}
+    comparison = auto_comparison(result)
+    assert len(comparison["losses"]) == 1 and comparison["losses"][0].startswith("TeaCache")
+    assert len(comparison["out_of_reach"]) == 1 and comparison["out_of_reach"][0].startswith("CFGReuse")
+
+
+def test_cache_quality_refuses_unknown_policies_before_any_sampling():
+    from tempocache.eval.cache_quality import cache_quality
+
+    with pytest.raises(ValueError, match="known: StaticCache"):
+        cache_quality("shapes-t2i", captions=2, policies=["NoSuchCache"])
