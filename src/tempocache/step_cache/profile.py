@@ -178,13 +178,18 @@ def calibrate(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | None = 
     if not prompts:
         raise ValueError("calibrate needs at least one prompt")
     run = run or (lambda p, prompt: p(prompt))
+
+    def run_all(config) -> Any:
+        engine = enable(pipe, config)
+        try:
+            for prompt in prompts:
+                run(pipe, prompt)
+        finally:
+            disable(pipe)
+        return engine
+
     recorder = _Recorder(segments)
-    engine = enable(pipe, _RecorderConfig(recorder))
-    try:
-        for prompt in prompts:
-            run(pipe, prompt)
-    finally:
-        disable(pipe)
+    engine = run_all(_RecorderConfig(recorder))
     lengths = {len(t["residuals"]) for t in recorder.trajectories}
     if len(lengths) != 1:
         raise ValueError(f"every calibration run must take the same number of steps, got {sorted(lengths)}")
@@ -195,12 +200,9 @@ def calibrate(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | None = 
         for variant in AUTO_VARIANTS:
             captured = []
             handle = engine.transformer.register_forward_hook(lambda module, args, output: captured.append(output_sample(output)))
-            enable(pipe, Auto(budget, profile, variant=variant))
             try:
-                for prompt in prompts:
-                    run(pipe, prompt)
+                run_all(Auto(budget, profile, variant=variant))
             finally:
-                disable(pipe)
                 handle.remove()
             totals: dict[int, torch.Tensor] = {}
             for (trajectory, step), approx, exact in zip(recorder.calls, captured, recorder.output_samples):
