@@ -10,6 +10,7 @@ clearly before any compute.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import types
 from pathlib import Path
@@ -20,6 +21,7 @@ from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from torch import nn
 
 import tempocache
+from tempocache.step_cache.policy import Action
 
 sys.path.insert(0, str(Path(__file__).parent))
 import families  # noqa: E402
@@ -313,6 +315,7 @@ def test_auto_and_ertacache_keep_to_their_budget(name):
     fam = tiny(name)
     profile = profile_for(name)
     assert profile.num_steps == N and profile.edges[-1] == num_blocks(fam) and "0.5" in profile.auto_variants
+    assert len(profile.sensitivity) == N and all(s >= 0 for s in profile.sensitivity)
     reference = denoise(fam)
     for config in (tempocache.Auto(budget=0.5, profile=profile), tempocache.ERTACache(budget=0.5, profile=profile)):
         pipe = fake_pipe(fam)
@@ -598,6 +601,30 @@ def test_auto_comparison_reads_each_policy_frontier_at_autos_compute():
     comparison = auto_comparison(result)
     assert len(comparison["losses"]) == 1 and comparison["losses"][0].startswith("TeaCache")
     assert len(comparison["out_of_reach"]) == 1 and comparison["out_of_reach"][0].startswith("CFGReuse")
+
+
+def test_auto_sensitive_variant_protects_the_steps_calibrate_found_sensitive():
+    from tempocache.step_cache.policies.auto import plan
+
+    profile = dataclasses.replace(profile_for("wan"))
+    steps = profile.num_steps
+    for fragile in (1, steps - 1):  # an error at this step alone would wreck the sample
+        profile.sensitivity = [1e6 if s == fragile else 1.0 for s in range(steps)]
+        schedule = plan(profile, 2 / steps, forecast_penalty=float("inf"), whole_stack=True, sensitive=True)[0]
+        assert [s for s, a in enumerate(schedule) if a == Action.COMPUTE] == [0, fragile]
+    profile.sensitivity = []  # not measured: the same plan either way
+    assert plan(profile, 0.5, 1.0, True, sensitive=True) == plan(profile, 0.5, 1.0, True, sensitive=False)
+
+
+def test_frontier_table_gives_each_policys_best_psnr_under_each_cap():
+    from tempocache.eval.cache_quality import format_frontier
+
+    rows = [{"policy": "full compute", "compute_fraction": 1.0, "psnr": 100.0},
+            {"policy": "StaticCache", "compute_fraction": 0.3, "psnr": 28.0},
+            {"policy": "StaticCache", "compute_fraction": 0.55, "psnr": 36.0},
+            {"policy": "StaticCache", "compute_fraction": 0.45, "psnr": 31.0}]
+    table = format_frontier({"rows": rows}, caps=(0.25, 0.5, 0.7)).splitlines()
+    assert table[2] == "| StaticCache | - | 31.0 (0.45) | 36.0 (0.55) |" and len(table) == 3
 
 
 def test_cache_quality_refuses_unknown_policies_before_any_sampling():

@@ -74,7 +74,7 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 
 def _cache_quality(args: argparse.Namespace) -> None:
-    from .eval.cache_quality import auto_comparison, cache_quality, format_table
+    from .eval.cache_quality import auto_comparison, cache_quality, format_frontier, format_table
 
     result = cache_quality(args.model, args.captions, args.steps, args.guidance, args.device, args.batch_size, args.seed, args.policies)
     result["auto_comparison"] = comparison = auto_comparison(result)
@@ -82,6 +82,7 @@ def _cache_quality(args: argparse.Namespace) -> None:
         args.save.parent.mkdir(parents=True, exist_ok=True)
         args.save.write_text(json.dumps(result, indent=2))
     print(format_table(result))
+    print("\nBest PSNR (dB) per compute cap, with the compute spent:\n" + format_frontier(result))
     print("Auto is the most faithful policy at its compute" if not comparison["losses"]
           else "Auto is matched or beaten at its compute by:\n  " + "\n  ".join(comparison["losses"]))
     if comparison["out_of_reach"]:

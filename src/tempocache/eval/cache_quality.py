@@ -119,3 +119,17 @@ def format_table(result: dict) -> str:
         lines.append(f"| {r['policy']} | {settings} | {r['compute_fraction']:.2f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['relative_l2']:.3f} | "
                      f"{acc['colour']:.2f} | {acc['shape']:.2f} | {acc.get('motion', float('nan')):.2f} | {acc['all']:.2f} |")
     return "\n".join(lines)
+
+
+def format_frontier(result: dict, caps: tuple[float, ...] = (0.25, 0.33, 0.5, 0.7)) -> str:
+    """Per policy and compute cap: its best PSNR among settings spending at most that much, with the compute spent."""
+    lines = ["| policy | " + " | ".join(f"compute <= {c}" for c in caps) + " |", "|---" * (len(caps) + 1) + "|"]
+    policies = dict.fromkeys(r["policy"] for r in result["rows"] if r["policy"] != "full compute")
+    for policy in policies:
+        cells = []
+        for cap in caps:
+            fits = [r for r in result["rows"] if r["policy"] == policy and r["compute_fraction"] <= cap + 1e-9]
+            best = max(fits, key=lambda r: r["psnr"], default=None)
+            cells.append(f"{best['psnr']:.1f} ({best['compute_fraction']:.2f})" if best else "-")
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

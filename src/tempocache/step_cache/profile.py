@@ -7,6 +7,9 @@ sample of tokens). From those it tabulates, averaged over prompts and CFG branch
   (first-order Taylor) from two earlier steps, in units of the model output;
 - the stack residual's reuse error and least-squares gain (ERTACache);
 - TeaCache's polynomial from its input signal to the stack's output change.
+Closed-loop runs then measure how much an error made at each step still moves the
+final sample (later steps partly undo early errors, or amplify them), and which of
+Auto's planner variants drifts least at each budget.
 Profiles are JSON, reused across runs; the shipped models have theirs in `profiles/`.
 """
 
@@ -20,17 +23,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .policy import BranchMemory, Policy, State, Step, relative_change
+from .policy import Action, BranchMemory, Policy, State, Step, relative_change
 
 SHIPPED_DIR = Path(__file__).parent / "profiles"
 TOKENS = 512  # tokens sampled per trajectory to measure errors on
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the error tables are computed
 OUTPUT_SAMPLES = 4096  # output values sampled per call to measure closed-loop drift on
 # Auto's planner variants tried by calibrate: (forecast error penalty, plan the whole stack as one segment,
-# gap growth). The open-loop error tables cannot see how errors compound; closed-loop runs pick the variant
-# that copes best on the model at hand.
-# The first is the default when a profile has no closed-loop choice (it drifted least on shapes-t2i).
-AUTO_VARIANTS = tuple((penalty, whole, growth) for penalty in (1.0, float("inf")) for whole in (True, False) for growth in (0.0, 1.0))
+# weight steps by their measured closed-loop sensitivity). The open-loop error tables cannot see how errors
+# compound; closed-loop runs pick the variant that copes best on the model at hand.
+# The first is the default when a profile has no closed-loop choice.
+AUTO_VARIANTS = tuple((penalty, whole, sensitive) for penalty in (1.0, float("inf")) for whole in (True, False) for sensitive in (False, True))
 
 
 @dataclass
@@ -47,15 +50,17 @@ class Profile:
     stack_gain: list  # [step][earlier step]: least-squares scale of the reused stack residual
     teacache_coefficients: list[float]
     prompts: list[str]
+    # [step]: final-sample drift per unit of output error made at that step alone, measured closed-loop
+    sensitivity: list[float] = field(default_factory=list)
     # Auto's planner variant per budget, chosen by closed-loop runs (see AUTO_VARIANTS)
     auto_variants: dict[str, list] = field(default_factory=dict)
     auto_drift: dict[str, list] = field(default_factory=dict)  # budget -> closed-loop drift of each variant
 
-    def auto_variant(self, budget: float) -> tuple[float, bool, float]:
+    def auto_variant(self, budget: float) -> tuple[float, bool, bool]:
         if not self.auto_variants:
             return AUTO_VARIANTS[0]
-        penalty, whole_stack, gap_growth = self.auto_variants[min(self.auto_variants, key=lambda b: abs(float(b) - budget))]
-        return float(penalty), bool(whole_stack), float(gap_growth)
+        penalty, whole_stack, sensitive = self.auto_variants[min(self.auto_variants, key=lambda b: abs(float(b) - budget))]
+        return float(penalty), bool(whole_stack), bool(sensitive)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -74,10 +79,12 @@ class Profile:
             raise ValueError(f"{policy}'s profile was made for {self.num_steps} steps, this generation has {num_steps}: "
                              f"run `tempocache calibrate` with {num_steps} steps and pass the profile")
 
-    def step_weights(self) -> np.ndarray:
-        """How much an error in the model output at each step moves the sample: the sampler's step size."""
+    def step_weights(self, sensitive: bool = False) -> np.ndarray:
+        """How much an error in the model output at each step moves the sample: the sampler's step size,
+        times the measured closed-loop sensitivity if `sensitive` (and it was measured)."""
         t = np.array(self.timesteps + [0.0])
-        return np.abs(np.diff(t)) / max(abs(t[0]), 1e-12)
+        weights = np.abs(np.diff(t)) / max(abs(t[0]), 1e-12)
+        return weights * np.array(self.sensitivity) if sensitive and self.sensitivity else weights
 
 
 def teacache_signal(x: State, temb: torch.Tensor | None, previous: tuple | None) -> float | None:
@@ -168,9 +175,10 @@ def calibrate(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | None = 
     """Profile `pipe`'s transformer over full-compute generations of `prompts`.
 
     `run(pipe, prompt)` makes one generation (default: `pipe(prompt)`; a "prompt" may be a
-    batch); every run must use the same number of steps. For each of `auto_budgets`, Auto's
-    planner variants are then run closed-loop on the same prompts and the one whose
-    sampling drifts least from full compute is kept.
+    batch); every run must use the same number of steps. Unless `auto_budgets` is empty,
+    closed-loop runs then measure each step's sensitivity (the sample's drift when the
+    stack's residual is reused at that step alone) and, for each budget, which of Auto's
+    planner variants drifts least from full compute.
     """
     from .engine import disable, enable
     from .policies.auto import Auto
@@ -195,22 +203,45 @@ def calibrate(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | None = 
         raise ValueError(f"every calibration run must take the same number of steps, got {sorted(lengths)}")
     profile = _tabulate(recorder.trajectories, engine.edges, type(engine.transformer).__name__, [str(p) for p in prompts])
     weights = profile.step_weights()
+
+    def drift(config) -> float:
+        """Summed over trajectories: the RMS of how far the final sample moved from full compute (weighted output errors)."""
+        captured = []
+        handle = engine.transformer.register_forward_hook(lambda module, args, output: captured.append(output_sample(output)))
+        try:
+            run_all(config)
+        finally:
+            handle.remove()
+        totals: dict[int, torch.Tensor] = {}
+        for (trajectory, step), approx, exact in zip(recorder.calls, captured, recorder.output_samples):
+            totals[trajectory] = totals.get(trajectory, 0) + weights[step] * (approx - exact)
+        return float(sum(t.pow(2).mean().sqrt() for t in totals.values()))
+
+    if auto_budgets:
+        probes = []
+        for step in range(1, profile.num_steps):
+            schedule = [Action.REUSE if s == step else Action.COMPUTE for s in range(profile.num_steps)]
+            predicted = profile.stack_reuse_error[step][step - 1] * weights[step]
+            probes.append(drift(_ScheduleConfig(profile, schedule)) / max(predicted, 1e-12))
+        profile.sensitivity = [probes[0], *probes]  # step 0 is always computed
     for budget in auto_budgets:
-        drift = {}
-        for variant in AUTO_VARIANTS:
-            captured = []
-            handle = engine.transformer.register_forward_hook(lambda module, args, output: captured.append(output_sample(output)))
-            try:
-                run_all(Auto(budget, profile, variant=variant))
-            finally:
-                handle.remove()
-            totals: dict[int, torch.Tensor] = {}
-            for (trajectory, step), approx, exact in zip(recorder.calls, captured, recorder.output_samples):
-                totals[trajectory] = totals.get(trajectory, 0) + weights[step] * (approx - exact)
-            drift[variant] = float(sum(t.abs().mean() for t in totals.values()))
-        profile.auto_variants[str(budget)] = list(min(drift, key=drift.get))
-        profile.auto_drift[str(budget)] = list(drift.values())
+        drifts = {variant: drift(Auto(budget, profile, variant=variant)) for variant in AUTO_VARIANTS}
+        profile.auto_variants[str(budget)] = list(min(drifts, key=drifts.get))
+        profile.auto_drift[str(budget)] = list(drifts.values())
     return profile
+
+
+@dataclass(frozen=True)
+class _ScheduleConfig:
+    """The whole stack on a fixed schedule of actions (calibrate's sensitivity probes)."""
+
+    profile: Profile
+    schedule: list[Action]
+
+    def make_policy(self, transformer=None) -> Policy:
+        from .policies.auto import Auto, AutoPolicy
+
+        return AutoPolicy(Auto(1.0, self.profile), self.profile, [0, self.profile.edges[-1]], [self.schedule])
 
 
 @dataclass(frozen=True)

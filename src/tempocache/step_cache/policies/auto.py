@@ -13,9 +13,11 @@ size there, so each is weighted by it. Auto then plans exactly:
    (a knapsack over block-steps).
 Where the profile shows a segment is stable it is computed rarely, where it moves fast
 often: no fixed rule, the profile decides. Open-loop tables cannot see how errors
-compound along the trajectory, so `calibrate` also runs a few planner variants (forecast
-penalty, whole stack or segments, gap growth) closed-loop and records, per budget, the
-one that drifts least from full compute.
+compound along the trajectory (later steps partly undo an early error, or amplify it), so
+`calibrate` also measures closed-loop how far an error at each step alone moves the final
+sample, and runs a few planner variants (forecast penalty, whole stack or segments, steps
+weighted by that sensitivity or not) closed-loop, recording per budget the one that
+drifts least from full compute.
 """
 
 from __future__ import annotations
@@ -32,16 +34,16 @@ from ..profile import Profile, load_profile
 class Auto:
     budget: float = 0.33  # fraction of block compute to spend; 1.0 computes everything
     profile: str | Profile | None = None  # None: the shipped profile of a reference model
-    variant: tuple[float, bool, float] | None = None  # plan() options; None: those calibrate found best near this budget
+    variant: tuple[float, bool, bool] | None = None  # plan() options; None: those calibrate found best near this budget
 
     def __post_init__(self):
         check_range("budget", self.budget, 0.0, 1.0, low_open=True)
 
     def make_policy(self, transformer=None) -> Policy:
         profile = load_profile(self.profile, transformer)
-        penalty, whole_stack, gap_growth = self.variant or profile.auto_variant(self.budget)
+        penalty, whole_stack, sensitive = self.variant or profile.auto_variant(self.budget)
         edges = [0, profile.edges[-1]] if whole_stack else profile.edges
-        return AutoPolicy(self, profile, edges, plan(profile, self.budget, penalty, whole_stack, gap_growth))
+        return AutoPolicy(self, profile, edges, plan(profile, self.budget, penalty, whole_stack, sensitive))
 
 
 class AutoPolicy(Policy):
@@ -68,12 +70,12 @@ class AutoPolicy(Policy):
 
 
 def plan(profile: Profile, budget: float, forecast_penalty: float = 1.0, whole_stack: bool = False,
-         gap_growth: float = 0.0) -> list[list[Action]]:
+         sensitive: bool = False) -> list[list[Action]]:
     """[segment][step] -> action, spending at most `budget` of the block compute.
 
     `forecast_penalty` scales the forecast errors (inf: reuse only); `whole_stack` plans the
-    stack as one segment; `gap_growth` makes an error count (1 + gap_growth * k) times when
-    it is made k steps after the previous approximated-from step, for errors that compound.
+    stack as one segment; `sensitive` weights each step's errors by the profile's measured
+    closed-loop sensitivity as well as by the sampler's step size.
     """
     steps = profile.num_steps
     edges = [0, profile.edges[-1]] if whole_stack else profile.edges
@@ -83,14 +85,14 @@ def plan(profile: Profile, budget: float, forecast_penalty: float = 1.0, whole_s
     capacity = int(np.floor(budget * steps * edges[-1] + 1e-9))
     if capacity < edges[-1]:
         raise ValueError(f"budget {budget} is below one full step in {steps} ({1 / steps:.3f}); the first step is always computed")
-    weights = profile.step_weights()
+    weights = profile.step_weights(sensitive)
     penalised = [np.array(f) * forecast_penalty if np.isfinite(forecast_penalty) else np.full(np.shape(f), np.inf) for f in forecast]
-    curves = [_segment_curves(np.array(reuse[k]), penalised[k], weights, gap_growth) for k in range(len(sizes))]
+    curves = [_segment_curves(np.array(reuse[k]), penalised[k], weights) for k in range(len(sizes))]
     counts = _allocate([c[0] for c in curves], sizes, capacity)
     return [curves[k][1](n) for k, n in enumerate(counts)]
 
 
-def _segment_curves(reuse: np.ndarray, forecast: np.ndarray, weights: np.ndarray, gap_growth: float = 0.0):
+def _segment_curves(reuse: np.ndarray, forecast: np.ndarray, weights: np.ndarray):
     """(error[n - 1] for n = 1..S computed steps, n -> actions) for one segment.
 
     reuse[s, c] and forecast[s, c1, c2] are the profile's errors at step s.
@@ -103,7 +105,7 @@ def _segment_curves(reuse: np.ndarray, forecast: np.ndarray, weights: np.ndarray
     reuse_cost = np.broadcast_to(reuse.T[None], (S + 1, S, S))
     use_forecast = forecast_cost < reuse_cost
     cost = np.minimum(forecast_cost, reuse_cost) * weights
-    cost = np.where((later > earlier)[None], cost * (1 + gap_growth * np.maximum(later - earlier - 1, 0))[None], 0.0)
+    cost = np.where((later > earlier)[None], cost, 0.0)
     cumulative = np.concatenate([np.zeros((S + 1, S, 1)), np.cumsum(cost, axis=2)], axis=2)
     # gap[c2, c1, c]: cost of the steps strictly between computed c1 and the next computed c (c = S: the end)
     c1 = np.arange(S)
