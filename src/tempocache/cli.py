@@ -1,4 +1,4 @@
-"""`tempocache generate | eval-reference | eval-evaluator | train-reference | train-evaluator`."""
+"""`tempocache generate | bench | cache-quality | calibrate | eval-reference | eval-evaluator | train-reference | train-evaluator`."""
 
 from __future__ import annotations
 
@@ -89,6 +89,25 @@ def _cache_quality(args: argparse.Namespace) -> None:
         print("Cannot run as cheaply as Auto:\n  " + "\n  ".join(comparison["out_of_reach"]))
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from .bench import groups, read_prompts, run_bench, verdict, write_report
+    from .bench.report import format_table
+
+    if args.list:
+        for group in groups():
+            print(f"{group.key:40s} {group.family}" + (f"  ({group.missing()})" if group.missing() else ""))
+        return
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"output folder {str(args.out)!r} is a file")
+    result = run_bench(args.model, args.device, args.steps, args.guidance, prompts, args.captions, args.seeds,
+                       args.methods, args.frames, args.batch_size, args.repeats)
+    paths = write_report(result, args.out)
+    print(format_table({k: v for k, v in result.items() if k != "samples"}))
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    print(verdict(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .reference.models import SPECS
 
@@ -164,6 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--save", type=Path, default=None, help="also write the JSON here")
     p.set_defaults(run=_cache_quality)
+
+    p = sub.add_parser("bench", help="tempocache's policies against the peers' and fewer steps, one run, one report")
+    p.add_argument("--model", default="shapes-t2v", help=f"one of: {', '.join(SPECS)}")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps of full compute (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--frames", type=int, default=None, help="frames per clip (video models)")
+    p.add_argument("--prompts", type=Path, default=None, help="a file of captions, one per line (default: held-out captions)")
+    p.add_argument("--captions", type=int, default=8, help="how many held-out captions when no prompts file is given")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="each caption is sampled once per seed")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="method keys or families (tempocache, diffusers, cache-dit, fewer-steps); default: all; see --list")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per pipeline call; the first batch is the one timed")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (the median counts)")
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for results.json, table.md, pareto.png, index.html")
+    p.add_argument("--list", action="store_true", help="list the methods and whether their library is installed, then stop")
+    p.set_defaults(run=_bench)
 
     p = sub.add_parser("train-evaluator", help="train the ShapesWorld attribute classifier")
     p.add_argument("--out", type=Path, required=True)

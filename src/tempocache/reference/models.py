@@ -120,7 +120,7 @@ def make_scheduler() -> FlowMatchEulerDiscreteScheduler:
 def predict_velocity(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Velocity for pixels x (B, 3, T, H, W) in [-1, 1] at noise level sigma (B,) in [0, 1]."""
     if isinstance(transformer, WanTransformer3DModel):
-        return transformer(x, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
+        return transformer(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
     if isinstance(transformer, FluxTransformer2DModel):
         return _flux_velocity(transformer, x, sigma, text)
     raise TypeError(f"reference models are Wan or Flux transformers, not {type(transformer).__name__}")
@@ -134,7 +134,7 @@ def _flux_velocity(transformer: FluxTransformer2DModel, x: torch.Tensor, sigma: 
     img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(x.device, x.dtype)
     txt_ids = torch.zeros(text.shape[1], 3, device=x.device, dtype=x.dtype)
     out = transformer(
-        tokens,
+        hidden_states=tokens,
         encoder_hidden_states=text,
         pooled_projections=text.mean(1),
         timestep=sigma,  # Flux multiplies by 1000 itself

@@ -1,10 +1,12 @@
 """`ShapesPipeline`: a diffusers pipeline around a shipped reference model.
 
 Flow-matching Euler sampling with diffusers' `FlowMatchEulerDiscreteScheduler` and
-classifier-free guidance. As in diffusers' own pipelines, the conditional and
-unconditional branches are separate transformer calls, each inside
+classifier-free guidance. As in diffusers' Wan and Flux pipelines, the conditional
+and unconditional branches are separate transformer calls, each inside
 `cache_context("cond" / "uncond", step_index=..., num_inference_steps=...)`, so that
-cache hooks (diffusers', cache-dit's, ours) can keep their state per branch.
+cache hooks (diffusers', cache-dit's, ours) can keep their state per branch; with
+`batch_cfg=True` they are one call on the batch [uncond, cond] (as in diffusers'
+CogVideoX pipeline), which FasterCache and Pyramid Attention Broadcast expect.
 Every argument is checked before any compute.
 """
 
@@ -64,6 +66,11 @@ class ShapesPipeline(DiffusionPipeline):
                 raise ValueError(f"{label} must be an even number of pixels from 2 to {MAX_SIZE}, got {value!r}")
         return ids
 
+    @property
+    def current_timestep(self) -> torch.Tensor | None:
+        """The timestep being denoised (None between generations), for hooks that take a timestep callback."""
+        return getattr(self, "_current_timestep", None)
+
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(ids.to(self.device))
 
@@ -77,6 +84,7 @@ class ShapesPipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         seed: int | list[int] = 0,
+        batch_cfg: bool = False,
     ) -> ShapesOutput:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         steps = self.spec.default_steps if num_inference_steps is None else num_inference_steps
@@ -99,14 +107,22 @@ class ShapesPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(steps, device=self.device)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            self._current_timestep = t
             sigma = (t / 1000).expand(len(prompts)).to(dtype)
             where = dict(step_index=i, num_inference_steps=steps, timestep=t, sigma=float(sigma[0]))
-            with self.transformer.cache_context("cond", **where):
-                v = predict_velocity(self.transformer, x, sigma, text)
+            if use_cfg and batch_cfg:
+                with self.transformer.cache_context("cfg", **where):
+                    v_uncond, v = predict_velocity(self.transformer, x.repeat(2, 1, 1, 1, 1), sigma.repeat(2), torch.cat([empty, text])).chunk(2)
+            else:
+                with self.transformer.cache_context("cond", **where):
+                    v = predict_velocity(self.transformer, x, sigma, text)
+                if use_cfg:
+                    with self.transformer.cache_context("uncond", **where):
+                        v_uncond = predict_velocity(self.transformer, x, sigma, empty)
             if use_cfg:
-                with self.transformer.cache_context("uncond", **where):
-                    v_uncond = predict_velocity(self.transformer, x, sigma, empty)
                 v = v_uncond + guidance * (v - v_uncond)
             x = self.scheduler.step(v, t, x, return_dict=False)[0]
+        self._current_timestep = None
+        self.maybe_free_model_hooks()  # also resets stateful cache hooks (diffusers', cache-dit's) for the next generation
         clips = ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1)
         return ShapesOutput(clips.cpu().numpy(), prompts)

@@ -1,0 +1,219 @@
+"""What `tempocache bench` can run: full compute, fewer steps, our policies and the peers'.
+
+Each method is a group of settings. A setting knows how to switch itself on and off on
+a pipeline; everything else (sampling, timing, scoring) is the runner's, identical for
+all. Peers are optional: a group whose library is missing says so instead of failing.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import importlib.util
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from .. import step_cache as sc
+from ..eval.cache_quality import SETTINGS
+from ..reference import shapesworld
+from ..reference.pipeline import ShapesPipeline
+
+FAMILIES = ("full compute", "fewer steps", "tempocache", "diffusers", "cache-dit")
+FEWER_STEPS = (0.7, 0.5, 0.33, 0.25)  # fractions of the full step count
+AUTO_BUDGETS = (0.9, 0.7, 0.5, 0.4, 0.33, 0.25, 0.2)  # more than cache-quality's three: the frontier needs them
+
+
+@dataclass
+class Setting:
+    name: str  # e.g. "Auto(budget=0.33)"
+    family: str
+    settings: dict
+    enable: Callable[[ShapesPipeline], None] | None = None
+    disable: Callable[[ShapesPipeline], None] | None = None
+    before_generation: Callable[[ShapesPipeline], None] | None = None  # peers that need an explicit reset
+    steps: int | None = None  # None: the bench's step count
+    batch_cfg: bool = False  # both CFG branches in one call (FasterCache and PAB expect it)
+    compute_fraction: Callable[[ShapesPipeline], float] | None = None  # the library's own count, where it gives one
+    note: str = ""
+
+
+@dataclass
+class Group:
+    key: str  # what --methods takes, e.g. "tempocache.Auto", "diffusers.MagCache"
+    family: str
+    requires: str | None = None  # importable module the group needs
+    build: Callable[[ShapesPipeline, int, float], list[Setting]] = field(default=lambda pipe, steps, guidance: [])
+
+    def missing(self) -> str | None:
+        if self.requires and importlib.util.find_spec(self.requires) is None:
+            return f"{self.requires} is not installed (pip install 'tempocache[peers]')"
+        return None
+
+
+def _label(kind: str, settings: dict) -> str:
+    return f"{kind}(" + ", ".join(f"{k}={v}" for k, v in settings.items()) + ")"
+
+
+# --- ours --------------------------------------------------------------------------------------------------
+
+
+def _tempocache_group(policy: str) -> Group:
+    makers = [partial(sc.Auto, budget=b) for b in AUTO_BUDGETS] if policy == "Auto" else SETTINGS[policy]
+
+    def build(pipe: ShapesPipeline, steps: int, guidance: float) -> list[Setting]:
+        out = []
+        for make in makers:
+            config = make()
+            settings = {k: v for k, v in vars(config).items() if k != "profile" and v is not None}
+            out.append(Setting(
+                _label(policy, {k: settings[k] for k in make.keywords}), "tempocache", settings,
+                enable=partial(sc.enable, config=config), disable=sc.disable,
+                compute_fraction=lambda p: sc.stats(p)["compute_fraction"],
+            ))
+        return out
+
+    return Group(f"tempocache.{policy}", "tempocache", build=build)
+
+
+def _fewer_steps(pipe: ShapesPipeline, steps: int, guidance: float) -> list[Setting]:
+    counts = sorted({max(1, round(steps * f)) for f in FEWER_STEPS} - {steps}, reverse=True)
+    return [Setting(f"{n} steps", "fewer steps", {"num_inference_steps": n}, steps=n, compute_fraction=lambda p, n=n: n / steps)
+            for n in counts]
+
+
+# --- diffusers 0.42.1's cache hooks -------------------------------------------------------------------------
+
+
+def _diffusers(kind: str, make_config: Callable[..., Any], grid: list[dict], batch_cfg: bool = False, note: str = "",
+               fixed: Callable[[ShapesPipeline, int, float], dict] = lambda pipe, steps, guidance: {}) -> Callable:
+    def build(pipe: ShapesPipeline, steps: int, guidance: float) -> list[Setting]:
+        extra = fixed(pipe, steps, guidance)
+        return [Setting(
+            _label(kind, knobs), "diffusers", {**knobs, **{k: v for k, v in extra.items() if not callable(v)}},
+            enable=lambda p, knobs=knobs: p.transformer.enable_cache(make_config(**knobs, **extra)),
+            disable=lambda p: p.transformer.disable_cache(), batch_cfg=batch_cfg, note=note,
+        ) for knobs in grid]
+    return build
+
+
+def _timestep_callback(pipe: ShapesPipeline, steps: int, guidance: float) -> dict:
+    return {"current_timestep_callback": lambda: float(pipe.current_timestep)}
+
+
+def _mag_ratios(pipe: ShapesPipeline, steps: int, guidance: float, prompts: int = 4) -> dict:
+    """MagCache's per-step residual magnitude ratios for this model, by its own calibration mode on training captions.
+
+    diffusers prints them at the end of a calibration run; that printout is the documented
+    way to get them ("copy the printed ratios"), so it is read back here.
+    """
+    from diffusers import MagCacheConfig
+
+    rng = np.random.default_rng(0)
+    captions = [shapesworld.sample_scene(rng, "train", pipe.spec.is_video).caption(pipe.spec.is_video) for _ in range(prompts)]
+    pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            pipe(captions, num_inference_steps=steps, guidance_scale=guidance, seed=0)
+    finally:
+        pipe.transformer.disable_cache()
+    lists = [ast.literal_eval(line) for line in printed.getvalue().splitlines() if line.startswith("[") and not line.startswith("[Mag")]
+    if not lists:
+        raise RuntimeError("MagCache calibration printed no ratios")
+    ratios = [sum(r) / len(r) for r in zip(*lists)]  # one list per CFG branch: average them
+    return {"num_inference_steps": steps, "mag_ratios": [round(r, 4) for r in ratios]}
+
+
+def _diffusers_groups() -> list[Group]:
+    from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
+                           TaylorSeerCacheConfig)
+
+    def taylorseer(**knobs):
+        return TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32, **knobs)
+
+    def faster_cache_fixed(pipe: ShapesPipeline, steps: int, guidance: float) -> dict:
+        video = pipe.spec.is_video
+        # FasterCache approximates the unconditional branch by a 2-D FFT of the model output over its last two
+        # axes; a token sequence (B, N, C), as FLUX returns, has no such axes, so there it reuses attention only.
+        return {**_timestep_callback(pipe, steps, guidance), "tensor_format": "BCFHW", "is_guidance_distilled": not video}
+
+    return [
+        Group("diffusers.FirstBlockCache", "diffusers", build=_diffusers(
+            "FirstBlockCache", FirstBlockCacheConfig, [{"threshold": t} for t in (0.05, 0.1, 0.2, 0.4)])),
+        Group("diffusers.TaylorSeerCache", "diffusers", build=_diffusers(
+            "TaylorSeerCache", taylorseer, [{"cache_interval": i, "max_order": o} for i, o in ((2, 1), (3, 1), (4, 1), (4, 2), (6, 1))])),
+        Group("diffusers.MagCache", "diffusers", build=_diffusers(
+            "MagCache", MagCacheConfig, [{"threshold": t} for t in (0.03, 0.06, 0.12, 0.24)], fixed=_mag_ratios,
+            note="mag_ratios measured by MagCache's own calibration run on this model")),
+        Group("diffusers.PyramidAttentionBroadcast", "diffusers", build=_diffusers(
+            "PyramidAttentionBroadcast", PyramidAttentionBroadcastConfig,
+            [{"spatial_attention_block_skip_range": s, "cross_attention_block_skip_range": 2 * s} for s in (2, 3, 4)],
+            batch_cfg=True, fixed=_timestep_callback,
+            note="one state per attention layer, not per CFG branch: run with both branches in one call")),
+        Group("diffusers.FasterCache", "diffusers", build=_diffusers(
+            "FasterCache", FasterCacheConfig, [{"spatial_attention_block_skip_range": s} for s in (2, 3, 4)],
+            batch_cfg=True, fixed=faster_cache_fixed,
+            note="needs both CFG branches in one call; on FLUX (token outputs) attention reuse only")),
+    ]
+
+
+# --- cache-dit 1.5.3 ----------------------------------------------------------------------------------------
+
+
+def _cache_dit(kind: str, fn: int, taylorseer: bool) -> Callable:
+    def build(pipe: ShapesPipeline, steps: int, guidance: float) -> list[Setting]:
+        import cache_dit
+
+        warmup = max(1, round(0.2 * steps))  # cache-dit's 8 warm-up steps are meant for 28-50 step schedules
+        out = []
+        for threshold in (0.08, 0.16, 0.32, 0.64):
+            knobs = {"Fn_compute_blocks": fn, "Bn_compute_blocks": 0, "residual_diff_threshold": threshold,
+                     "max_warmup_steps": warmup}
+            if taylorseer:
+                knobs["taylorseer_order"] = 1
+
+            def enable(p: ShapesPipeline, knobs=knobs) -> None:
+                cache = {k: v for k, v in knobs.items() if k != "taylorseer_order"}
+                calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if taylorseer else None
+                cache_dit.enable_cache(p.transformer, cache_config=cache_dit.DBCacheConfig(
+                    **cache, num_inference_steps=steps, enable_separate_cfg=True), calibrator_config=calibrator)
+
+            out.append(Setting(
+                _label(kind, {"F": fn, "B": 0, "threshold": threshold}), "cache-dit", knobs, enable=enable,
+                disable=lambda p: cache_dit.disable_cache(p.transformer),
+                # cache-dit keeps buffers from one generation into the next unless its context is refreshed
+                before_generation=lambda p: cache_dit.refresh_context(p.transformer, num_inference_steps=steps),
+            ))
+        return out
+    return build
+
+
+def groups() -> list[Group]:
+    """Every group the bench knows, in report order."""
+    out = [Group("fewer-steps", "fewer steps", build=_fewer_steps)]
+    out += [_tempocache_group(policy) for policy in SETTINGS]
+    out += _diffusers_groups()
+    out += [
+        Group("cache-dit.DBCache-F1B0", "cache-dit", "cache_dit", _cache_dit("DBCache", 1, False)),
+        Group("cache-dit.DBCache-F8B0", "cache-dit", "cache_dit", _cache_dit("DBCache", 8, False)),
+        Group("cache-dit.DBCache+TaylorSeer", "cache-dit", "cache_dit", _cache_dit("DBCache+TaylorSeer", 1, True)),
+    ]
+    return out
+
+
+def select(names: list[str] | None) -> list[Group]:
+    """Groups by key or by family name (`tempocache`, `diffusers`, `cache-dit`, `fewer-steps`); None: all."""
+    known = groups()
+    if not names:
+        return known
+    by_family = {g.family.replace(" ", "-"): g.family for g in known}
+    unknown = [n for n in names if n not in by_family and n not in {g.key for g in known}]
+    if unknown:
+        raise ValueError(f"unknown method {', '.join(map(repr, unknown))}; known: {', '.join(by_family)} "
+                         f"(whole families) or any of: {', '.join(g.key for g in known)}")
+    families = {by_family[n] for n in names if n in by_family}
+    return [g for g in known if g.family in families or g.key in names]

@@ -1,0 +1,140 @@
+"""The bench's outputs: results.json, a markdown table, Pareto plots, an HTML page of GIFs, and a verdict."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..generate import save_clips  # noqa: E402
+from .runner import sample_key  # noqa: E402
+
+MARKERS = {"full compute": "*", "fewer steps": "v", "tempocache": "o", "diffusers": "s", "cache-dit": "D"}
+PEER_FAMILIES = ("fewer steps", "diffusers", "cache-dit")
+TARGET_SPEEDUP = 3.0
+NEAR = 0.95  # "near 3x": at least 95% of it, timing noise allowed for
+TIMING_TOLERANCE = 0.97  # a point within 3% of another's speedup counts as as fast
+PSNR_FLOOR = 30.0
+
+
+def scored(result: dict, families: tuple[str, ...]) -> list[dict]:
+    return [r for r in result["rows"] if r["status"] == "ok" and r["family"] in families]
+
+
+def best_near(rows: list[dict], speedup: float = TARGET_SPEEDUP) -> dict | None:
+    """The most faithful row at least NEAR x `speedup` fast."""
+    return max((r for r in rows if r["speedup"] >= NEAR * speedup), key=lambda r: r["psnr"], default=None)
+
+
+def fastest_above(rows: list[dict], psnr: float = PSNR_FLOOR) -> dict | None:
+    return max((r for r in rows if r["psnr"] >= psnr), key=lambda r: r["speedup"], default=None)
+
+
+def undominated_peers(result: dict) -> list[dict]:
+    """Peer rows that no tempocache row matches on PSNR at (within timing noise) at least their speedup."""
+    ours = scored(result, ("tempocache",))
+    return [p for p in scored(result, PEER_FAMILIES) if p["speedup"] > 1 / TIMING_TOLERANCE and not any(
+        o["psnr"] >= p["psnr"] and o["speedup"] >= TIMING_TOLERANCE * p["speedup"] for o in ours)]
+
+
+def verdict(result: dict) -> str:
+    ours, peers = scored(result, ("tempocache",)), scored(result, PEER_FAMILIES)
+    a, b = best_near(ours), best_near(peers)
+    if a and b:
+        near = (f"near {TARGET_SPEEDUP:g}x speedup tempocache {a['psnr']:.1f} dB ({a['setting']}, {a['speedup']:.2f}x) vs best peer "
+                f"{b['psnr']:.1f} dB ({b['setting']}, {b['speedup']:.2f}x): {a['psnr'] - b['psnr']:+.1f} dB")
+    else:
+        near = f"near {TARGET_SPEEDUP:g}x speedup: {'no peer' if a else 'no tempocache setting'} reaches {NEAR * TARGET_SPEEDUP:.2f}x"
+    a, b = fastest_above(ours), fastest_above(peers)
+    if a and b:
+        fast = (f"at PSNR >= {PSNR_FLOOR:g} dB tempocache {a['speedup']:.2f}x vs best peer {b['speedup']:.2f}x "
+                f"({b['setting']}): {a['speedup'] / b['speedup']:.2f}x")
+    else:
+        fast = f"at PSNR >= {PSNR_FLOOR:g} dB: {'no peer' if a else 'no tempocache setting'} qualifies"
+    return f"verdict ({result['model']}, {result['device']}): {near}; {fast}"
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['model']} on {result['device']}, {result['date']}: {result['captions']} captions x {len(result['seeds'])} seed(s), "
+             f"{result['steps']} steps, guidance {result['guidance']}, {result['frames']} frame(s) of {result['size']}x{result['size']}; "
+             f"time = median of {result['repeats']} runs of one batch of {result['batch_size']}", "",
+             "| method | setting | speedup | s/batch | compute | PSNR (dB) | SSIM | rel. L2 | accuracy (all) | Fréchet | peak GiB |",
+             "|---" * 11 + "|"]
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['method']} | {r['setting'] or '-'} | {r['status']} |" + " |" * 8)
+            continue
+        peak = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
+        lines.append(f"| {r['method']} | {r['setting']} | {r['speedup']:.2f}x | {r['seconds']:.2f} | {r['compute_fraction']:.2f} | "
+                     f"{r['psnr']:.2f} | {r['ssim']:.3f} | {r['relative_l2']:.3f} | {r['semantic_accuracy']['all']:.2f} | "
+                     f"{r['frechet_distance']:.1f} | {peak} |")
+    left = undominated_peers(result)
+    lines += ["", "Every peer point is matched or beaten by a tempocache point (as faithful, as fast within 3%)." if not left else
+              "Peer points no tempocache point matches (as faithful, as fast within 3%): "
+              + "; ".join(f"{r['setting']} {r['speedup']:.2f}x {r['psnr']:.1f} dB" for r in left), "", verdict(result)]
+    return "\n".join(lines)
+
+
+def plot_pareto(result: dict, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    rows = scored(result, tuple(MARKERS))
+    metrics = (("psnr", "PSNR vs full compute (dB)"), ("accuracy", "semantic accuracy (all attributes)"))
+    for ax, (metric, label) in zip(axes, metrics):
+        for family, marker in MARKERS.items():
+            for method in dict.fromkeys(r["method"] for r in rows if r["family"] == family):
+                points = sorted((r["speedup"], min(r["psnr"], 60) if metric == "psnr" else r["semantic_accuracy"]["all"])
+                                for r in rows if r["method"] == method)
+                xs, ys = zip(*points)
+                line = "-" if family in ("tempocache", "fewer steps") and method.endswith(("Auto", "steps")) else ":"
+                ax.plot(xs, ys, line, marker=marker, markersize=9 if "Auto" in method else 5, alpha=0.85,
+                        label=method.replace("tempocache.", "ours: "), linewidth=2 if "Auto" in method else 1)
+        ax.set_xlabel("speedup over full compute (wall-clock)")
+        ax.set_ylabel(label + (" (100 dB = identical, drawn at 60)" if metric == "psnr" else ""))
+        ax.axvline(TARGET_SPEEDUP, color="grey", linewidth=0.5)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, ncol=2, loc="lower left")
+    fig.suptitle(f"{result['model']} on {result['device']} ({result['date']}): every method, same captions and seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def write_report(result: dict, out: Path) -> dict[str, Path]:
+    """results.json, table.md, pareto.png, index.html (with a GIF per setting under gifs/) in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gifs").mkdir(exist_ok=True)
+    gifs = {name: save_clips(clips, out / "gifs" / f"{_slug(name)}.gif", scale=3) for name, clips in result["samples"].items()}
+    plain = {k: v for k, v in result.items() if k != "samples"}
+    paths = {"json": out / "results.json", "table": out / "table.md", "plot": out / "pareto.png", "html": out / "index.html"}
+    paths["json"].write_text(json.dumps(plain, indent=2))
+    paths["table"].write_text(format_table(plain) + "\n")
+    plot_pareto(plain, paths["plot"])
+    full_gif = gifs[sample_key("full", "full compute")]
+    cells = []
+    for r in plain["rows"]:
+        gif = gifs.get(sample_key(r["method"], r["setting"] or ""))
+        if r["status"] != "ok" or gif is None:
+            continue
+        caption = (f"{html.escape(r['setting'])}<br>{r['speedup']:.2f}x, {r['psnr']:.1f} dB, "
+                   f"accuracy {r['semantic_accuracy']['all']:.2f}")
+        cells.append(f"<tr><td>{html.escape(r['family'])}</td><td>{caption}</td>"
+                     f"<td><img src='gifs/{gif.name}'></td><td><img src='gifs/{full_gif.name}'></td></tr>")
+    paths["html"].write_text(
+        "<!doctype html><meta charset='utf-8'><title>tempocache bench</title>"
+        "<style>body{font-family:sans-serif;background:#111;color:#ddd}td{padding:4px;vertical-align:middle}"
+        "img{image-rendering:pixelated}</style>"
+        f"<h1>tempocache bench: {html.escape(plain['model'])} on {html.escape(plain['device'])}, {plain['date']}</h1>"
+        f"<p>{html.escape(verdict(plain))}</p><img src='pareto.png' style='max-width:100%'>"
+        "<table><tr><th>family</th><th>setting</th><th>clips</th><th>full compute</th></tr>" + "".join(cells) + "</table>")
+    return paths
