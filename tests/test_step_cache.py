@@ -316,6 +316,13 @@ def test_auto_and_ertacache_keep_to_their_budget(name):
     profile = profile_for(name)
     assert profile.num_steps == N and profile.edges[-1] == num_blocks(fam) and "0.5" in profile.auto_variants
     assert len(profile.sensitivity) == N and all(s >= 0 for s in profile.sensitivity)
+    # the refined schedule drifts no more than the best planner variant it started from, at the same compute
+    refined = profile.auto_schedules["0.5"]
+    assert refined["drift"] <= min(profile.auto_drift["0.5"])
+    planned = tempocache.Auto(0.5, profile, variant=profile.auto_variant(0.5)).make_policy()
+    assert [sum(a == "compute" for a in s) for s in refined["schedule"]] == [
+        sum(a is Action.COMPUTE for a in s) for s in planned.schedule] and refined["edges"] == planned.edges
+    assert tempocache.Auto(0.5, profile).make_policy().schedule == [[Action(a) for a in s] for s in refined["schedule"]]
     reference = denoise(fam)
     for config in (tempocache.Auto(budget=0.5, profile=profile), tempocache.ERTACache(budget=0.5, profile=profile)):
         pipe = fake_pipe(fam)
@@ -335,6 +342,23 @@ def test_auto_and_ertacache_keep_to_their_budget(name):
     pipe = fake_pipe(fam)
     tempocache.enable(pipe, tempocache.Auto(budget=0.5, profile=profile))
     assert torch.equal(denoise(fam), via_context)
+
+
+def test_refine_schedule_follows_the_closed_loop_within_its_runs():
+    from tempocache.step_cache.profile import refine_schedule
+
+    C, R, F = Action.COMPUTE, Action.REUSE, Action.FORECAST
+    start = [[C, C, R, R, R, R]]
+
+    def drift(schedule):  # this "closed loop" wants the second computed step at 4 and no reuse
+        computed = [s for s, a in enumerate(schedule[0]) if a is C]
+        return abs(computed[1] - 4) + sum(a is R for a in schedule[0])
+
+    refined, error = refine_schedule(drift, start, drift(start), runs=50)
+    assert refined == [[C, F, F, F, C, F]] and error == 0
+    calls = []
+    assert refine_schedule(lambda s: calls.append(s) or 1.0, start, 0.5, runs=1) == (start, 0.5) and len(calls) == 1
+    assert refine_schedule(lambda s: calls.append(s) or 0.0, start, 0.5, runs=0) == (start, 0.5) and len(calls) == 1
 
 
 def test_calibrate_on_a_bare_namespace_with_a_plain_loop():

@@ -68,7 +68,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     pipe.check_inputs(prompts, settings["num_inference_steps"], settings["guidance_scale"], spec.num_frames, spec.size, spec.size)
     out = args.out or Path(f"{args.model}-{settings['num_inference_steps']}steps.json")
     profile = calibrate(pipe, [prompts], run=lambda p, batch: p(batch, seed=args.seed, **settings), segments=args.segments,
-                        auto_budgets=tuple(args.auto_budgets))
+                        auto_budgets=tuple(args.auto_budgets), refine_runs=args.refine_runs)
     print(f"wrote {profile.save(out)} ({profile.num_steps} steps, segments at blocks {profile.edges}; "
           f"TeaCache coefficients {[round(c, 4) for c in profile.teacache_coefficients]})")
 
@@ -101,7 +101,7 @@ def _bench(args: argparse.Namespace) -> None:
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"output folder {str(args.out)!r} is a file")
     result = run_bench(args.model, args.device, args.steps, args.guidance, prompts, args.captions, args.seeds,
-                       args.methods, args.frames, args.batch_size, args.repeats)
+                       args.methods, args.frames, args.batch_size, args.repeats, args.sample_clips)
     paths = write_report(result, args.out)
     print(format_table({k: v for k, v in result.items() if k != "samples"}))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
@@ -110,6 +110,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .reference.models import SPECS
+    from .step_cache.profile import AUTO_BUDGETS
 
     parser = argparse.ArgumentParser(prog="tempocache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--segments", type=int, default=4, help="block ranges Auto decides on")
-    p.add_argument("--auto-budgets", type=float, nargs="*", default=[0.5, 0.33, 0.25],
-                   help="budgets at which Auto's planner variants are compared closed-loop (none: skip)")
+    p.add_argument("--auto-budgets", type=float, nargs="*", default=list(AUTO_BUDGETS),
+                   help="budgets at which Auto's planner variants are compared and refined closed-loop (none: skip)")
+    p.add_argument("--refine-runs", type=int, default=32, help="closed-loop runs per budget refining Auto's plan (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=None, help="profile JSON (default: <model>-<steps>steps.json)")
@@ -197,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method keys or families (tempocache, diffusers, cache-dit, fewer-steps); default: all; see --list")
     p.add_argument("--batch-size", type=int, default=8, help="clips per pipeline call; the first batch is the one timed")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (the median counts)")
+    p.add_argument("--sample-clips", type=int, default=2, help="clips per setting shown in index.html's GIFs")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for results.json, table.md, pareto.png, index.html")
     p.add_argument("--list", action="store_true", help="list the methods and whether their library is installed, then stop")
     p.set_defaults(run=_bench)

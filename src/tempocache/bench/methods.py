@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import io
 import importlib.util
+import io
+import re
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
@@ -19,12 +20,13 @@ import numpy as np
 import torch
 from .. import step_cache as sc
 from ..eval.cache_quality import SETTINGS
+from ..step_cache.adapters import find_blocks
+from ..step_cache.profile import AUTO_BUDGETS
 from ..reference import shapesworld
 from ..reference.pipeline import ShapesPipeline
 
 FAMILIES = ("full compute", "fewer steps", "tempocache", "diffusers", "cache-dit")
 FEWER_STEPS = (0.7, 0.5, 0.33, 0.25)  # fractions of the full step count
-AUTO_BUDGETS = (0.9, 0.7, 0.5, 0.4, 0.33, 0.25, 0.2)  # more than cache-quality's three: the frontier needs them
 
 
 @dataclass
@@ -135,6 +137,14 @@ def _diffusers_groups() -> list[Group]:
     def taylorseer(**knobs):
         return TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32, **knobs)
 
+    def attention_modules(pipe: ShapesPipeline, steps: int, guidance: float) -> dict:
+        # TaylorSeerCache's default patterns fullmatch modules named "...attn" (FLUX); Wan names them attn1/attn2,
+        # which the defaults miss, so name every attention module of the model explicitly.
+        _, blocks, _ = find_blocks(pipe.transformer)
+        inside = {id(m) for block in blocks for m in block.modules()}
+        names = [n for n, m in pipe.transformer.named_modules() if id(m) in inside and re.fullmatch(r"attn\d*", n.rsplit(".", 1)[-1])]
+        return {"cache_identifiers": [re.escape(n) for n in names]}
+
     def faster_cache_fixed(pipe: ShapesPipeline, steps: int, guidance: float) -> dict:
         video = pipe.spec.is_video
         # FasterCache approximates the unconditional branch by a 2-D FFT of the model output over its last two
@@ -143,11 +153,16 @@ def _diffusers_groups() -> list[Group]:
 
     return [
         Group("diffusers.FirstBlockCache", "diffusers", build=_diffusers(
-            "FirstBlockCache", FirstBlockCacheConfig, [{"threshold": t} for t in (0.05, 0.1, 0.2, 0.4)])),
+            "FirstBlockCache", FirstBlockCacheConfig, [{"threshold": t} for t in (0.1, 0.2, 0.4, 0.8)])),
         Group("diffusers.TaylorSeerCache", "diffusers", build=_diffusers(
-            "TaylorSeerCache", taylorseer, [{"cache_interval": i, "max_order": o} for i, o in ((2, 1), (3, 1), (4, 1), (4, 2), (6, 1))])),
+            "TaylorSeerCache", taylorseer, [{"cache_interval": i, "max_order": o} for i, o in ((2, 1), (3, 1), (4, 2), (6, 1))],
+            fixed=attention_modules, note="forecasts every attention module's output")),
+        Group("diffusers.TaylorSeerCache-lite", "diffusers", build=_diffusers(
+            "TaylorSeerCache", taylorseer, [{"cache_interval": i, "max_order": o, "use_lite_mode": True}
+                                            for i, o in ((2, 1), (3, 1), (4, 2), (6, 1))],
+            note="lite mode: skips the blocks, forecasts the output projection")),
         Group("diffusers.MagCache", "diffusers", build=_diffusers(
-            "MagCache", MagCacheConfig, [{"threshold": t} for t in (0.03, 0.06, 0.12, 0.24)], fixed=_mag_ratios,
+            "MagCache", MagCacheConfig, [{"threshold": t} for t in (0.06, 0.12, 0.24, 0.5)], fixed=_mag_ratios,
             note="mag_ratios measured by MagCache's own calibration run on this model")),
         Group("diffusers.PyramidAttentionBroadcast", "diffusers", build=_diffusers(
             "PyramidAttentionBroadcast", PyramidAttentionBroadcastConfig,
@@ -168,9 +183,13 @@ def _cache_dit(kind: str, fn: int, taylorseer: bool) -> Callable:
     def build(pipe: ShapesPipeline, steps: int, guidance: float) -> list[Setting]:
         import cache_dit
 
+        blocks = len(find_blocks(pipe.transformer)[1])
+        if fn >= blocks:
+            raise ValueError(f"F{fn} computes the first {fn} blocks every step; {pipe.spec.name} has {blocks}, "
+                             f"so nothing is left to cache")
         warmup = max(1, round(0.2 * steps))  # cache-dit's 8 warm-up steps are meant for 28-50 step schedules
         out = []
-        for threshold in (0.08, 0.16, 0.32, 0.64):
+        for threshold in (0.08, 0.16, 0.32, 0.64, 1.0):
             knobs = {"Fn_compute_blocks": fn, "Bn_compute_blocks": 0, "residual_diff_threshold": threshold,
                      "max_warmup_steps": warmup}
             if taylorseer:

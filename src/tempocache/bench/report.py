@@ -71,13 +71,14 @@ def format_table(result: dict) -> str:
             lines.append(f"| {r['method']} | {r['setting'] or '-'} | {r['status']} |" + " |" * 8)
             continue
         peak = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
+        frechet = f"{r['frechet_distance']:.1f}" if r["frechet_distance"] is not None else "-"
         lines.append(f"| {r['method']} | {r['setting']} | {r['speedup']:.2f}x | {r['seconds']:.2f} | {r['compute_fraction']:.2f} | "
                      f"{r['psnr']:.2f} | {r['ssim']:.3f} | {r['relative_l2']:.3f} | {r['semantic_accuracy']['all']:.2f} | "
-                     f"{r['frechet_distance']:.1f} | {peak} |")
+                     f"{frechet} | {peak} |")
     left = undominated_peers(result)
     lines += ["", "Every peer point is matched or beaten by a tempocache point (as faithful, as fast within 3%)." if not left else
               "Peer points no tempocache point matches (as faithful, as fast within 3%): "
-              + "; ".join(f"{r['setting']} {r['speedup']:.2f}x {r['psnr']:.1f} dB" for r in left), "", verdict(result)]
+              + "; ".join(f"{r['setting']} {r['speedup']:.2f}x {r['psnr']:.1f} dB" for r in left)]
     return "\n".join(lines)
 
 
@@ -114,11 +115,11 @@ def write_report(result: dict, out: Path) -> dict[str, Path]:
     """results.json, table.md, pareto.png, index.html (with a GIF per setting under gifs/) in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "gifs").mkdir(exist_ok=True)
-    gifs = {name: save_clips(clips, out / "gifs" / f"{_slug(name)}.gif", scale=3) for name, clips in result["samples"].items()}
+    gifs = {name: save_clips(clips, out / "gifs" / f"{_slug(name)}.gif", scale=1) for name, clips in result["samples"].items()}
     plain = {k: v for k, v in result.items() if k != "samples"}
     paths = {"json": out / "results.json", "table": out / "table.md", "plot": out / "pareto.png", "html": out / "index.html"}
     paths["json"].write_text(json.dumps(plain, indent=2))
-    paths["table"].write_text(format_table(plain) + "\n")
+    paths["table"].write_text(f"{format_table(plain)}\n\n{verdict(plain)}\n")
     plot_pareto(plain, paths["plot"])
     full_gif = gifs[sample_key("full", "full compute")]
     cells = []
@@ -129,11 +130,11 @@ def write_report(result: dict, out: Path) -> dict[str, Path]:
         caption = (f"{html.escape(r['setting'])}<br>{r['speedup']:.2f}x, {r['psnr']:.1f} dB, "
                    f"accuracy {r['semantic_accuracy']['all']:.2f}")
         cells.append(f"<tr><td>{html.escape(r['family'])}</td><td>{caption}</td>"
-                     f"<td><img src='gifs/{gif.name}'></td><td><img src='gifs/{full_gif.name}'></td></tr>")
+                     f"<td><img class=clip src='gifs/{gif.name}'></td><td><img class=clip src='gifs/{full_gif.name}'></td></tr>")
     paths["html"].write_text(
         "<!doctype html><meta charset='utf-8'><title>tempocache bench</title>"
         "<style>body{font-family:sans-serif;background:#111;color:#ddd}td{padding:4px;vertical-align:middle}"
-        "img{image-rendering:pixelated}</style>"
+        "img.clip{zoom:3;image-rendering:pixelated}</style>"  # GIFs stored at model resolution, shown enlarged
         f"<h1>tempocache bench: {html.escape(plain['model'])} on {html.escape(plain['device'])}, {plain['date']}</h1>"
         f"<p>{html.escape(verdict(plain))}</p><img src='pareto.png' style='max-width:100%'>"
         "<table><tr><th>family</th><th>setting</th><th>clips</th><th>full compute</th></tr>" + "".join(cells) + "</table>")

@@ -133,7 +133,7 @@ def measure(pipe, setting: Setting, work: Workload, repeats: int, device: str) -
 def run_bench(model: str = "shapes-t2v", device: str = "cpu", steps: int | None = None, guidance: float | None = None,
               prompts: list[str] | None = None, captions: int = 8, seeds: list[int] | tuple[int, ...] = (0,),
               methods: list[str] | None = None, frames: int | None = None, batch_size: int = 8, repeats: int = 3,
-              keep_clips: int = 4) -> dict:
+              sample_clips: int = 2) -> dict:
     """Run full compute and every selected method; return the results (rows, settings, sample clips).
 
     Everything is checked before any sampling: model, captions, methods, sizes. A setting
@@ -141,9 +141,10 @@ def run_bench(model: str = "shapes-t2v", device: str = "cpu", steps: int | None 
     """
     spec = get_spec(model)
     groups = select(methods)
-    if repeats < 1 or batch_size < 1 or captions < 1 or not seeds:
-        raise ValueError(f"repeats, batch size and captions must be at least 1 and seeds non-empty; "
-                         f"got repeats={repeats}, batch_size={batch_size}, captions={captions}, seeds={list(seeds)}")
+    if repeats < 1 or batch_size < 1 or captions < 1 or sample_clips < 1 or not seeds:
+        raise ValueError(f"repeats, batch size, captions and sample clips must be at least 1 and seeds non-empty; got "
+                         f"repeats={repeats}, batch_size={batch_size}, captions={captions}, sample_clips={sample_clips}, "
+                         f"seeds={list(seeds)}")
     if prompts is not None:
         scenes = [shapesworld.parse_caption(p) for p in prompts]
     else:
@@ -200,10 +201,11 @@ def run_bench(model: str = "shapes-t2v", device: str = "cpu", steps: int | None 
             "library_compute_fraction": result["library_compute_fraction"],
             **fidelity(result["clips"], reference["clips"]),
             "semantic_accuracy": semantic_accuracy(logits, work.scenes, spec.is_video),
-            "frechet_distance": frechet_distance(features, real_features),
+            # a Gaussian needs two clips at least
+            "frechet_distance": frechet_distance(features, real_features) if len(features) > 1 else None,
             "peak_memory_gib": result["peak_memory_gib"],
         })
-        samples[sample_key(key, setting.name)] = result["clips"][:keep_clips]
+        samples[sample_key(key, setting.name)] = result["clips"][:sample_clips]
     return {
         "model": model, "device": torch.cuda.get_device_name() if str(device).startswith("cuda")
         else f"cpu ({platform.processor() or platform.machine()})",

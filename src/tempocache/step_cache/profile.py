@@ -33,6 +33,8 @@ OUTPUT_SAMPLES = 4096  # output values sampled per call to measure closed-loop d
 # weight steps by their measured closed-loop sensitivity). The open-loop error tables cannot see how errors
 # compound; closed-loop runs pick the variant that copes best on the model at hand.
 # The first is the default when a profile has no closed-loop choice.
+# Budgets calibrate compares and refines Auto's plans at; Auto at any other budget plans from the nearest one's variant.
+AUTO_BUDGETS = (0.7, 0.6, 0.5, 0.45, 0.4, 0.37, 0.33, 0.25, 0.2)
 AUTO_VARIANTS = tuple((penalty, whole, sensitive) for penalty in (1.0, float("inf")) for whole in (True, False) for sensitive in (False, True))
 
 
@@ -55,12 +57,21 @@ class Profile:
     # Auto's planner variant per budget, chosen by closed-loop runs (see AUTO_VARIANTS)
     auto_variants: dict[str, list] = field(default_factory=dict)
     auto_drift: dict[str, list] = field(default_factory=dict)  # budget -> closed-loop drift of each variant
+    # budget -> {"edges", "schedule": [segment][step] action values, "drift"}: the best variant's plan, refined closed-loop
+    auto_schedules: dict[str, dict] = field(default_factory=dict)
 
     def auto_variant(self, budget: float) -> tuple[float, bool, bool]:
         if not self.auto_variants:
             return AUTO_VARIANTS[0]
         penalty, whole_stack, sensitive = self.auto_variants[min(self.auto_variants, key=lambda b: abs(float(b) - budget))]
         return float(penalty), bool(whole_stack), bool(sensitive)
+
+    def auto_schedule(self, budget: float) -> tuple[list[int], list[list[Action]]] | None:
+        """The refined schedule calibrate stored for exactly this budget, if any."""
+        for key, stored in self.auto_schedules.items():
+            if abs(float(key) - budget) < 1e-9:
+                return list(stored["edges"]), [[Action(a) for a in segment] for segment in stored["schedule"]]
+        return None
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -171,17 +182,18 @@ def output_sample(output) -> torch.Tensor:
 
 
 def calibrate(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | None = None, segments: int = 4,
-              auto_budgets: tuple[float, ...] = (0.5, 0.33, 0.25)) -> Profile:
+              auto_budgets: tuple[float, ...] = AUTO_BUDGETS, refine_runs: int = 32) -> Profile:
     """Profile `pipe`'s transformer over full-compute generations of `prompts`.
 
     `run(pipe, prompt)` makes one generation (default: `pipe(prompt)`; a "prompt" may be a
     batch); every run must use the same number of steps. Unless `auto_budgets` is empty,
     closed-loop runs then measure each step's sensitivity (the sample's drift when the
-    stack's residual is reused at that step alone) and, for each budget, which of Auto's
-    planner variants drifts least from full compute.
+    stack's residual is reused at that step alone), for each budget, which of Auto's
+    planner variants drifts least from full compute, and then refine that variant's plan
+    closed-loop with up to `refine_runs` more runs (see `refine_schedule`).
     """
     from .engine import disable, enable
-    from .policies.auto import Auto
+    from .policies.auto import Auto, auto_plan
 
     if not prompts:
         raise ValueError("calibrate needs at least one prompt")
@@ -222,26 +234,78 @@ def calibrate(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | None = 
         for step in range(1, profile.num_steps):
             schedule = [Action.REUSE if s == step else Action.COMPUTE for s in range(profile.num_steps)]
             predicted = profile.stack_reuse_error[step][step - 1] * weights[step]
-            probes.append(drift(_ScheduleConfig(profile, schedule)) / max(predicted, 1e-12))
+            probes.append(drift(_ScheduleConfig(profile, [0, profile.edges[-1]], [schedule])) / max(predicted, 1e-12))
         profile.sensitivity = [probes[0], *probes]  # step 0 is always computed
     for budget in auto_budgets:
         drifts = {variant: drift(Auto(budget, profile, variant=variant)) for variant in AUTO_VARIANTS}
-        profile.auto_variants[str(budget)] = list(min(drifts, key=drifts.get))
+        best = min(drifts, key=drifts.get)
+        profile.auto_variants[str(budget)] = list(best)
         profile.auto_drift[str(budget)] = list(drifts.values())
+        if refine_runs:
+            edges, schedule = auto_plan(profile, budget, best)
+            schedule, error = refine_schedule(lambda s: drift(_ScheduleConfig(profile, edges, s)), schedule, drifts[best], refine_runs)
+            profile.auto_schedules[str(budget)] = {
+                "edges": edges, "schedule": [[a.value for a in segment] for segment in schedule], "drift": error}
     return profile
+
+
+def refine_schedule(drift: Callable[[list[list[Action]]], float], schedule: list[list[Action]], error: float,
+                    runs: int) -> tuple[list[list[Action]], float]:
+    """Greedy closed-loop search among schedules of the same compute, within `runs` evaluations.
+
+    The planner's error tables are open-loop; the closed loop can prefer other steps (an
+    early reuse that looks cheap may steer the whole trajectory off). Each sweep tries, on
+    the current schedule, moving one computed step of a segment a step earlier or later
+    and switching a run of skipped steps between reuse and forecast, keeping every change
+    that lowers `drift`. Step 0 is always computed.
+    """
+    improved = True
+    while improved and runs > 0:
+        improved = False
+        moves = [(k, s, d) for k, segment in enumerate(schedule) for s, a in enumerate(segment) if s > 0
+                 for d in ((-1, 1) if a is Action.COMPUTE else (0,))]
+        for k, s, d in moves:
+            candidate = _moved(schedule, k, s, d)
+            if candidate is None or runs == 0:
+                continue
+            runs -= 1
+            candidate_error = drift(candidate)
+            if candidate_error < error:
+                schedule, error, improved = candidate, candidate_error, True
+    return schedule, error
+
+
+def _moved(schedule: list[list[Action]], k: int, s: int, d: int) -> list[list[Action]] | None:
+    """Segment k's computed step s moved by d; or (d = 0) the run of skipped steps at s switched reuse <-> forecast
+    (only from its first step, so each run is one move). None if the move does not apply."""
+    segment = list(schedule[k])
+    if d:
+        target = s + d
+        if segment[s] is not Action.COMPUTE or not 0 < target < len(segment) or segment[target] is Action.COMPUTE:
+            return None
+        segment[s], segment[target] = segment[target], Action.COMPUTE
+    else:
+        if segment[s] is Action.COMPUTE or segment[s - 1] is not Action.COMPUTE:
+            return None
+        flipped = Action.REUSE if segment[s] is Action.FORECAST else Action.FORECAST
+        while s < len(segment) and segment[s] is not Action.COMPUTE:
+            segment[s] = flipped
+            s += 1
+    return [segment if i == k else schedule[i] for i in range(len(schedule))]
 
 
 @dataclass(frozen=True)
 class _ScheduleConfig:
-    """The whole stack on a fixed schedule of actions (calibrate's sensitivity probes)."""
+    """Fixed actions per segment and step (calibrate's sensitivity probes and schedule refinement)."""
 
     profile: Profile
-    schedule: list[Action]
+    edges: list[int]
+    schedule: list[list[Action]]
 
     def make_policy(self, transformer=None) -> Policy:
         from .policies.auto import Auto, AutoPolicy
 
-        return AutoPolicy(Auto(1.0, self.profile), self.profile, [0, self.profile.edges[-1]], [self.schedule])
+        return AutoPolicy(Auto(1.0, self.profile), self.profile, self.edges, self.schedule)
 
 
 @dataclass(frozen=True)

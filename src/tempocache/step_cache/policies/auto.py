@@ -15,9 +15,11 @@ Where the profile shows a segment is stable it is computed rarely, where it move
 often: no fixed rule, the profile decides. Open-loop tables cannot see how errors
 compound along the trajectory (later steps partly undo an early error, or amplify it), so
 `calibrate` also measures closed-loop how far an error at each step alone moves the final
-sample, and runs a few planner variants (forecast penalty, whole stack or segments, steps
-weighted by that sensitivity or not) closed-loop, recording per budget the one that
-drifts least from full compute.
+sample, runs a few planner variants (forecast penalty, whole stack or segments, steps
+weighted by that sensitivity or not) closed-loop, keeps per budget the one that drifts
+least from full compute, and refines its plan closed-loop (moving computed steps,
+switching reuse and forecast). Auto uses that refined schedule at a calibrated budget,
+and plans with the nearest calibrated budget's variant at any other.
 """
 
 from __future__ import annotations
@@ -34,16 +36,17 @@ from ..profile import Profile, load_profile
 class Auto:
     budget: float = 0.33  # fraction of block compute to spend; 1.0 computes everything
     profile: str | Profile | None = None  # None: the shipped profile of a reference model
-    variant: tuple[float, bool, bool] | None = None  # plan() options; None: those calibrate found best near this budget
+    # plan() options; None: calibrate's refined schedule at this budget, else the variant it found best near it
+    variant: tuple[float, bool, bool] | None = None
 
     def __post_init__(self):
         check_range("budget", self.budget, 0.0, 1.0, low_open=True)
 
     def make_policy(self, transformer=None) -> Policy:
         profile = load_profile(self.profile, transformer)
-        penalty, whole_stack, sensitive = self.variant or profile.auto_variant(self.budget)
-        edges = [0, profile.edges[-1]] if whole_stack else profile.edges
-        return AutoPolicy(self, profile, edges, plan(profile, self.budget, penalty, whole_stack, sensitive))
+        stored = None if self.variant else profile.auto_schedule(self.budget)
+        edges, schedule = stored or auto_plan(profile, self.budget, self.variant or profile.auto_variant(self.budget))
+        return AutoPolicy(self, profile, edges, schedule)
 
 
 class AutoPolicy(Policy):
@@ -67,6 +70,13 @@ class AutoPolicy(Policy):
 
     def decide(self, step: Step, segment: int, x: State, memory: BranchMemory) -> Action:
         return self.schedule[segment][step.index]
+
+
+def auto_plan(profile: Profile, budget: float, variant: tuple[float, bool, bool]) -> tuple[list[int], list[list[Action]]]:
+    """Segment edges and the planned [segment][step] actions for one planner variant."""
+    penalty, whole_stack, sensitive = variant
+    edges = [0, profile.edges[-1]] if whole_stack else list(profile.edges)
+    return edges, plan(profile, budget, penalty, whole_stack, sensitive)
 
 
 def plan(profile: Profile, budget: float, forecast_penalty: float = 1.0, whole_stack: bool = False,

@@ -1,0 +1,143 @@
+import json
+
+import numpy as np
+import pytest
+
+import tempocache.bench.methods as methods
+from tempocache.bench import read_prompts, verdict
+from tempocache.bench.methods import Group, Setting, select
+from tempocache.cli import main
+from tempocache.generate import load_pipeline
+
+T2I_CAPTIONS = ["a red circle on a black background", "a blue square and a green triangle on a white background"]
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(ValueError) as error:
+        select(["tempocache.Auto", "teacache", "diffusers"])
+    message = str(error.value)
+    assert "unknown method 'teacache'" in message
+    for key in ["tempocache.TeaCache", "diffusers.MagCache", "cache-dit.DBCache-F8B0", "fewer-steps"]:
+        assert key in message
+
+
+def test_methods_select_by_family_and_key():
+    chosen = [g.key for g in select(["cache-dit", "tempocache.Auto"])]
+    assert chosen == ["tempocache.Auto", "cache-dit.DBCache-F1B0", "cache-dit.DBCache-F8B0", "cache-dit.DBCache+TaylorSeer"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "has no captions"),
+    ("\n  \n", "has no captions"),
+    ("a red circle on a black background\na purple circle on a black background\n", ":2: unknown colour 'purple'; colours are red"),
+])
+def test_bad_prompts_files(tmp_path, text, message):
+    path = tmp_path / "prompts.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError) as error:
+        read_prompts(path)
+    assert message in str(error.value)
+
+
+def test_unreadable_prompts_file_is_refused_before_any_compute(tmp_path, capsys, monkeypatch):
+    import tempocache.bench.runner as runner
+
+    monkeypatch.setattr(runner, "load_pipeline", lambda *a: pytest.fail("the model was loaded"))
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00")
+    for path, message in [(tmp_path / "missing.txt", "cannot read prompts file"), (tmp_path / "binary.txt", "cannot read prompts file")]:
+        assert main(["bench", "--prompts", str(path), "--out", str(tmp_path / "out")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["bench", "--methods", "nonsense", "--out", str(tmp_path / "out")]) == 2
+    assert "unknown method 'nonsense'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def _broken(pipe, steps, guidance):
+    def enable(p):
+        raise RuntimeError("this method broke")
+    return [Setting("Broken()", "diffusers", {}, enable=enable)]
+
+
+def test_a_small_bench_run_end_to_end(tmp_path, capsys, monkeypatch):
+    known = methods.groups()
+    extra = [Group("diffusers.Broken", "diffusers", build=_broken),
+             Group("cache-dit.Absent", "cache-dit", requires="no_such_peer_library", build=_broken)]
+    monkeypatch.setattr(methods, "groups", lambda: known + extra)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(T2I_CAPTIONS) + "\n")
+    out = tmp_path / "report"
+    args = ["bench", "--model", "shapes-t2i", "--steps", "4", "--prompts", str(prompts), "--batch-size", "2", "--repeats", "1",
+            "--out", str(out), "--methods", "fewer-steps", "tempocache.StaticCache", "tempocache.Auto",
+            "diffusers.FirstBlockCache", "diffusers.Broken", "cache-dit.DBCache-F1B0", "cache-dit.Absent"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith("verdict (shapes-t2i, cpu")
+
+    result = json.loads((out / "results.json").read_text())
+    for name in ["table.md", "pareto.png", "index.html"]:
+        assert (out / name).stat().st_size > 0
+    rows = {(r["method"], r["setting"]): r for r in result["rows"]}
+    full = rows[("full", "full compute")]
+    assert full["speedup"] == 1 and full["compute_fraction"] == 1 and full["psnr"] == 100
+    assert rows[("fewer-steps", "2 steps")]["compute_fraction"] == pytest.approx(0.5)
+    assert rows[("fewer-steps", "2 steps")]["psnr"] < 60
+    static = [r for r in result["rows"] if r["method"] == "tempocache.StaticCache"]
+    assert len(static) >= 3 and all(r["status"] == "ok" for r in static)
+    for r in static:  # the bench's count of linear multiply-adds agrees with the engine's own count
+        assert r["compute_fraction"] == pytest.approx(r["library_compute_fraction"], abs=0.02)
+    assert rows[("diffusers.Broken", "Broken()")]["status"] == "failed: RuntimeError: this method broke"
+    assert rows[("cache-dit.Absent", None)]["status"] == ("not run: no_such_peer_library is not installed "
+                                                          "(pip install 'tempocache[peers]')")
+    assert all(r["status"] == "ok" for r in result["rows"] if r["method"].startswith(("diffusers.First", "cache-dit.DB")))
+    for r in result["rows"]:
+        if r["status"] == "ok":
+            assert set(r["semantic_accuracy"]) >= {"all", "colour", "shape"} and r["frechet_distance"] > 0
+    html = (out / "index.html").read_text()
+    assert html.count("<img class=clip src='gifs/") == 2 * sum(r["status"] == "ok" for r in result["rows"])
+    assert "failed: RuntimeError" in (out / "table.md").read_text()
+    assert verdict(result) == printed[-1]
+
+
+def _peer_row(psnr, speedup, family="diffusers"):
+    return {"method": f"{family}.X", "family": family, "setting": f"X({speedup})", "status": "ok", "psnr": psnr, "speedup": speedup}
+
+
+def test_verdict_and_domination():
+    from tempocache.bench.report import undominated_peers
+
+    rows = [_peer_row(100, 1.0, "full compute"), _peer_row(33, 2.95, "tempocache"), _peer_row(40, 2.0, "tempocache"),
+            _peer_row(30, 3.0), _peer_row(45, 1.5), _peer_row(25, 2.8, "cache-dit")]
+    result = {"model": "m", "device": "d", "rows": rows}
+    assert verdict(result) == ("verdict (m, d): near 3x speedup tempocache 33.0 dB (X(2.95), 2.95x) vs best peer 30.0 dB "
+                               "(X(3.0), 3.00x): +3.0 dB; at PSNR >= 30 dB tempocache 2.95x vs best peer 3.00x (X(3.0)): 0.98x")
+    # 30 dB at 3.0x is matched by 33 dB at 2.95x (within 3%); 45 dB at 1.5x is not matched by anything of ours
+    assert [r["setting"] for r in undominated_peers(result)] == ["X(1.5)"]
+
+
+def test_both_cfg_branches_in_one_call_match_separate_calls():
+    pipe = load_pipeline("shapes-t2v", "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=3, num_frames=2, seed=[1, 2])
+    captions = ["a red circle moves left on a black background", "a blue square grows on a white background"]
+    separate = pipe(captions, **kwargs).frames
+    together = pipe(captions, batch_cfg=True, **kwargs).frames
+    assert np.abs(separate.astype(int) - together.astype(int)).max() <= 2
+
+
+def test_cache_dit_setting_leaves_no_state_between_generations():
+    pipe = load_pipeline("shapes-t2i", "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    (setting,) = [s for s in select(["cache-dit.DBCache-F1B0"])[0].build(pipe, 10, 2.0)
+                  if s.settings["residual_diff_threshold"] == 0.64]
+
+    def generate(seed):
+        setting.before_generation(pipe)
+        return pipe(T2I_CAPTIONS, num_inference_steps=10, seed=seed).frames
+
+    setting.enable(pipe)
+    try:
+        first, other, again = generate(3), generate(4), generate(3)
+    finally:
+        setting.disable(pipe)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, pipe(T2I_CAPTIONS, num_inference_steps=10, seed=3).frames), "the cache did skip work"
