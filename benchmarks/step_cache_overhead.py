@@ -28,9 +28,9 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
 LATENT = (1, 16, 21, 60, 104)  # 81 frames at 480x832 through Wan's VAE (4x temporal, 8x spatial)
 
 
-def denoise(model: torch.nn.Module, steps: int, seed: int = 0) -> torch.Tensor:
+def denoise(model: torch.nn.Module, steps: int, seed: int = 0, latent: tuple[int, ...] = LATENT) -> torch.Tensor:
     generator = torch.Generator("cuda").manual_seed(seed)
-    x = torch.randn(LATENT, generator=generator, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(latent, generator=generator, device="cuda", dtype=torch.bfloat16)
     text = torch.randn(1, 512, 4096, generator=generator, device="cuda", dtype=torch.bfloat16)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
     scheduler.set_timesteps(steps, device="cuda")

@@ -6,7 +6,7 @@
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1
-args=("$@"); [ ${#args[@]} -gt 0 ] || args=(--model shapes-t2v --frames 16 --captions 16 --batch-size 16 --repeats 2)
+args=("$@"); [ ${#args[@]} -gt 0 ] || args=(--model shapes-t2v --frames 16 --captions 16 --batch-size 16 --repeats 2 --sample-clips 1)
 timeout 570 python3 -m tempocache.cli bench --device cuda --out /tmp/bench "${args[@]}" \
     2> >(grep --line-buffered -v "Cache-DiT" > "$OUT/bench.log") | tee "$OUT/stdout.txt"
 status=${PIPESTATUS[0]}

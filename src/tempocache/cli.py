@@ -1,4 +1,4 @@
-"""`tempocache generate | bench | cache-quality | calibrate | eval-reference | eval-evaluator | train-reference | train-evaluator`."""
+"""`tempocache generate | bench | cache-quality | quant-quality | calibrate | eval-reference | eval-evaluator | train-reference | train-evaluator`."""
 
 from __future__ import annotations
 
@@ -58,16 +58,28 @@ def _calibrate(args: argparse.Namespace) -> None:
     from .generate import load_pipeline
     from .reference import shapesworld
     from .reference.models import get_spec
+    from .quant import W8A8, calibrate_quant, quantize
     from .step_cache import calibrate
 
+    if args.quant_predictor and args.quantized:
+        raise ValueError("--quant-predictor fits the quantization predictor on the full-precision model; "
+                         "--quantized profiles the step cache on a quantized one: give one of them")
     spec = get_spec(args.model)
     rng = np.random.default_rng(args.seed)
     prompts = [shapesworld.sample_scene(rng, "train", spec.is_video).caption(spec.is_video) for _ in range(args.prompts)]
     pipe = load_pipeline(args.model, args.device)
     settings = dict(num_inference_steps=args.steps or spec.default_steps, guidance_scale=args.guidance or spec.default_guidance)
     pipe.check_inputs(prompts, settings["num_inference_steps"], settings["guidance_scale"], spec.num_frames, spec.size, spec.size)
+    run = lambda p, batch: p(batch, seed=args.seed, **settings)  # noqa: E731
+    if args.quant_predictor:
+        out = args.out or Path(f"{args.model}-{args.quant_predictor}.json")
+        quant_profile = calibrate_quant(pipe, [prompts], run=run, format=args.quant_predictor)
+        print(f"wrote {quant_profile.save(out)} ({len(quant_profile.layers)} layers, {args.quant_predictor})")
+        return
+    if args.quantized:
+        quantize(pipe, W8A8(args.quantized))
     out = args.out or Path(f"{args.model}-{settings['num_inference_steps']}steps.json")
-    profile = calibrate(pipe, [prompts], run=lambda p, batch: p(batch, seed=args.seed, **settings), segments=args.segments,
+    profile = calibrate(pipe, [prompts], run=run, segments=args.segments,
                         auto_budgets=tuple(args.auto_budgets), refine_runs=args.refine_runs)
     print(f"wrote {profile.save(out)} ({profile.num_steps} steps, segments at blocks {profile.edges}; "
           f"TeaCache coefficients {[round(c, 4) for c in profile.teacache_coefficients]})")
@@ -87,6 +99,16 @@ def _cache_quality(args: argparse.Namespace) -> None:
           else "Auto is matched or beaten at its compute by:\n  " + "\n  ".join(comparison["losses"]))
     if comparison["out_of_reach"]:
         print("Cannot run as cheaply as Auto:\n  " + "\n  ".join(comparison["out_of_reach"]))
+
+
+def _quant_quality(args: argparse.Namespace) -> None:
+    from .eval.quant_quality import format_table, quant_quality
+
+    result = quant_quality(args.model, args.captions, args.device, args.batch_size, args.seed, args.format, args.cache_profile)
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(json.dumps(result, indent=2))
+    print(format_table(result))
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -171,8 +193,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine-runs", type=int, default=32, help="closed-loop runs per budget refining Auto's plan (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quant-predictor", choices=["fp8", "int8"], default=None,
+                   help="instead: fit TimestepAdaptive's predictor for this format (default out: <model>-<format>.json)")
+    p.add_argument("--quantized", choices=["fp8", "int8"], default=None,
+                   help="profile the step cache on the model quantized W8A8 to this format (CacheQuant)")
     p.add_argument("--out", type=Path, default=None, help="profile JSON (default: <model>-<steps>steps.json)")
     p.set_defaults(run=_calibrate)
+
+    p = sub.add_parser("quant-quality", help="W8A8, TimestepAdaptive and static mixed precision, alone and with Auto, "
+                                             "against full precision on held-out captions")
+    p.add_argument("--model", default="shapes-t2v", help=f"one of: {', '.join(SPECS)}")
+    p.add_argument("--captions", type=int, default=16)
+    p.add_argument("--format", choices=["fp8", "int8"], default="fp8", help="TimestepAdaptive's 8-bit format")
+    p.add_argument("--cache-profile", type=Path, default=None,
+                   help="a step-cache profile made with calibrate --quantized FORMAT: also run W8A8 + Auto with it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--save", type=Path, default=None, help="also write the JSON here")
+    p.set_defaults(run=_quant_quality)
 
     p = sub.add_parser("cache-quality", help="every step-cache policy against full compute on held-out captions")
     p.add_argument("--model", default="shapes-t2v", help=f"one of: {', '.join(SPECS)}")

@@ -9,6 +9,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import torch
+from PIL import Image
 
 from .reference.pipeline import ShapesPipeline
 
@@ -73,19 +74,25 @@ def save_clips(clips: np.ndarray, path: str | Path, fps: float = 8.0, scale: int
     pixels = (np.asarray(clips) * 255).round().astype(np.uint8).repeat(scale, 2).repeat(scale, 3)
     pixels = np.pad(pixels, ((0, 0), (0, 0), (scale, scale), (scale, scale), (0, 0)))  # a dark gap between clips
     n, t, h, w, _ = pixels.shape
-    if path.suffix.lower() == ".gif":
-        image, options = pixels.transpose(1, 2, 0, 3, 4).reshape(t, h, n * w, 3), {"duration": 1000 / fps, "loop": 0}
-    else:
-        image, options = pixels.transpose(0, 2, 1, 3, 4).reshape(n * h, t * w, 3), {}
     fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     try:
-        iio.imwrite(tmp, image, **options)
+        if path.suffix.lower() == ".gif":
+            _write_gif(tmp, pixels.transpose(1, 2, 0, 3, 4).reshape(t, h, n * w, 3), fps)
+        else:
+            iio.imwrite(tmp, pixels.transpose(0, 2, 1, 3, 4).reshape(n * h, t * w, 3))
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
     return path
+
+
+def _write_gif(path: str, frames: np.ndarray, fps: float) -> None:
+    # One palette for the whole clip: about half the size of a palette per frame, and no colour flicker.
+    palette = Image.fromarray(frames.reshape(-1, frames.shape[2], 3)).quantize(256, dither=Image.Dither.NONE)
+    images = [Image.fromarray(frame).quantize(palette=palette, dither=Image.Dither.NONE) for frame in frames]
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0)

@@ -109,16 +109,10 @@ def teacache_signal(x: State, temb: torch.Tensor | None, previous: tuple | None)
 
 
 def shipped_profile_path(transformer: torch.nn.Module) -> Path | None:
-    from ..reference.models import SPECS
+    from ..reference.models import reference_name_of
 
-    for spec in SPECS.values():
-        if getattr(transformer, "config", None) is not None and all(transformer.config.get(k) == _plain(v) for k, v in spec.transformer.items()):
-            return SHIPPED_DIR / f"{spec.name}.json"
-    return None
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+    name = reference_name_of(transformer)
+    return SHIPPED_DIR / f"{name}.json" if name else None
 
 
 def load_profile(profile: "str | Path | Profile | None", transformer: torch.nn.Module | None) -> Profile:

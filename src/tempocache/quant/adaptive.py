@@ -1,0 +1,272 @@
+"""Timestep-adaptive mixed precision (6Bit-Diffusion, "Inference-Time Mixed-Precision Quantization
+for Video Diffusion Models", 2026).
+
+6Bit-Diffusion's finding: how much a block's output moves away from its input (its
+relative input-output difference) predicts, linearly, how much quantizing its linears'
+activations hurts at that step. So, per layer l in block b, `calibrate_quant` fits
+
+    error_l ~= a_l + b_l * change_b(previous call)
+
+where error_l is the relative change of block b's output when l alone runs W8A8 instead
+of W8A16, and change_b = |out_b - in_b| / |in_b| measured at the previous transformer call
+(at the current call it is not known before the block runs). At run time, before each
+call, a layer runs in 8 bits if its predicted error per multiply-add is below a threshold,
+W8A16 otherwise. The threshold is set from the calibration calls so that `budget`, the
+share of the linears' multiply-adds done in 8 bits over a whole generation, is met: calls
+where the blocks are stable run more layers in 8 bits, volatile ones fewer. The weights
+are 8-bit either way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from ..step_cache.adapters import find_blocks, timestep_of
+from ..step_cache.engine import _transformer_of
+from .numerics import check_format
+from .quantize import HOOK_NAME, QuantState, quantizable_linears, replace_linears, restore_linears
+
+SHIPPED_DIR = Path(__file__).parent / "profiles"
+
+
+@dataclass
+class QuantProfile:
+    """The fitted predictor: per quantized layer its block, multiply-adds per token and (a, b); per block the first call's change."""
+
+    model: str
+    format: str
+    layers: list[str]
+    blocks: list[int]
+    macs: list[int]
+    coefficients: list[list[float]]  # (a, b) per layer
+    mean_error: list[float]  # per layer, over the calibration calls
+    initial_change: list[float]  # per block, mean over the first calls of the calibration generations
+    call_changes: list[list[float]]  # per calibration call, the change of each block the predictor read
+    prompts: list[str] = field(default_factory=list)
+
+    def threshold(self, budget: float, per_step: bool = True) -> float:
+        """Predicted error per multiply-add under which a layer runs in 8 bits, so that over the calibration
+        calls a `budget` share of the multiply-adds does (per_step=False: from the mean errors alone)."""
+        if budget <= 0:
+            return -np.inf
+        if budget >= 1:
+            return np.inf
+        coefficients, macs = np.array(self.coefficients), np.array(self.macs, dtype=float)
+        if per_step:
+            changes = np.array(self.call_changes)[:, self.blocks]  # (calls, layers)
+            scores = (coefficients[:, 0] + coefficients[:, 1] * changes) / macs
+        else:
+            scores = (np.array(self.mean_error) / macs)[None]
+        weights = np.broadcast_to(macs, scores.shape).ravel()
+        order = np.argsort(scores.ravel(), kind="stable")
+        within = np.cumsum(weights[order]) <= budget * weights.sum() + 1e-9
+        return float(scores.ravel()[order][within][-1]) if within.any() else -np.inf
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QuantProfile":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def shipped_quant_profile(transformer: torch.nn.Module, fmt: str) -> Path | None:
+    from ..reference.models import reference_name_of
+
+    name = reference_name_of(transformer)
+    return SHIPPED_DIR / f"{name}-{fmt}.json" if name else None
+
+
+@dataclass(frozen=True)
+class TimestepAdaptive:
+    """Per call and per layer, W8A8 for the layers predicted least sensitive, W8A16 for the rest.
+
+    budget: share of the quantized linears' multiply-adds run in 8 bits over a generation, in [0, 1]
+    (1: all, as W8A8); met on the calibration prompts, approached on others (`quant_stats` reports it).
+    format: as in `W8A8`. profile: path or `QuantProfile` from `tempocache calibrate --quant-predictor`;
+    None: the shipped one of a reference model. per_step: False ranks the layers once, by their mean
+    calibrated error, the same at every call: static mixed precision, the baseline this policy has to beat.
+    """
+
+    budget: float = 0.8
+    format: str = "auto"
+    profile: str | Path | QuantProfile | None = None
+    per_step: bool = True
+
+    def check(self) -> None:
+        if not 0.0 <= self.budget <= 1.0:
+            raise ValueError(f"TimestepAdaptive budget must be in [0, 1] (share of linear work in 8 bits), got {self.budget}")
+        if self.format != "auto":
+            check_format(self.format)
+
+    def prepare(self, transformer: torch.nn.Module, fmt: str, layers: list[str]) -> "TimestepAdaptive":
+        profile = self.profile
+        if not isinstance(profile, QuantProfile):
+            path = profile or shipped_quant_profile(transformer, fmt)
+            if path is None or not Path(path).exists():
+                raise ValueError(f"no {fmt} quantization profile for {type(transformer).__name__}: run `tempocache calibrate "
+                                 f"--quant-predictor {fmt}` (or tempocache.calibrate_quant) and pass profile=<its JSON>")
+            profile = QuantProfile.load(path)
+        if profile.format != fmt:
+            raise ValueError(f"the profile was fitted for {profile.format}, but this model is being quantized to {fmt}")
+        if profile.layers != layers:
+            raise ValueError(f"the profile's {len(profile.layers)} layers do not match this transformer's {len(layers)} "
+                             f"quantizable linears (fitted on {profile.model}); calibrate this model")
+        return replace(self, profile=profile)
+
+    def make_controller(self, state: QuantState) -> "_Controller":
+        return _Controller(self, state)
+
+
+class _Controller:
+    """Sets each layer's precision before every transformer call, from the block changes of the last one."""
+
+    def __init__(self, config: TimestepAdaptive, state: QuantState):
+        self.profile: QuantProfile = config.profile
+        self.per_step = config.per_step
+        self.threshold = self.profile.threshold(config.budget, config.per_step)
+        self.layers = [state.layers[name] for name in self.profile.layers]
+        self.coefficients = np.array(self.profile.coefficients)
+        self.macs = np.array(self.profile.macs, dtype=float)
+        self.block_index = np.array(self.profile.blocks)
+        self.changes: dict[int, torch.Tensor] = {}
+        self.last_timestep: float | None = None
+        self.low_macs = self.all_macs = 0.0
+        self.static_scores = np.array(self.profile.mean_error) / self.macs
+        _, blocks, calls = find_blocks(state.transformer)
+        for index, (block, call) in enumerate(zip(blocks, calls)):
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(_ChangeHook(self, index, call), HOOK_NAME)
+
+    def decide(self, timestep: float | None) -> None:
+        if timestep is None or self.last_timestep is None or timestep > self.last_timestep:
+            self.changes = {}  # a new generation: nothing measured yet in it
+        self.last_timestep = timestep
+        if self.per_step:
+            change = np.array(self.profile.initial_change)
+            if self.changes:
+                measured = sorted(self.changes)
+                change[measured] = torch.stack([self.changes[b] for b in measured]).float().cpu().numpy()
+            scores = (self.coefficients[:, 0] + self.coefficients[:, 1] * change[self.block_index]) / self.macs
+        else:
+            scores = self.static_scores
+        low = scores <= self.threshold
+        for layer, is_low in zip(self.layers, low):
+            layer.low_precision = bool(is_low)
+        self.low_macs += self.macs[low].sum()
+        self.all_macs += self.macs.sum()
+
+    def low_share(self) -> float:
+        return float(self.low_macs / self.all_macs) if self.all_macs else 0.0
+
+
+class _ChangeHook(ModelHook):
+    def __init__(self, controller: _Controller, index: int, call):
+        super().__init__()
+        self.controller, self.index, self.call = controller, index, call
+        self.state_in = None
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.state_in = self.call.state_in(args, kwargs)
+        self._args, self._kwargs = args, kwargs
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        self.controller.changes[self.index] = relative_change(self.call.state_out(output, self._args, self._kwargs), self.state_in)
+        self.state_in = self._args = self._kwargs = None
+        return output
+
+
+def relative_change(new: tuple, old: tuple) -> torch.Tensor:
+    """|new - old| / |old| over every tensor of a block state (a 0-d tensor: no device sync)."""
+    pairs = [(n.float(), o.float()) for n, o in zip(new, old) if n is not None and o is not None]
+    return torch.sqrt(sum((n - o).pow(2).sum() for n, o in pairs) / sum(o.pow(2).sum() for _, o in pairs).clamp(min=1e-24))
+
+
+def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | None = None, format: str = "fp8") -> QuantProfile:
+    """Fit TimestepAdaptive's predictor on full generations of `prompts` (the model is left as it was).
+
+    Every block call is re-run once per quantizable linear in it with that linear alone in W8A8
+    (the others W8A16), so calibration costs about (linears per block + 1) generations.
+    """
+    from ..reference.models import reference_name_of
+
+    transformer, _ = _transformer_of(pipe)
+    fmt = check_format(format)
+    if not prompts:
+        raise ValueError("calibrate_quant needs at least one prompt")
+    for attribute in ("_tempocache_quant", "_tempocache_step_cache"):
+        if getattr(transformer, attribute, None) is not None:
+            raise RuntimeError(f"calibrate_quant needs the unmodified model: {attribute.split('_', 2)[2]} is on")
+    run = run or (lambda p, prompt: p(prompt))
+    found = quantizable_linears(transformer)
+    _, blocks, calls = find_blocks(transformer)
+    names_in = [[name for name, b in found if b == index] for index in range(len(blocks))]
+    originals, layers = replace_linears(transformer, [name for name, _ in found], fmt)
+    for layer in layers.values():
+        layer.low_precision = False
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in found}
+    initial: list[list[float]] = [[] for _ in blocks]  # each block's change at the first call of each generation
+    call_changes: list[list[float]] = []  # per call, the change of each block its samples were paired with
+    state = {"previous": None, "current": {}, "last_t": None, "busy": False}
+
+    def on_call(module, args, kwargs):
+        t = timestep_of(module, args, kwargs)
+        new_generation = t is None or state["last_t"] is None or t > state["last_t"]
+        state["last_t"], state["previous"], state["current"] = t, None if new_generation else state["current"], {}
+        call_changes.append([0.0] * len(blocks))
+
+    def on_block(index):
+        def hook(module, args, kwargs, output):
+            if state["busy"]:
+                return
+            state_in, exact = calls[index].state_in(args, kwargs), calls[index].state_out(output, args, kwargs)
+            change = float(relative_change(exact, state_in))
+            state["current"][index] = change
+            if state["previous"] is None:
+                initial[index].append(change)
+            x = change if state["previous"] is None else state["previous"].get(index, change)
+            call_changes[-1][index] = x
+            state["busy"] = True
+            try:
+                for name in names_in[index]:
+                    layers[name].low_precision = True
+                    approx = calls[index].state_out(module(*args, **kwargs), args, kwargs)
+                    layers[name].low_precision = False
+                    samples[name].append((x, float(relative_change(approx, exact))))
+            finally:
+                state["busy"] = False
+        return hook
+
+    handles = [transformer.register_forward_pre_hook(on_call, with_kwargs=True)]
+    handles += [block.register_forward_hook(on_block(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for prompt in prompts:
+                run(pipe, prompt)
+                state["last_t"] = None
+    finally:
+        for handle in handles:
+            handle.remove()
+        restore_linears(transformer, originals)
+    coefficients, mean_error = [], []
+    for name, _ in found:
+        x, e = np.array(samples[name]).T
+        slope, intercept = np.polyfit(x, e, 1) if np.ptp(x) > 0 else (0.0, float(e.mean()))
+        coefficients.append([float(intercept), float(slope)])
+        mean_error.append(float(e.mean()))
+    return QuantProfile(
+        model=reference_name_of(transformer) or type(transformer).__name__, format=fmt,
+        layers=[name for name, _ in found], blocks=[b for _, b in found],
+        macs=[layers[name].macs_per_token for name, _ in found], coefficients=coefficients, mean_error=mean_error,
+        initial_change=[float(np.mean(changes)) for changes in initial], call_changes=call_changes,
+        prompts=[str(p) for p in prompts])

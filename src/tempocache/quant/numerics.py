@@ -1,0 +1,78 @@
+"""W8A8 numerics: symmetric 8-bit values with one scale per row, and the matmul of two such operands.
+
+Weights get one scale per output channel, activations one per token (computed on the fly):
+    x_q = x / s,  s = amax(|row of x|) / QMAX,  y = (a_q @ w_q^T) * s_a * s_w^T + bias.
+FP8 is e4m3 (QMAX 448, rounding by the cast); INT8 rounds to nearest and clamps to +-127.
+`scaled_matmul` runs `torch._scaled_mm` (FP8) or `torch._int_mm` (INT8) on a GPU, and
+`simulated_matmul` the same arithmetic in float32 anywhere: the reference for tests and
+the CPU path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FORMATS = {"fp8": (torch.float8_e4m3fn, 448.0), "int8": (torch.int8, 127.0)}
+FUSE_ON_GPU = True  # quantize activations with one compiled kernel on a GPU (benchmarks turn it off to compare)
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown 8-bit format {fmt!r}; accepted: {', '.join(FORMATS)}")
+    return fmt
+
+
+def quantize_rows(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_q, scale) with x ~= x_q * scale, one float32 scale per row (shape (rows, 1))."""
+    dtype, qmax = FORMATS[fmt]
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / qmax
+    scaled = x / scale  # in float32 (type promotion), whatever x's dtype
+    if fmt == "int8":
+        scaled = scaled.round().clamp(-qmax, qmax)
+    return scaled.to(dtype), scale
+
+
+_fused_quantize_rows = None
+
+
+def quantize_activations(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """`quantize_rows`, on a GPU as one fused kernel (torch.compile): in eager mode its passes over the
+    activations cost as much as the 8-bit matmul saves."""
+    global _fused_quantize_rows
+    if not (x.is_cuda and FUSE_ON_GPU):
+        return quantize_rows(x, fmt)
+    if _fused_quantize_rows is None:
+        _fused_quantize_rows = torch.compile(quantize_rows, dynamic=False)  # per-shape kernels: 2x faster than dynamic ones here
+    return _fused_quantize_rows(x, fmt)
+
+
+def dequantize_rows(x_q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (x_q.float() * scale).to(dtype)
+
+
+def simulated_matmul(a_q, a_scale, w_q, w_scale, bias, out_dtype: torch.dtype) -> torch.Tensor:
+    """The W8A8 product in float32 from the 8-bit values: what the GPU kernels compute, up to summation order."""
+    y = (a_q.float() @ w_q.float().t()) * a_scale * w_scale.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def kernel_matmul(a_q, a_scale, w_q, w_scale, bias, out_dtype: torch.dtype) -> torch.Tensor:
+    """The W8A8 product on 8-bit tensor cores: `torch._scaled_mm` for FP8, `torch._int_mm` for INT8."""
+    if a_q.dtype == torch.int8:
+        y = torch._int_mm(a_q, w_q.t()).float() * a_scale * w_scale.t()
+        return (y if bias is None else y + bias.float()).to(out_dtype)
+    if out_dtype == torch.float32 and bias is not None:  # _scaled_mm fuses a bias only into 16-bit outputs
+        return torch._scaled_mm(a_q, w_q.t(), scale_a=a_scale, scale_b=w_scale.t(), out_dtype=out_dtype) + bias
+    return torch._scaled_mm(a_q, w_q.t(), scale_a=a_scale, scale_b=w_scale.t(), bias=bias, out_dtype=out_dtype)
+
+
+def kernel_supported(x: torch.Tensor, fmt: str, w_q: torch.Tensor) -> bool:
+    """Whether the 8-bit kernels take this call: a GPU with the format, and shapes they accept."""
+    if not x.is_cuda:
+        return False
+    rows, (n, k) = x.numel() // x.shape[-1], w_q.shape
+    if fmt == "fp8":
+        return torch.cuda.get_device_capability(x.device) >= (8, 9) and k % 16 == 0 and n % 16 == 0
+    return rows > 16 and k % 8 == 0 and n % 8 == 0

@@ -1,0 +1,238 @@
+"""Quantization on tiny random-weight Wan and Flux transformers (and the shipped profiles on the reference models).
+
+The toy sampler is the one of test_step_cache: x <- x - 0.1 * model(x, t) over 6 steps. The CPU path
+simulates the 8-bit kernels; where torch has the kernels on the CPU, they are checked against it here,
+and on a GPU by the same test on the device.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import tempocache
+from tempocache.quant.linear import QuantLinear
+from tempocache.quant.numerics import dequantize_rows, kernel_matmul, quantize_rows, simulated_matmul
+from tempocache.quant.quantize import quantizable_linears
+
+sys.path.insert(0, str(Path(__file__).parent))
+import families  # noqa: E402
+
+STEPS = (900.0, 740.0, 580.0, 420.0, 260.0, 100.0)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def denoise(fam, seed: int = 0, steps=STEPS) -> torch.Tensor:
+    x = fam.inputs(1, 8, steps[0], seed)["hidden_states"]
+    with torch.no_grad():
+        for t in steps:
+            kwargs = fam.inputs(1, 8, t, seed)
+            kwargs["hidden_states"] = x
+            x = x - 0.1 * fam.transformer(**kwargs, return_dict=False)[0]
+    return x
+
+
+def fresh(name: str):
+    torch.manual_seed(0)
+    return families.tiny(name)
+
+
+def profile_for(name: str, fmt: str = "fp8") -> tempocache.QuantProfile:
+    fam = fresh(name)
+    return tempocache.calibrate_quant(fam.transformer, [0, 1], run=lambda t, seed: denoise(fam, seed), format=fmt)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_kernels_match_the_simulated_numerics(device, fmt):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(64, 256, generator=g), torch.randn(128, 256, generator=g), torch.randn(128, generator=g)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, w, b = x.to(device, dtype), w.to(device, dtype), b.to(device, dtype)
+    a_q, a_scale = quantize_rows(x, fmt)
+    w_q, w_scale = quantize_rows(w, fmt)
+    simulated = simulated_matmul(a_q, a_scale, w_q, w_scale, b, torch.float32)
+    kernel = kernel_matmul(a_q, a_scale, w_q, w_scale, b, dtype).float()
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16 output rounding; float32 summation order
+    assert (kernel - simulated).abs().max() <= tolerance * simulated.abs().max()
+    exact = x.float() @ w.float().t() + b.float()
+    error = ((simulated - exact).norm() / exact.norm()).item()
+    assert 1e-4 < error < (0.05 if fmt == "fp8" else 0.015)  # really quantized, and not by much
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_quantize_rows_range_and_roundtrip(fmt):
+    x = torch.randn(32, 64) * torch.logspace(-3, 3, 32)[:, None]
+    x_q, scale = quantize_rows(x, fmt)
+    assert x_q.dtype == (torch.float8_e4m3fn if fmt == "fp8" else torch.int8) and scale.shape == (32, 1)
+    assert x_q.float().abs().amax(dim=1).sub(448.0 if fmt == "fp8" else 127.0).abs().max() < 1e-3  # every row uses the full range
+    relative = (dequantize_rows(x_q, scale, torch.float32) - x).norm(dim=1) / x.norm(dim=1)
+    assert relative.max() < (0.05 if fmt == "fp8" else 0.01)
+
+
+def test_quant_linear_paths():
+    linear = nn.Linear(64, 48)
+    layer = QuantLinear(linear, "int8")
+    x = torch.randn(2, 5, 64)
+    layer.low_precision = False
+    weight = dequantize_rows(layer.weight_q, layer.weight_scale, torch.float32)
+    high = layer(x)
+    assert torch.equal(high, nn.functional.linear(x, weight, linear.bias))
+    layer.low_precision = True
+    low = layer(x)
+    assert low.shape == (2, 5, 48) and not torch.equal(low, high)
+    assert (low - linear(x)).norm() / linear(x).norm() < 0.02
+    assert layer.weight_q.element_size() == 1 and not hasattr(layer, "weight")
+
+
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_quantize_replaces_block_linears_only(name):
+    fam = fresh(name)
+    outside = {n for n, m in fam.transformer.named_modules() if isinstance(m, nn.Linear)} - {n for n, _ in quantizable_linears(fam.transformer)}
+    state = tempocache.quantize(fam.transformer, tempocache.W8A8("int8"))
+    modules = dict(fam.transformer.named_modules())
+    assert state.layers and all(isinstance(modules[n], QuantLinear) for n in state.layers)
+    assert all(isinstance(modules[n], nn.Linear) for n in outside)  # embeddings, modulation, final projection stay exact
+    assert any(".norm" in n for n in outside) == (name == "flux")  # flux's adaLN modulation linears are kept
+    assert state.stats()["weight_bytes_after"] < state.stats()["weight_bytes_before"] / 3.5  # float32 -> 8 bits + scales
+
+
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_zero_budget_changes_nothing_but_weight_rounding(name):
+    """TimestepAdaptive(budget=0) runs every layer W8A16: exactly the model with its weights rounded to 8 bits."""
+    profile = profile_for(name, "int8")
+    rounded = fresh(name)
+    for layer_name, _ in quantizable_linears(rounded.transformer):
+        linear = rounded.transformer.get_submodule(layer_name)
+        with torch.no_grad():
+            linear.weight.copy_(dequantize_rows(*quantize_rows(linear.weight, "int8"), torch.float32))
+    fam = fresh(name)
+    state = tempocache.quantize(fam.transformer, tempocache.TimestepAdaptive(budget=0.0, format="int8", profile=profile))
+    assert torch.equal(denoise(fam), denoise(rounded))
+    assert state.stats()["low_precision_share"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_full_budget_is_static_w8a8_and_generations_do_not_leak(name):
+    profile = profile_for(name, "fp8")
+    static, adaptive = fresh(name), fresh(name)
+    tempocache.quantize(static.transformer, tempocache.W8A8("fp8"))
+    tempocache.quantize(adaptive.transformer, tempocache.TimestepAdaptive(budget=1.0, format="fp8", profile=profile))
+    first = denoise(adaptive)
+    assert torch.equal(first, denoise(static))
+    denoise(adaptive, seed=3)
+    assert torch.equal(denoise(adaptive), first)
+
+
+def test_adaptive_meets_the_budget_over_generations_and_follows_the_steps():
+    profile = profile_for("wan", "fp8")
+    fam = fresh("wan")
+    state = tempocache.quantize(fam.transformer, tempocache.TimestepAdaptive(budget=0.5, format="fp8", profile=profile))
+    choices = []
+    for seed in (0, 1):  # the calibration generations
+        x = fam.inputs(1, 8, STEPS[0], seed)["hidden_states"]
+        with torch.no_grad():
+            for t in STEPS:
+                kwargs = fam.inputs(1, 8, t, seed)
+                kwargs["hidden_states"] = x
+                x = x - 0.1 * fam.transformer(**kwargs, return_dict=False)[0]
+                choices.append(tuple(layer.low_precision for layer in state.controller.layers))
+    assert abs(state.stats()["low_precision_share"] - 0.5) < 0.1
+    assert len(set(choices)) > 1  # the choice of layers follows the measured block changes
+    assert len({sum(c) for c in choices}) > 1  # and so does how many run in 8 bits
+
+
+def test_threshold_spans_the_budgets():
+    profile = profile_for("flux", "int8")
+    for per_step in (True, False):
+        thresholds = [profile.threshold(b, per_step) for b in (0.0, 0.3, 0.6, 1.0)]
+        assert thresholds[0] == -float("inf") and thresholds[-1] == float("inf") and thresholds == sorted(thresholds)
+
+
+def test_first_generation_step_uses_the_calibrated_changes():
+    profile = profile_for("wan", "fp8")
+    assert len(profile.initial_change) == 4 and all(c > 0 for c in profile.initial_change)
+    assert len(profile.layers) == len(profile.coefficients) == len(profile.macs) == 4 * 10
+    assert len(profile.call_changes) == 2 * len(STEPS)
+
+
+def test_calibrate_quant_leaves_the_model_as_it_was():
+    fam = fresh("flux")
+    before = denoise(fam)
+    linears = {n: m for n, m in fam.transformer.named_modules() if isinstance(m, nn.Linear)}
+    tempocache.calibrate_quant(fam.transformer, [0], run=lambda t, seed: denoise(fam, seed))
+    assert {n: m for n, m in fam.transformer.named_modules() if isinstance(m, nn.Linear)} == linears
+    assert torch.equal(denoise(fam), before)
+    assert not any(isinstance(m, QuantLinear) for m in fam.transformer.modules())
+
+
+def test_time_embedding_is_exact_and_cached():
+    fam = fresh("wan")
+    state = tempocache.quantize(fam.transformer, tempocache.W8A8("int8"))
+    first = denoise(fam)
+    misses = state.stats()["time_embedding_misses"]
+    assert misses == len(STEPS) and state.stats()["time_embedding_hits"] == 0
+    assert torch.equal(denoise(fam), first)  # the second generation reads every embedding from the cache
+    assert state.stats()["time_embedding_hits"] == len(STEPS) and state.stats()["time_embedding_misses"] == misses
+
+
+@pytest.mark.parametrize("quantize_first", [True, False])
+def test_step_cache_and_quantization_compose_in_either_order(quantize_first):
+    def run(first: bool) -> torch.Tensor:
+        fam = fresh("wan")
+        steps = [lambda: tempocache.quantize(fam.transformer, tempocache.W8A8("fp8")),
+                 lambda: tempocache.enable(fam.transformer, tempocache.StaticCache(interval=2))]
+        for apply in steps if first else steps[::-1]:
+            apply()
+        out = denoise(fam)
+        assert tempocache.stats(fam.transformer)["compute_fraction"] < 0.7
+        return out
+
+    cached_quantized = run(quantize_first)
+    assert torch.equal(cached_quantized, run(not quantize_first))
+    plain = fresh("wan")
+    tempocache.quantize(plain.transformer, tempocache.W8A8("fp8"))
+    assert not torch.equal(cached_quantized, denoise(plain))
+
+
+def test_bad_input_is_refused_before_anything_changes():
+    fam = fresh("wan")
+    with pytest.raises(ValueError, match=r"budget must be in \[0, 1\]"):
+        tempocache.quantize(fam.transformer, tempocache.TimestepAdaptive(budget=1.5))
+    with pytest.raises(ValueError, match="accepted: fp8, int8"):
+        tempocache.quantize(fam.transformer, tempocache.W8A8("fp4"))
+    with pytest.raises(ValueError, match="no fp8 quantization profile"):
+        tempocache.quantize(fam.transformer, tempocache.TimestepAdaptive(format="fp8"))
+    with pytest.raises(ValueError, match="do not match"):
+        tempocache.quantize(fam.transformer, tempocache.TimestepAdaptive(format="fp8", profile=profile_for("flux")))
+    with pytest.raises(ValueError, match="fitted for fp8"):
+        tempocache.quantize(fam.transformer, tempocache.TimestepAdaptive(format="int8", profile=profile_for("wan")))
+    with pytest.raises(TypeError, match="W8A8"):
+        tempocache.quantize(fam.transformer, tempocache.StaticCache())
+    assert not any(isinstance(m, QuantLinear) for m in fam.transformer.modules())
+    tempocache.quantize(fam.transformer)
+    with pytest.raises(RuntimeError, match="already quantized"):
+        tempocache.quantize(fam.transformer)
+    with pytest.raises(RuntimeError, match="unmodified model"):
+        tempocache.calibrate_quant(fam.transformer, [0], run=lambda t, seed: denoise(fam, seed))
+
+
+@pytest.mark.parametrize("model", tempocache.SHIPPED_MODELS)
+def test_shipped_profiles_match_the_reference_models(model):
+    pipe = tempocache.load_pipeline(model)
+    for fmt in ("fp8", "int8"):
+        config = tempocache.TimestepAdaptive(format=fmt)
+        names = [n for n, _ in quantizable_linears(pipe.transformer)]
+        assert config.prepare(pipe.transformer, fmt, names).profile.format == fmt
