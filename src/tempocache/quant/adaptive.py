@@ -9,9 +9,12 @@ activations hurts at that step. So, per layer l in block b, `calibrate_quant` fi
 
 where error_l is the relative change of block b's output when l alone runs W8A8 instead
 of W8A16, and change_b = |out_b - in_b| / |in_b| measured at the previous transformer call
-(at the current call it is not known before the block runs). At run time, before each
-call, a layer runs in 8 bits if its predicted error per multiply-add is below a threshold,
-W8A16 otherwise. The threshold is set from the calibration calls so that `budget`, the
+(at the current call it is not known before the block runs). How much an error at a step
+reaches the final sample depends on the step (later steps partly undo early errors, or
+not): calibration also measures, closed-loop, each step's sensitivity, the drift of the
+sampled outputs when that step alone runs fully W8A8, per unit of summed predicted error.
+At run time, before each call, a layer runs in 8 bits if sensitivity(t) * predicted
+error per multiply-add is below a threshold, W8A16 otherwise. The threshold is set from the calibration calls so that `budget`, the
 share of the linears' multiply-adds done in 8 bits over a whole generation, is met: calls
 where the blocks are stable run more layers in 8 bits, volatile ones fewer. The weights
 are 8-bit either way.
@@ -30,6 +33,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from ..step_cache.adapters import find_blocks, timestep_of
 from ..step_cache.engine import _transformer_of
+from ..step_cache.profile import output_sample
 from .numerics import check_format
 from .quantize import HOOK_NAME, QuantState, quantizable_linears, replace_linears, restore_linears
 
@@ -49,7 +53,13 @@ class QuantProfile:
     mean_error: list[float]  # per layer, over the calibration calls
     initial_change: list[float]  # per block, mean over the first calls of the calibration generations
     call_changes: list[list[float]]  # per calibration call, the change of each block the predictor read
+    call_timesteps: list[float]  # per calibration call
+    step_timesteps: list[float]  # the calibrated steps' timesteps, ascending
+    step_sensitivity: list[float]  # per step (same order): output drift per unit of predicted error
     prompts: list[str] = field(default_factory=list)
+
+    def sensitivity(self, timesteps) -> np.ndarray:
+        return np.interp(timesteps, self.step_timesteps, self.step_sensitivity)
 
     def threshold(self, budget: float, per_step: bool = True) -> float:
         """Predicted error per multiply-add under which a layer runs in 8 bits, so that over the calibration
@@ -61,7 +71,8 @@ class QuantProfile:
         coefficients, macs = np.array(self.coefficients), np.array(self.macs, dtype=float)
         if per_step:
             changes = np.array(self.call_changes)[:, self.blocks]  # (calls, layers)
-            scores = (coefficients[:, 0] + coefficients[:, 1] * changes) / macs
+            sensitivity = self.sensitivity(self.call_timesteps)[:, None]
+            scores = sensitivity * (coefficients[:, 0] + coefficients[:, 1] * changes) / macs
         else:
             scores = (np.array(self.mean_error) / macs)[None]
         weights = np.broadcast_to(macs, scores.shape).ravel()
@@ -156,7 +167,9 @@ class _Controller:
             if self.changes:
                 measured = sorted(self.changes)
                 change[measured] = torch.stack([self.changes[b] for b in measured]).float().cpu().numpy()
-            scores = (self.coefficients[:, 0] + self.coefficients[:, 1] * change[self.block_index]) / self.macs
+            predicted = self.coefficients[:, 0] + self.coefficients[:, 1] * change[self.block_index]
+            sensitivity = self.profile.sensitivity(timestep if timestep is not None else self.profile.step_timesteps[-1])
+            scores = sensitivity * predicted / self.macs
         else:
             scores = self.static_scores
         low = scores <= self.threshold
@@ -196,7 +209,8 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
     """Fit TimestepAdaptive's predictor on full generations of `prompts` (the model is left as it was).
 
     Every block call is re-run once per quantizable linear in it with that linear alone in W8A8
-    (the others W8A16), so calibration costs about (linears per block + 1) generations.
+    (the others W8A16), then each step is probed once with all linears W8A8 at that step alone:
+    calibration costs about (linears per block + 1 + steps) generations. Runs must be deterministic.
     """
     from ..reference.models import reference_name_of
 
@@ -217,13 +231,17 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in found}
     initial: list[list[float]] = [[] for _ in blocks]  # each block's change at the first call of each generation
     call_changes: list[list[float]] = []  # per call, the change of each block its samples were paired with
+    call_timesteps: list[float] = []
     state = {"previous": None, "current": {}, "last_t": None, "busy": False}
 
     def on_call(module, args, kwargs):
         t = timestep_of(module, args, kwargs)
-        new_generation = t is None or state["last_t"] is None or t > state["last_t"]
+        if t is None:
+            raise ValueError(f"calibrate_quant needs the timestep of each {type(module).__name__} call; it got none")
+        new_generation = state["last_t"] is None or t > state["last_t"]
         state["last_t"], state["previous"], state["current"] = t, None if new_generation else state["current"], {}
         call_changes.append([0.0] * len(blocks))
+        call_timesteps.append(t)
 
     def on_block(index):
         def hook(module, args, kwargs, output):
@@ -247,6 +265,24 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
                 state["busy"] = False
         return hook
 
+    def sampled_outputs(quantized_step: float | None) -> list[torch.Tensor]:
+        """The transformer's output samples over all prompts, with every linear W8A8 at one step's calls."""
+        outputs = []
+
+        def pick(module, args, kwargs):
+            for layer in layers.values():
+                layer.low_precision = timestep_of(module, args, kwargs) == quantized_step
+
+        hooks = [transformer.register_forward_pre_hook(pick, with_kwargs=True),
+                 transformer.register_forward_hook(lambda module, args, output: outputs.append(output_sample(output)))]
+        try:
+            for prompt in prompts:
+                run(pipe, prompt)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return outputs
+
     handles = [transformer.register_forward_pre_hook(on_call, with_kwargs=True)]
     handles += [block.register_forward_hook(on_block(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
@@ -254,10 +290,20 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
             for prompt in prompts:
                 run(pipe, prompt)
                 state["last_t"] = None
+            for handle in handles:
+                handle.remove()
+            handles = []
+            exact = sampled_outputs(None)
+            steps = sorted(set(call_timesteps))
+            drift = [_drift(sampled_outputs(t), exact, call_timesteps) for t in steps]
     finally:
         for handle in handles:
             handle.remove()
         restore_linears(transformer, originals)
+    errors = np.array([[e for _, e in samples[name]] for name, _ in found])  # (layers, calls)
+    at_step = np.array([[t == step for t in call_timesteps] for step in steps])  # (steps, calls)
+    predicted_total = (errors.sum(0)[None] * at_step).sum(1)
+    sensitivity = [float(d / max(p, 1e-12)) for d, p in zip(drift, predicted_total)]
     coefficients, mean_error = [], []
     for name, _ in found:
         x, e = np.array(samples[name]).T
@@ -269,4 +315,17 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
         layers=[name for name, _ in found], blocks=[b for _, b in found],
         macs=[layers[name].macs_per_token for name, _ in found], coefficients=coefficients, mean_error=mean_error,
         initial_change=[float(np.mean(changes)) for changes in initial], call_changes=call_changes,
-        prompts=[str(p) for p in prompts])
+        call_timesteps=call_timesteps, step_timesteps=steps, step_sensitivity=sensitivity, prompts=[str(p) for p in prompts])
+
+
+def _drift(approx: list[torch.Tensor], exact: list[torch.Tensor], timesteps: list[float]) -> float:
+    """RMS of the step-size-weighted sum of output errors, per generation, summed: how far the samples moved."""
+    total, drift = 0.0, 0.0
+    for i, (a, e, t) in enumerate(zip(approx, exact, timesteps)):
+        following = [u for u in timesteps[i + 1:] if u != t][:1]
+        step = (t - following[0]) if following and following[0] < t else t  # the last step runs to 0
+        total = total + step * (a - e)
+        if i + 1 == len(timesteps) or timesteps[i + 1] > t:  # the generation ends here
+            drift += float(torch.as_tensor(total).pow(2).mean().sqrt())
+            total = 0.0
+    return drift
