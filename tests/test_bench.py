@@ -141,3 +141,25 @@ def test_cache_dit_setting_leaves_no_state_between_generations():
         setting.disable(pipe)
     assert np.array_equal(first, again)
     assert not np.array_equal(first, pipe(T2I_CAPTIONS, num_inference_steps=10, seed=3).frames), "the cache did skip work"
+
+
+def test_quantized_settings_run_on_a_copy_and_leave_the_pipeline_as_it_was():
+    pipe = load_pipeline("shapes-t2i", "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    original = pipe.transformer
+    before = pipe(T2I_CAPTIONS, num_inference_steps=4, seed=0).frames
+    settings = [s for key in ("tempocache.W8A8", "torchao.Int8DynamicActivation") for s in select([key])[0].build(pipe, 4, 2.0)]
+    assert [s.family for s in settings] == ["tempocache", "tempocache", "torchao"]
+    outputs = []
+    for setting in settings:
+        setting.enable(pipe)
+        try:
+            assert pipe.transformer is not original
+            outputs.append(pipe(T2I_CAPTIONS, num_inference_steps=4, seed=0).frames)
+        finally:
+            setting.disable(pipe)
+        assert pipe.transformer is original
+    assert all(not np.array_equal(out, before) and np.abs(out - before).max() < 0.1 for out in outputs)  # quantized, slightly
+    assert np.array_equal(pipe(T2I_CAPTIONS, num_inference_steps=4, seed=0).frames, before)
+    with pytest.raises(ValueError, match="compute capability 8.9"):
+        select(["torchao.Float8DynamicActivation"])[0].build(pipe, 4, 2.0)

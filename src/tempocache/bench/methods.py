@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import importlib.util
 import io
 import re
@@ -18,14 +19,16 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from .. import quant
 from .. import step_cache as sc
 from ..eval.cache_quality import SETTINGS
+from ..quant.quantize import quantizable_linears
 from ..step_cache.adapters import find_blocks
 from ..step_cache.profile import AUTO_BUDGETS
 from ..reference import shapesworld
 from ..reference.pipeline import ShapesPipeline
 
-FAMILIES = ("full compute", "fewer steps", "tempocache", "diffusers", "cache-dit")
+FAMILIES = ("full compute", "fewer steps", "tempocache", "diffusers", "cache-dit", "torchao")
 FEWER_STEPS = (0.7, 0.5, 0.33, 0.25)  # fractions of the full step count
 
 
@@ -79,6 +82,67 @@ def _tempocache_group(policy: str) -> Group:
         return out
 
     return Group(f"tempocache.{policy}", "tempocache", build=build)
+
+
+# Quantization replaces weights for good: each setting runs on a copy of the transformer, dropped afterwards.
+QUANTIZED = {
+    "W8A8": [(quant.W8A8("fp8"), None), (quant.W8A8("int8"), None)],
+    "TimestepAdaptive": [(quant.TimestepAdaptive(b, "fp8"), None) for b in (0.9, 0.7)],
+    "W8A8+Auto": [(quant.W8A8("fp8"), 0.33), (quant.W8A8("int8"), 0.33), (quant.TimestepAdaptive(0.7, "fp8"), 0.33)],
+}
+
+
+def _on_a_copy(apply: Callable[[torch.nn.Module], None]) -> tuple[Callable, Callable]:
+    def enable(pipe: ShapesPipeline) -> None:
+        pipe._bench_original_transformer = pipe.transformer
+        pipe.transformer = copy.deepcopy(pipe.transformer)
+        apply(pipe.transformer)
+
+    def disable(pipe: ShapesPipeline) -> None:
+        pipe.transformer = pipe.__dict__.pop("_bench_original_transformer")
+
+    return enable, disable
+
+
+def _quantized_group(kind: str) -> Group:
+    def build(pipe: ShapesPipeline, steps: int, guidance: float) -> list[Setting]:
+        out = []
+        for config, budget in QUANTIZED[kind]:
+            settings = {k: v for k, v in vars(config).items() if k != "profile"}
+            if budget is not None:
+                settings["cache"] = f"Auto(budget={budget})"
+
+            def apply(transformer, config=config, budget=budget):
+                quant.quantize(transformer, config)
+                if budget is not None:
+                    sc.enable(transformer, sc.Auto(budget))
+
+            enable, disable = _on_a_copy(apply)
+            out.append(Setting(_label(type(config).__name__, settings), "tempocache", settings, enable=enable, disable=disable,
+                               compute_fraction=(lambda p: sc.stats(p)["compute_fraction"]) if budget is not None else None))
+        return out
+    return Group(f"tempocache.{kind}", "tempocache", build=build)
+
+
+def _torchao(kind: str) -> Callable:
+    def build(pipe: ShapesPipeline, steps: int, guidance: float) -> list[Setting]:
+        from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int8DynamicActivationInt8WeightConfig,
+                                          PerRow, quantize_)
+
+        device = pipe.transformer.device
+        if kind == "float8" and not (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)):
+            raise ValueError("torchao's float8 runs only on a GPU of compute capability 8.9+ (tempocache's FP8 is simulated elsewhere)")
+        config = (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if kind == "float8"
+                  else Int8DynamicActivationInt8WeightConfig())
+
+        def apply(transformer):
+            names = {name for name, _ in quantizable_linears(transformer)}  # the same layers as ours
+            quantize_(transformer, config, filter_fn=lambda module, fqn: fqn in names)
+
+        enable, disable = _on_a_copy(apply)
+        return [Setting(type(config).__name__, "torchao", {"config": type(config).__name__}, enable=enable, disable=disable,
+                        note="the linears tempocache quantizes (inside the blocks, modulation excluded)")]
+    return build
 
 
 def _fewer_steps(pipe: ShapesPipeline, steps: int, guidance: float) -> list[Setting]:
@@ -215,11 +279,14 @@ def groups() -> list[Group]:
     """Every group the bench knows, in report order."""
     out = [Group("fewer-steps", "fewer steps", build=_fewer_steps)]
     out += [_tempocache_group(policy) for policy in SETTINGS]
+    out += [_quantized_group(kind) for kind in QUANTIZED]
     out += _diffusers_groups()
     out += [
         Group("cache-dit.DBCache-F1B0", "cache-dit", "cache_dit", _cache_dit("DBCache", 1, False)),
         Group("cache-dit.DBCache-F8B0", "cache-dit", "cache_dit", _cache_dit("DBCache", 8, False)),
         Group("cache-dit.DBCache+TaylorSeer", "cache-dit", "cache_dit", _cache_dit("DBCache+TaylorSeer", 1, True)),
+        Group("torchao.Float8DynamicActivation", "torchao", "torchao", _torchao("float8")),
+        Group("torchao.Int8DynamicActivation", "torchao", "torchao", _torchao("int8")),
     ]
     return out
 

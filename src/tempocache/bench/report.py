@@ -15,8 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..generate import save_clips  # noqa: E402
 from .runner import sample_key  # noqa: E402
 
-MARKERS = {"full compute": "*", "fewer steps": "v", "tempocache": "o", "diffusers": "s", "cache-dit": "D"}
-PEER_FAMILIES = ("fewer steps", "diffusers", "cache-dit")
+MARKERS = {"full compute": "*", "fewer steps": "v", "tempocache": "o", "diffusers": "s", "cache-dit": "D", "torchao": "^"}
+PEER_FAMILIES = ("fewer steps", "diffusers", "cache-dit", "torchao")
 TARGET_SPEEDUP = 3.0
 NEAR = 0.95  # "near 3x": at least 95% of it, timing noise allowed for
 TIMING_TOLERANCE = 0.97  # a point within 3% of another's speedup counts as as fast

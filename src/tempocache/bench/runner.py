@@ -26,6 +26,7 @@ from ..eval.fidelity import fidelity
 from ..eval.metrics import frechet_distance, read_clips, semantic_accuracy
 from ..eval.reference_eval import REAL_SEED_OFFSET, real_clips
 from ..generate import load_pipeline
+from ..quant.linear import QuantLinear
 from ..reference import shapesworld
 from ..reference.models import get_spec
 from ..step_cache.adapters import find_blocks
@@ -66,7 +67,7 @@ class BlockComputeCounter:
 
     def __init__(self, transformer: torch.nn.Module):
         _, blocks, _ = find_blocks(transformer)
-        self.linears = [m for block in blocks for m in block.modules() if isinstance(m, torch.nn.Linear)]
+        self.linears = [m for block in blocks for m in block.modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
         self.total = 0
         self.handles = []
 
