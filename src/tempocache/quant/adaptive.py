@@ -9,15 +9,16 @@ activations hurts at that step. So, per layer l in block b, `calibrate_quant` fi
 
 where error_l is the relative change of block b's output when l alone runs W8A8 instead
 of W8A16, and change_b = |out_b - in_b| / |in_b| measured at the previous transformer call
-(at the current call it is not known before the block runs). How much an error at a step
+(at the current call it is not known before the block runs); a layer whose error does not
+rise with the change is predicted by its mean error instead. How much an error at a step
 reaches the final sample depends on the step (later steps partly undo early errors, or
 not): calibration also measures, closed-loop, each step's sensitivity, the drift of the
 sampled outputs when that step alone runs fully W8A8, per unit of summed predicted error.
 At run time, before each call, a layer runs in 8 bits if sensitivity(t) * predicted
-error per multiply-add is below a threshold, W8A16 otherwise. The threshold is set from the calibration calls so that `budget`, the
-share of the linears' multiply-adds done in 8 bits over a whole generation, is met: calls
-where the blocks are stable run more layers in 8 bits, volatile ones fewer. The weights
-are 8-bit either way.
+error per multiply-add is below a threshold, W8A16 otherwise. The threshold is set on the
+calibration calls so that `budget`, the share of the linears' multiply-adds done in 8 bits
+over a whole generation, is met: calls where the blocks are stable and the step is
+insensitive run more layers in 8 bits. The weights are 8-bit either way.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from .numerics import check_format
 from .quantize import HOOK_NAME, QuantState, quantizable_linears, replace_linears, restore_linears
 
 SHIPPED_DIR = Path(__file__).parent / "profiles"
+# A layer whose error does not rise with its block's change (correlation below this) is predicted by its mean error:
+# a poor fit only adds noise to the ranking.
+MIN_CORRELATION = 0.5
 
 
 @dataclass
@@ -307,7 +311,9 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
     coefficients, mean_error = [], []
     for name, _ in found:
         x, e = np.array(samples[name]).T
-        slope, intercept = np.polyfit(x, e, 1) if np.ptp(x) > 0 else (0.0, float(e.mean()))
+        slope, intercept = 0.0, float(e.mean())
+        if np.ptp(x) > 0 and np.ptp(e) > 0 and np.corrcoef(x, e)[0, 1] >= MIN_CORRELATION:
+            slope, intercept = np.polyfit(x, e, 1)
         coefficients.append([float(intercept), float(slope)])
         mean_error.append(float(e.mean()))
     return QuantProfile(
