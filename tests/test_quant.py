@@ -26,21 +26,17 @@ STEPS = (900.0, 740.0, 580.0, 420.0, 260.0, 100.0)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def denoise(fam, seed: int = 0, steps=STEPS) -> torch.Tensor:
+def denoise(fam, seed: int = 0, steps=STEPS, after_call=lambda: None) -> torch.Tensor:
     x = fam.inputs(1, 8, steps[0], seed)["hidden_states"]
     with torch.no_grad():
         for t in steps:
             kwargs = fam.inputs(1, 8, t, seed)
             kwargs["hidden_states"] = x
             x = x - 0.1 * fam.transformer(**kwargs, return_dict=False)[0]
+            after_call()
     return x
 
 
@@ -142,13 +138,7 @@ def test_adaptive_meets_the_budget_over_generations_and_follows_the_steps():
     state = tempocache.quantize(fam.transformer, tempocache.TimestepAdaptive(budget=0.5, format="fp8", profile=profile))
     choices = []
     for seed in (0, 1):  # the calibration generations
-        x = fam.inputs(1, 8, STEPS[0], seed)["hidden_states"]
-        with torch.no_grad():
-            for t in STEPS:
-                kwargs = fam.inputs(1, 8, t, seed)
-                kwargs["hidden_states"] = x
-                x = x - 0.1 * fam.transformer(**kwargs, return_dict=False)[0]
-                choices.append(tuple(layer.low_precision for layer in state.controller.layers))
+        denoise(fam, seed, after_call=lambda: choices.append(tuple(layer.low_precision for layer in state.controller.layers)))
     assert abs(state.stats()["low_precision_share"] - 0.5) < 0.1
     assert len(set(choices)) > 1  # the choice of layers follows the measured block changes
     assert len({sum(c) for c in choices}) > 1  # and so does how many run in 8 bits

@@ -30,13 +30,7 @@ STEPS = (900.0, 740.0, 580.0, 420.0, 260.0, 100.0)
 N = len(STEPS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models are tiny: intra-op threads only add sync overhead (and spin badly on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

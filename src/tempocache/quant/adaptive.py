@@ -65,21 +65,25 @@ class QuantProfile:
     def sensitivity(self, timesteps) -> np.ndarray:
         return np.interp(timesteps, self.step_timesteps, self.step_sensitivity)
 
+    def scores(self, changes: np.ndarray, timesteps: np.ndarray | float, per_step: bool = True) -> np.ndarray:
+        """Each layer's (last axis) predicted effect on the sample per multiply-add, for block changes (..., blocks)
+        at timesteps (...); per_step=False: its mean calibrated error per multiply-add, whatever the call."""
+        macs = np.array(self.macs, dtype=float)
+        if not per_step:
+            return np.ones_like(np.asarray(timesteps, dtype=float))[..., None] * np.array(self.mean_error) / macs
+        coefficients = np.array(self.coefficients)
+        predicted = coefficients[:, 0] + coefficients[:, 1] * np.asarray(changes)[..., self.blocks]
+        return np.asarray(self.sensitivity(timesteps))[..., None] * predicted / macs
+
     def threshold(self, budget: float, per_step: bool = True) -> float:
-        """Predicted error per multiply-add under which a layer runs in 8 bits, so that over the calibration
-        calls a `budget` share of the multiply-adds does (per_step=False: from the mean errors alone)."""
+        """The score under which a layer runs in 8 bits, so that over the calibration calls a `budget` share
+        of the multiply-adds does."""
         if budget <= 0:
             return -np.inf
         if budget >= 1:
             return np.inf
-        coefficients, macs = np.array(self.coefficients), np.array(self.macs, dtype=float)
-        if per_step:
-            changes = np.array(self.call_changes)[:, self.blocks]  # (calls, layers)
-            sensitivity = self.sensitivity(self.call_timesteps)[:, None]
-            scores = sensitivity * (coefficients[:, 0] + coefficients[:, 1] * changes) / macs
-        else:
-            scores = (np.array(self.mean_error) / macs)[None]
-        weights = np.broadcast_to(macs, scores.shape).ravel()
+        scores = self.scores(np.array(self.call_changes), np.array(self.call_timesteps), per_step)  # (calls, layers)
+        weights = np.broadcast_to(np.array(self.macs, dtype=float), scores.shape).ravel()
         order = np.argsort(scores.ravel(), kind="stable")
         within = np.cumsum(weights[order]) <= budget * weights.sum() + 1e-9
         return float(scores.ravel()[order][within][-1]) if within.any() else -np.inf
@@ -151,13 +155,10 @@ class _Controller:
         self.per_step = config.per_step
         self.threshold = self.profile.threshold(config.budget, config.per_step)
         self.layers = [state.layers[name] for name in self.profile.layers]
-        self.coefficients = np.array(self.profile.coefficients)
         self.macs = np.array(self.profile.macs, dtype=float)
-        self.block_index = np.array(self.profile.blocks)
         self.changes: dict[int, torch.Tensor] = {}
         self.last_timestep: float | None = None
         self.low_macs = self.all_macs = 0.0
-        self.static_scores = np.array(self.profile.mean_error) / self.macs
         _, blocks, calls = find_blocks(state.transformer)
         for index, (block, call) in enumerate(zip(blocks, calls)):
             HookRegistry.check_if_exists_or_initialize(block).register_hook(_ChangeHook(self, index, call), HOOK_NAME)
@@ -166,17 +167,12 @@ class _Controller:
         if timestep is None or self.last_timestep is None or timestep > self.last_timestep:
             self.changes = {}  # a new generation: nothing measured yet in it
         self.last_timestep = timestep
-        if self.per_step:
-            change = np.array(self.profile.initial_change)
-            if self.changes:
-                measured = sorted(self.changes)
-                change[measured] = torch.stack([self.changes[b] for b in measured]).float().cpu().numpy()
-            predicted = self.coefficients[:, 0] + self.coefficients[:, 1] * change[self.block_index]
-            sensitivity = self.profile.sensitivity(timestep if timestep is not None else self.profile.step_timesteps[-1])
-            scores = sensitivity * predicted / self.macs
-        else:
-            scores = self.static_scores
-        low = scores <= self.threshold
+        change = np.array(self.profile.initial_change)
+        if self.changes and self.per_step:
+            measured = sorted(self.changes)
+            change[measured] = torch.stack([self.changes[b] for b in measured]).float().cpu().numpy()
+        t = timestep if timestep is not None else self.profile.step_timesteps[-1]  # no timestep: as at the first step
+        low = self.profile.scores(change, t, self.per_step) <= self.threshold
         for layer, is_low in zip(self.layers, low):
             layer.low_precision = bool(is_low)
         self.low_macs += self.macs[low].sum()

@@ -25,10 +25,6 @@ class QuantLinear(nn.Module):
         self.bias = linear.bias
         self.low_precision = True  # set per call by a TimestepAdaptive controller
 
-    @classmethod
-    def replacing(cls, linear: nn.Linear, fmt: str) -> "QuantLinear":
-        return cls(linear, fmt).to(linear.weight.device)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.low_precision:
             return F.linear(x, dequantize_rows(self.weight_q, self.weight_scale, x.dtype), self.bias)

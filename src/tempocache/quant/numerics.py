@@ -35,7 +35,7 @@ def quantize_rows(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor
 _fused_quantize_rows = None
 
 
-def quantize_activations(x: torch.Tensor, fmt: str) -> torch.Tensor:
+def quantize_activations(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows`, on a GPU as one fused kernel (torch.compile): in eager mode its passes over the
     activations cost as much as the 8-bit matmul saves."""
     global _fused_quantize_rows

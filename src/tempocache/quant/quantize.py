@@ -64,10 +64,8 @@ def quantizable_linears(transformer: nn.Module) -> list[tuple[str, int]]:
 class QuantState:
     """What `quantize` did to a transformer: its 8-bit layers, the time-embedding caches, an optional controller."""
 
-    def __init__(self, transformer: nn.Module, config: Any, fmt: str, layers: dict[str, QuantLinear],
-                 block_of: dict[str, int], weight_bytes: tuple[int, int]):
-        self.transformer, self.config, self.format = transformer, config, fmt
-        self.layers, self.block_of = layers, block_of
+    def __init__(self, transformer: nn.Module, config: Any, fmt: str, layers: dict[str, QuantLinear], weight_bytes: tuple[int, int]):
+        self.transformer, self.config, self.format, self.layers = transformer, config, fmt, layers
         self.weight_bytes_before, self.weight_bytes_after = weight_bytes
         self.time_caches = []
         for module in time_embedders(transformer):
@@ -128,8 +126,7 @@ def quantize(pipe_or_transformer: Any, config: Any = None) -> QuantState:
     originals, layers = replace_linears(transformer, [name for name, _ in found], fmt)
     before = sum(m.weight.numel() * m.weight.element_size() for m in originals.values())
     after = sum(q.weight_q.numel() * q.weight_q.element_size() + q.weight_scale.numel() * 4 for q in layers.values())
-    del originals
-    state = QuantState(transformer, config, fmt, layers, dict(found), (before, after))
+    state = QuantState(transformer, config, fmt, layers, (before, after))
     transformer._tempocache_quant = state
     return state
 
@@ -141,7 +138,7 @@ def replace_linears(transformer: nn.Module, names: list[str], fmt: str) -> tuple
         parent_name, _, child = name.rpartition(".")
         parent = transformer.get_submodule(parent_name)
         originals[name] = getattr(parent, child)
-        layers[name] = QuantLinear.replacing(originals[name], fmt)
+        layers[name] = QuantLinear(originals[name], fmt)
         setattr(parent, child, layers[name])
     return originals, layers
 
