@@ -51,3 +51,26 @@ def test_console_script_is_installed():
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
     for command in ["generate", "eval-reference", "train-reference", "train-evaluator"]:
         assert command in out
+
+
+def test_quantization_predictor_and_quality_from_the_command_line(tmp_path, capsys):
+    import json
+
+    import tempocache
+
+    profile = tmp_path / "t2i-int8.json"
+    assert main(["calibrate", "--model", "shapes-t2i", "--prompts", "1", "--steps", "3", "--quant-predictor", "int8",
+                 "--out", str(profile)]) == 0
+    fitted = tempocache.QuantProfile.load(profile)
+    assert fitted.format == "int8" and len(fitted.step_timesteps) == 3 and len(fitted.layers) == 66
+    assert main(["calibrate", "--quant-predictor", "fp8", "--quantized", "fp8"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+
+    saved = tmp_path / "quality.json"
+    assert main(["quant-quality", "--model", "shapes-t2i", "--captions", "2", "--save", str(saved)]) == 0
+    rows = json.loads(saved.read_text())["rows"]
+    assert rows[0]["quantization"] == "full precision" and rows[0]["psnr"] == 100
+    assert all(20 < r["psnr"] < 100 for r in rows[1:])
+    assert all(r["weight_bytes_ratio"] > 3.9 for r in rows if r["quantization"] != "full precision")
+    assert {r["step_cache"] for r in rows} == {"none", "Auto(budget=0.33)"}
+    assert "| TimestepAdaptive fp8 budget=0.7 | none |" in capsys.readouterr().out

@@ -149,6 +149,11 @@ def test_threshold_spans_the_budgets():
     for per_step in (True, False):
         thresholds = [profile.threshold(b, per_step) for b in (0.0, 0.3, 0.6, 1.0)]
         assert thresholds[0] == -float("inf") and thresholds[-1] == float("inf") and thresholds == sorted(thresholds)
+    macs = torch.tensor(profile.macs, dtype=torch.float64)
+    static = torch.tensor(profile.mean_error, dtype=torch.float64) / macs
+    for budget in (0.3, 0.6, 0.9):  # static mixed precision: the same layers every call, never more than the budget
+        share = macs[static <= profile.threshold(budget, per_step=False)].sum() / macs.sum()
+        assert budget - macs.max() / macs.sum() <= share <= budget
 
 
 def test_first_generation_step_uses_the_calibrated_changes():

@@ -82,7 +82,10 @@ class QuantProfile:
             return -np.inf
         if budget >= 1:
             return np.inf
-        scores = self.scores(np.array(self.call_changes), np.array(self.call_timesteps), per_step)  # (calls, layers)
+        if per_step:
+            scores = self.scores(np.array(self.call_changes), np.array(self.call_timesteps))  # (calls, layers)
+        else:  # the same at every call: rank the layers once
+            scores = self.scores(None, np.zeros(1), per_step=False)
         weights = np.broadcast_to(np.array(self.macs, dtype=float), scores.shape).ravel()
         order = np.argsort(scores.ravel(), kind="stable")
         within = np.cumsum(weights[order]) <= budget * weights.sum() + 1e-9
@@ -218,9 +221,9 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
     fmt = check_format(format)
     if not prompts:
         raise ValueError("calibrate_quant needs at least one prompt")
-    for attribute in ("_tempocache_quant", "_tempocache_step_cache"):
+    for attribute, what in (("_tempocache_quant", "it is already quantized"), ("_tempocache_step_cache", "step caching is on")):
         if getattr(transformer, attribute, None) is not None:
-            raise RuntimeError(f"calibrate_quant needs the unmodified model: {attribute.split('_', 2)[2]} is on")
+            raise RuntimeError(f"calibrate_quant needs the unmodified model, but {what}")
     run = run or (lambda p, prompt: p(prompt))
     found = quantizable_linears(transformer)
     _, blocks, calls = find_blocks(transformer)
