@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Quantization results on the lent GPU. Run from the repository root on the device, with .whlq carried
-# (the diffusers, importlib_metadata and torchao wheels):
+# Quantization results on the lent GPU. Run from the repository root on the device, with .whlq carried: the
+# diffusers and importlib_metadata wheels of .whl (slimmed, see README) and torchao's, without cache-dit, to stay
+# under the device's 64 MiB tree limit. Once, here: echo /.whlq/ >> .git/info/exclude; mkdir -p .whlq;
+# cp .whl/diffusers-* .whl/importlib_metadata-* .whlq/; pip download --no-deps --only-binary=:all: --python-version 3.12
+#   --platform manylinux_2_28_x86_64 -d .whlq torchao==0.18.0
+# Then, on the device:
 #   bash scripts/device_quant.sh speed     # Wan2.1-1.3B-shaped speed and memory: $OUT/quant_speed.json
 #   bash scripts/device_quant.sh quality   # fit TimestepAdaptive's predictors and a step-cache profile of the
 #                                          # FP8 model, then quant-quality on both models: $OUT/quant.tar.gz
