@@ -19,15 +19,20 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {save_clips(clips, args.output, fps=args.fps, scale=args.scale)}")
 
 
+def _save_json(path: Path | None, result: dict) -> None:
+    """Write `result` as JSON to `path` (a --save argument), if one was given."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+
+
 def _eval_reference(args: argparse.Namespace) -> None:
     from .eval.reference_eval import evaluate_reference, format_table
 
     results = {name: evaluate_reference(name, args.captions, args.steps, args.guidance, args.device, args.batch_size,
                                         samples_per_caption=args.samples_per_caption)
                for name in args.model}
-    if args.save:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        args.save.write_text(json.dumps(results, indent=2))
+    _save_json(args.save, results)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
 
 
@@ -90,9 +95,7 @@ def _cache_quality(args: argparse.Namespace) -> None:
 
     result = cache_quality(args.model, args.captions, args.steps, args.guidance, args.device, args.batch_size, args.seed, args.policies)
     result["auto_comparison"] = comparison = auto_comparison(result)
-    if args.save:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        args.save.write_text(json.dumps(result, indent=2))
+    _save_json(args.save, result)
     print(format_table(result))
     print("\nBest PSNR (dB) per compute cap, with the compute spent:\n" + format_frontier(result))
     print("Auto is the most faithful policy at its compute" if not comparison["losses"]
@@ -105,9 +108,7 @@ def _quant_quality(args: argparse.Namespace) -> None:
     from .eval.quant_quality import format_table, quant_quality
 
     result = quant_quality(args.model, args.captions, args.device, args.batch_size, args.seed, args.format, args.cache_profile)
-    if args.save:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        args.save.write_text(json.dumps(result, indent=2))
+    _save_json(args.save, result)
     print(format_table(result))
 
 

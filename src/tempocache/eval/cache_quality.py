@@ -75,16 +75,30 @@ def cache_quality(model: str = "shapes-t2v", captions: int = 16, steps: int | No
             "policy": "full compute" if config is None else type(config).__name__,
             "settings": {} if config is None else {k: v for k, v in vars(config).items() if k != "profile"},
             "compute_fraction": result["compute_fraction"],
-            **fidelity(result["clips"], reference["clips"]),
-            "semantic_accuracy": semantic_accuracy(read_clips(evaluator, result["clips"])[1], scenes, spec.is_video),
+            **score(result["clips"], reference["clips"], evaluator, scenes, spec.is_video),
             "seconds": round(result["seconds"], 2),
         })
-    return {
-        "model": model, "captions": captions, "seed": seed,
-        "steps": steps or spec.default_steps, "guidance": guidance or spec.default_guidance,
-        "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu",
-        "date": datetime.date.today().isoformat(), "rows": rows,
-    }
+    return {**run_header(model, captions, seed, steps or spec.default_steps, guidance or spec.default_guidance, device),
+            "rows": rows}
+
+
+def score(clips: np.ndarray, reference: np.ndarray, evaluator, scenes: list, is_video: bool) -> dict:
+    """Fidelity to the reference clips (PSNR, SSIM, relative L2) and semantic accuracy against the scenes."""
+    return {**fidelity(clips, reference),
+            "semantic_accuracy": semantic_accuracy(read_clips(evaluator, clips)[1], scenes, is_video)}
+
+
+def run_header(model: str, captions: int, seed: int, steps: int, guidance: float, device: str) -> dict:
+    return {"model": model, "captions": captions, "seed": seed, "steps": steps, "guidance": guidance,
+            "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu",
+            "date": datetime.date.today().isoformat()}
+
+
+def quality_cells(row: dict) -> str:
+    """PSNR, SSIM, relative L2 and the semantic accuracies of a scored row, as markdown table cells."""
+    acc = row["semantic_accuracy"]
+    return (f"{row['psnr']:.2f} | {row['ssim']:.3f} | {row['relative_l2']:.3f} | {acc['colour']:.2f} | {acc['shape']:.2f} | "
+            f"{acc.get('motion', float('nan')):.2f} | {acc['all']:.2f} |")
 
 
 def auto_comparison(result: dict) -> dict[str, list[str]]:
@@ -114,10 +128,8 @@ def auto_comparison(result: dict) -> dict[str, list[str]]:
 def format_table(result: dict) -> str:
     lines = ["| policy | settings | compute | PSNR (dB) | SSIM | rel. L2 | colour | shape | motion | all |", "|---" * 10 + "|"]
     for r in result["rows"]:
-        acc = r["semantic_accuracy"]
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
-        lines.append(f"| {r['policy']} | {settings} | {r['compute_fraction']:.2f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['relative_l2']:.3f} | "
-                     f"{acc['colour']:.2f} | {acc['shape']:.2f} | {acc.get('motion', float('nan')):.2f} | {acc['all']:.2f} |")
+        lines.append(f"| {r['policy']} | {settings} | {r['compute_fraction']:.2f} | {quality_cells(r)}")
     return "\n".join(lines)
 
 

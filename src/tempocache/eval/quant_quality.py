@@ -9,10 +9,8 @@ mean calibrated error: the comparison at the same share of 8-bit work.
 
 from __future__ import annotations
 
-import datetime
 import time
 
-import torch
 from tqdm.auto import tqdm
 
 from .. import quant as q
@@ -21,9 +19,8 @@ from ..generate import generate, load_pipeline
 from ..quant.quantize import quantizable_linears
 from ..reference import shapesworld
 from ..reference.models import get_spec
+from .cache_quality import quality_cells, run_header, score
 from .evaluator import load_evaluator
-from .fidelity import fidelity
-from .metrics import read_clips, semantic_accuracy
 
 ADAPTIVE_BUDGETS = (0.9, 0.7)
 CACHE_BUDGET = 0.33
@@ -86,24 +83,16 @@ def quant_quality(model: str = "shapes-t2v", captions: int = 16, device: str = "
             "low_precision_share": stats.get("low_precision_share", 0.0),
             "weight_bytes_ratio": stats["weight_bytes_before"] / stats["weight_bytes_after"] if stats else 1.0,
             "compute_fraction": sc.stats(pipe)["compute_fraction"] if cache_config is not None else 1.0,
-            **fidelity(clips, reference),
-            "semantic_accuracy": semantic_accuracy(read_clips(evaluator, clips)[1], scenes, spec.is_video),
+            **score(clips, reference, evaluator, scenes, spec.is_video),
             "seconds": round(seconds, 2),
         })
-    return {
-        "model": model, "captions": captions, "seed": seed, "format": fmt,
-        "steps": spec.default_steps, "guidance": spec.default_guidance,
-        "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu",
-        "date": datetime.date.today().isoformat(), "rows": rows,
-    }
+    return {**run_header(model, captions, seed, spec.default_steps, spec.default_guidance, device), "format": fmt, "rows": rows}
 
 
 def format_table(result: dict) -> str:
     lines = ["| quantization | step cache | 8-bit share | weights smaller | block compute | PSNR (dB) | SSIM | rel. L2 | colour | shape | motion | all |",
              "|---" * 12 + "|"]
     for r in result["rows"]:
-        acc = r["semantic_accuracy"]
         lines.append(f"| {r['quantization']} | {r['step_cache']} | {r['low_precision_share']:.2f} | {r['weight_bytes_ratio']:.2f}x | "
-                     f"{r['compute_fraction']:.2f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['relative_l2']:.3f} | {acc['colour']:.2f} | "
-                     f"{acc['shape']:.2f} | {acc.get('motion', float('nan')):.2f} | {acc['all']:.2f} |")
+                     f"{r['compute_fraction']:.2f} | {quality_cells(r)}")
     return "\n".join(lines)

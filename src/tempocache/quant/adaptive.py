@@ -197,12 +197,12 @@ class _ChangeHook(ModelHook):
         return args, kwargs
 
     def post_forward(self, module, output):
-        self.controller.changes[self.index] = relative_change(self.call.state_out(output, self._args, self._kwargs), self.state_in)
+        self.controller.changes[self.index] = relative_state_change(self.call.state_out(output, self._args, self._kwargs), self.state_in)
         self.state_in = self._args = self._kwargs = None
         return output
 
 
-def relative_change(new: tuple, old: tuple) -> torch.Tensor:
+def relative_state_change(new: tuple, old: tuple) -> torch.Tensor:
     """|new - old| / |old| over every tensor of a block state (a 0-d tensor: no device sync)."""
     pairs = [(n.float(), o.float()) for n, o in zip(new, old) if n is not None and o is not None]
     return torch.sqrt(sum((n - o).pow(2).sum() for n, o in pairs) / sum(o.pow(2).sum() for _, o in pairs).clamp(min=1e-24))
@@ -251,7 +251,7 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
             if state["busy"]:
                 return
             state_in, exact = calls[index].state_in(args, kwargs), calls[index].state_out(output, args, kwargs)
-            change = float(relative_change(exact, state_in))
+            change = float(relative_state_change(exact, state_in))
             state["current"][index] = change
             if state["previous"] is None:
                 initial[index].append(change)
@@ -263,7 +263,7 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
                     layers[name].low_precision = True
                     approx = calls[index].state_out(module(*args, **kwargs), args, kwargs)
                     layers[name].low_precision = False
-                    samples[name].append((x, float(relative_change(approx, exact))))
+                    samples[name].append((x, float(relative_state_change(approx, exact))))
             finally:
                 state["busy"] = False
         return hook

@@ -259,8 +259,10 @@ def refine_schedule(drift: Callable[[list[list[Action]]], float], schedule: list
         moves = [(k, s, d) for k, segment in enumerate(schedule) for s, a in enumerate(segment) if s > 0
                  for d in ((-1, 1) if a is Action.COMPUTE else (0,))]
         for k, s, d in moves:
+            if runs == 0:
+                break
             candidate = _moved(schedule, k, s, d)
-            if candidate is None or runs == 0:
+            if candidate is None:
                 continue
             runs -= 1
             candidate_error = drift(candidate)
