@@ -8,6 +8,7 @@ and on a GPU by the same test on the device.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 import tempocache
+from tempocache.quant.adaptive import MIX_BUDGETS, MIXES
 from tempocache.quant.linear import QuantLinear
 from tempocache.quant.numerics import dequantize_rows, kernel_matmul, quantize_rows, simulated_matmul
 from tempocache.quant.quantize import quantizable_linears
@@ -133,7 +135,7 @@ def test_full_budget_is_static_w8a8_and_generations_do_not_leak(name):
 
 
 def test_adaptive_meets_the_budget_over_generations_and_follows_the_steps():
-    profile = profile_for("wan", "fp8")
+    profile = replace(profile_for("wan", "fp8"), mixes={})  # the predictor alone, whatever calibration preferred
     fam = fresh("wan")
     state = tempocache.quantize(fam.transformer, tempocache.TimestepAdaptive(budget=0.5, format="fp8", profile=profile))
     choices = []
@@ -146,14 +148,32 @@ def test_adaptive_meets_the_budget_over_generations_and_follows_the_steps():
 
 def test_threshold_spans_the_budgets():
     profile = profile_for("flux", "int8")
-    for per_step in (True, False):
-        thresholds = [profile.threshold(b, per_step) for b in (0.0, 0.3, 0.6, 1.0)]
+    for mix in MIXES:
+        thresholds = [profile.threshold(b, mix) for b in (0.0, 0.3, 0.6, 1.0)]
         assert thresholds[0] == -float("inf") and thresholds[-1] == float("inf") and thresholds == sorted(thresholds)
     macs = torch.tensor(profile.macs, dtype=torch.float64)
     static = torch.tensor(profile.mean_error, dtype=torch.float64) / macs
     for budget in (0.3, 0.6, 0.9):  # static mixed precision: the same layers every call, never more than the budget
-        share = macs[static <= profile.threshold(budget, per_step=False)].sum() / macs.sum()
+        share = macs[static <= profile.threshold(budget, (0.0, 0.0))].sum() / macs.sum()
         assert budget - macs.max() / macs.sum() <= share <= budget
+
+
+def test_calibration_keeps_the_mix_that_drifted_least_and_runs_use_it():
+    profile = profile_for("wan", "int8")
+    assert set(profile.mixes) == {str(b) for b in MIX_BUDGETS}
+    for budget, drifts in profile.mix_drift.items():
+        assert len(drifts) == len(MIXES) and profile.mixes[budget] == list(MIXES[drifts.index(min(drifts))])
+        assert len(set(drifts)) > 1  # the mixes choose differently
+    fam = fresh("wan")
+    state = tempocache.quantize(fam.transformer, tempocache.TimestepAdaptive(budget=0.65, format="int8", profile=profile))
+    assert state.controller.mix == tuple(profile.mixes["0.7"])  # the nearest calibrated budget's
+    static_mix = replace(profile, mixes={"0.5": [0.0, 0.0]})  # the static mix is static mixed precision, bit for bit
+    outputs = []
+    for config in (tempocache.TimestepAdaptive(0.5, "int8", static_mix), tempocache.TimestepAdaptive(0.5, "int8", profile, per_step=False)):
+        fam = fresh("wan")
+        tempocache.quantize(fam.transformer, config)
+        outputs.append(denoise(fam))
+    assert torch.equal(*outputs)
 
 
 def test_first_generation_step_uses_the_calibrated_changes():

@@ -127,21 +127,28 @@ def _quantized_group(kind: str) -> Group:
 def _torchao(kind: str) -> Callable:
     def build(pipe: ShapesPipeline, steps: int, guidance: float) -> list[Setting]:
         from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int8DynamicActivationInt8WeightConfig,
-                                          PerRow, quantize_)
+                                          PerRow, PerTensor, quantize_)
 
         device = pipe.transformer.device
-        if kind == "float8" and not (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)):
-            raise ValueError("torchao's float8 runs only on a GPU of compute capability 8.9+ (tempocache's FP8 is simulated elsewhere)")
-        config = (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if kind == "float8"
-                  else Int8DynamicActivationInt8WeightConfig())
+        settings = {}
+        if kind == "float8":
+            if not (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)):
+                raise ValueError("torchao's float8 runs only on a GPU of compute capability 8.9+ (tempocache's FP8 is simulated elsewhere)")
+            # torchao's row-wise float8 (the scheme closest to ours) takes only bf16 weights
+            bf16 = next(pipe.transformer.parameters()).dtype == torch.bfloat16
+            settings["granularity"] = "PerRow" if bf16 else "PerTensor"
+            config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow() if bf16 else PerTensor())
+        else:
+            config = Int8DynamicActivationInt8WeightConfig()
 
         def apply(transformer):
             names = {name for name, _ in quantizable_linears(transformer)}  # the same layers as ours
             quantize_(transformer, config, filter_fn=lambda module, fqn: fqn in names)
 
         enable, disable = _on_a_copy(apply)
-        return [Setting(type(config).__name__, "torchao", {"config": type(config).__name__}, enable=enable, disable=disable,
-                        note="the linears tempocache quantizes (inside the blocks, modulation excluded)")]
+        config_name = type(config).__name__
+        return [Setting(_label(config_name, settings) if settings else config_name, "torchao", {"config": config_name, **settings},
+                        enable=enable, disable=disable, note="the linears tempocache quantizes (inside the blocks, modulation excluded)")]
     return build
 
 

@@ -14,11 +14,19 @@ rise with the change is predicted by its mean error instead. How much an error a
 reaches the final sample depends on the step (later steps partly undo early errors, or
 not): calibration also measures, closed-loop, each step's sensitivity, the drift of the
 sampled outputs when that step alone runs fully W8A8, per unit of summed predicted error.
-At run time, before each call, a layer runs in 8 bits if sensitivity(t) * predicted
-error per multiply-add is below a threshold, W8A16 otherwise. The threshold is set on the
-calibration calls so that `budget`, the share of the linears' multiply-adds done in 8 bits
-over a whole generation, is met: calls where the blocks are stable and the step is
-insensitive run more layers in 8 bits. The weights are 8-bit either way.
+At run time, before each call, a layer runs in 8 bits if its score
+
+    sensitivity(t)^alpha * mean_error_l^(1 - beta) * max(predicted error_l, 0)^beta / multiply-adds_l
+
+is below a threshold, W8A16 otherwise. The threshold is set on the calibration calls so
+that `budget`, the share of the linears' multiply-adds done in 8 bits over a whole
+generation, is met: calls where the blocks are stable and the step is insensitive run more
+layers in 8 bits. (alpha, beta) = (1, 1) is the predictor above; (0, 0) ranks the layers
+once by their mean error, static mixed precision. Which mix moves the samples least
+depends on the model and the budget (with a tenth of the work left in high precision,
+keeping the worst layers there at every step can beat moving it to sensitive steps), so
+calibration runs each mix of MIXES, closed-loop, at a few budgets and keeps the best; a
+run uses the mix of the nearest calibrated budget. The weights are 8-bit either way.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ SHIPPED_DIR = Path(__file__).parent / "profiles"
 # A layer whose error does not rise with its block's change (correlation below this) is predicted by its mean error:
 # a poor fit only adds noise to the ranking.
 MIN_CORRELATION = 0.5
+MIXES = ((1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (0.0, 0.0))  # (alpha, beta): see the module's docstring
+MIX_BUDGETS = (0.5, 0.7, 0.9)
 
 
 @dataclass
@@ -61,35 +71,40 @@ class QuantProfile:
     step_timesteps: list[float]  # the calibrated steps' timesteps, ascending
     step_sensitivity: list[float]  # per step (same order): output drift per unit of predicted error
     prompts: list[str] = field(default_factory=list)
+    mixes: dict[str, list[float]] = field(default_factory=dict)  # per calibrated budget, the (alpha, beta) that drifted least
+    mix_drift: dict[str, list[float]] = field(default_factory=dict)  # per calibrated budget, each of MIXES' drift
 
     def sensitivity(self, timesteps) -> np.ndarray:
         return np.interp(timesteps, self.step_timesteps, self.step_sensitivity)
 
-    def scores(self, changes: np.ndarray, timesteps: np.ndarray | float, per_step: bool = True) -> np.ndarray:
-        """Each layer's (last axis) predicted effect on the sample per multiply-add, for block changes (..., blocks)
-        at timesteps (...); per_step=False: its mean calibrated error per multiply-add, whatever the call."""
-        macs = np.array(self.macs, dtype=float)
-        if not per_step:
-            return np.ones_like(np.asarray(timesteps, dtype=float))[..., None] * np.array(self.mean_error) / macs
-        coefficients = np.array(self.coefficients)
-        predicted = coefficients[:, 0] + coefficients[:, 1] * np.asarray(changes)[..., self.blocks]
-        return np.asarray(self.sensitivity(timesteps))[..., None] * predicted / macs
+    def mix_for(self, budget: float) -> tuple[float, float]:
+        """The calibrated mix of the budget nearest `budget`; the predictor alone if none was calibrated."""
+        if not self.mixes:
+            return MIXES[0]
+        return tuple(self.mixes[min(self.mixes, key=lambda b: abs(float(b) - budget))])
 
-    def threshold(self, budget: float, per_step: bool = True) -> float:
+    def scores(self, changes: np.ndarray, timesteps: np.ndarray | float, mix: tuple[float, float]) -> np.ndarray:
+        """Each layer's (last axis) score for block changes (..., blocks) at timesteps (...), per the module's docstring."""
+        alpha, beta = mix
+        coefficients = np.array(self.coefficients)
+        predicted = np.maximum(coefficients[:, 0] + coefficients[:, 1] * np.asarray(changes)[..., self.blocks], 0.0)
+        sensitivity = np.asarray(self.sensitivity(timesteps), dtype=float)[..., None]
+        return sensitivity ** alpha * np.array(self.mean_error) ** (1 - beta) * predicted ** beta / np.array(self.macs, dtype=float)
+
+    def threshold(self, budget: float, mix: tuple[float, float]) -> float:
         """The score under which a layer runs in 8 bits, so that over the calibration calls a `budget` share
         of the multiply-adds does."""
         if budget <= 0:
             return -np.inf
         if budget >= 1:
             return np.inf
-        if per_step:
-            scores = self.scores(np.array(self.call_changes), np.array(self.call_timesteps))  # (calls, layers)
-        else:  # the same at every call: rank the layers once
-            scores = self.scores(None, np.zeros(1), per_step=False)
+        scores = self.scores(np.array(self.call_changes), np.array(self.call_timesteps), mix)  # (calls, layers)
         weights = np.broadcast_to(np.array(self.macs, dtype=float), scores.shape).ravel()
         order = np.argsort(scores.ravel(), kind="stable")
-        within = np.cumsum(weights[order]) <= budget * weights.sum() + 1e-9
-        return float(scores.ravel()[order][within][-1]) if within.any() else -np.inf
+        ranked = scores.ravel()[order]
+        last_of_equals = np.append(ranked[1:] != ranked[:-1], True)  # a layer at the threshold runs in 8 bits at every call
+        within = (np.cumsum(weights[order]) <= budget * weights.sum() + 1e-9) & last_of_equals
+        return float(ranked[within][-1]) if within.any() else -np.inf
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -147,35 +162,40 @@ class TimestepAdaptive:
         return replace(self, profile=profile)
 
     def make_controller(self, state: QuantState) -> "_Controller":
-        return _Controller(self, state)
+        mix = self.profile.mix_for(self.budget) if self.per_step else (0.0, 0.0)
+        return _Controller(self.profile, self.budget, mix, state.layers, state.transformer)
 
 
 class _Controller:
     """Sets each layer's precision before every transformer call, from the block changes of the last one."""
 
-    def __init__(self, config: TimestepAdaptive, state: QuantState):
-        self.profile: QuantProfile = config.profile
-        self.per_step = config.per_step
-        self.threshold = self.profile.threshold(config.budget, config.per_step)
-        self.layers = [state.layers[name] for name in self.profile.layers]
-        self.macs = np.array(self.profile.macs, dtype=float)
+    def __init__(self, profile: QuantProfile, budget: float, mix: tuple[float, float], layers: dict[str, Any], transformer):
+        self.profile, self.mix = profile, mix
+        self.threshold = profile.threshold(budget, mix)
+        self.layers = [layers[name] for name in profile.layers]
+        self.macs = np.array(profile.macs, dtype=float)
         self.changes: dict[int, torch.Tensor] = {}
         self.last_timestep: float | None = None
         self.low_macs = self.all_macs = 0.0
-        _, blocks, calls = find_blocks(state.transformer)
-        for index, (block, call) in enumerate(zip(blocks, calls)):
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(_ChangeHook(self, index, call), HOOK_NAME)
+        _, self.blocks, calls = find_blocks(transformer)
+        if mix[1] > 0:  # the block changes are read only by the predictor
+            for index, (block, call) in enumerate(zip(self.blocks, calls)):
+                HookRegistry.check_if_exists_or_initialize(block).register_hook(_ChangeHook(self, index, call), HOOK_NAME)
+
+    def remove(self) -> None:
+        for block in self.blocks:
+            HookRegistry.check_if_exists_or_initialize(block).remove_hook(HOOK_NAME, recurse=False)
 
     def decide(self, timestep: float | None) -> None:
         if timestep is None or self.last_timestep is None or timestep > self.last_timestep:
             self.changes = {}  # a new generation: nothing measured yet in it
         self.last_timestep = timestep
         change = np.array(self.profile.initial_change)
-        if self.changes and self.per_step:
+        if self.changes:
             measured = sorted(self.changes)
             change[measured] = torch.stack([self.changes[b] for b in measured]).float().cpu().numpy()
         t = timestep if timestep is not None else self.profile.step_timesteps[-1]  # no timestep: as at the first step
-        low = self.profile.scores(change, t, self.per_step) <= self.threshold
+        low = self.profile.scores(change, t, self.mix) <= self.threshold
         for layer, is_low in zip(self.layers, low):
             layer.low_precision = bool(is_low)
         self.low_macs += self.macs[low].sum()
@@ -208,12 +228,14 @@ def relative_state_change(new: tuple, old: tuple) -> torch.Tensor:
     return torch.sqrt(sum((n - o).pow(2).sum() for n, o in pairs) / sum(o.pow(2).sum() for _, o in pairs).clamp(min=1e-24))
 
 
-def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | None = None, format: str = "fp8") -> QuantProfile:
+def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | None = None, format: str = "fp8",
+                    mix_budgets: tuple[float, ...] = MIX_BUDGETS) -> QuantProfile:
     """Fit TimestepAdaptive's predictor on full generations of `prompts` (the model is left as it was).
 
     Every block call is re-run once per quantizable linear in it with that linear alone in W8A8
-    (the others W8A16), then each step is probed once with all linears W8A8 at that step alone:
-    calibration costs about (linears per block + 1 + steps) generations. Runs must be deterministic.
+    (the others W8A16), then each step is probed once with all linears W8A8 at that step alone,
+    then each of MIXES runs closed-loop at each of `mix_budgets`: calibration costs about
+    (linears per block + 1 + steps + 4 x budgets) generations. Runs must be deterministic.
     """
     from ..reference.models import reference_name_of
 
@@ -268,16 +290,11 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
                 state["busy"] = False
         return hook
 
-    def sampled_outputs(quantized_step: float | None) -> list[torch.Tensor]:
-        """The transformer's output samples over all prompts, with every linear W8A8 at one step's calls."""
+    def sampled_outputs(pick: Callable[[float], None]) -> list[torch.Tensor]:
+        """The transformer's output samples over all prompts, `pick(timestep)` setting the precisions before each call."""
         outputs = []
-
-        def pick(module, args, kwargs):
-            for layer in layers.values():
-                layer.low_precision = timestep_of(module, args, kwargs) == quantized_step
-
-        hooks = [transformer.register_forward_pre_hook(pick, with_kwargs=True),
-                 transformer.register_forward_hook(lambda module, args, output: outputs.append(output_sample(output)))]
+        hooks = [transformer.register_forward_pre_hook(lambda m, args, kwargs: pick(timestep_of(m, args, kwargs)), with_kwargs=True),
+                 transformer.register_forward_hook(lambda m, args, output: outputs.append(output_sample(output)))]
         try:
             for prompt in prompts:
                 run(pipe, prompt)
@@ -285,6 +302,19 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
             for hook in hooks:
                 hook.remove()
         return outputs
+
+    def all_low_at(step: float | None) -> Callable[[float], None]:
+        def pick(t: float) -> None:
+            for layer in layers.values():
+                layer.low_precision = t == step
+        return pick
+
+    def mix_drift(profile: QuantProfile, budget: float, mix: tuple[float, float]) -> float:
+        controller = _Controller(profile, budget, mix, layers, transformer)
+        try:
+            return _drift(sampled_outputs(controller.decide), exact, call_timesteps)
+        finally:
+            controller.remove()
 
     handles = [transformer.register_forward_pre_hook(on_call, with_kwargs=True)]
     handles += [block.register_forward_hook(on_block(i), with_kwargs=True) for i, block in enumerate(blocks)]
@@ -296,31 +326,36 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
             for handle in handles:
                 handle.remove()
             handles = []
-            exact = sampled_outputs(None)
+            exact = sampled_outputs(all_low_at(None))
             steps = sorted(set(call_timesteps))
-            drift = [_drift(sampled_outputs(t), exact, call_timesteps) for t in steps]
+            drift = [_drift(sampled_outputs(all_low_at(t)), exact, call_timesteps) for t in steps]
+            errors = np.array([[e for _, e in samples[name]] for name, _ in found])  # (layers, calls)
+            at_step = np.array([[t == step for t in call_timesteps] for step in steps])  # (steps, calls)
+            predicted_total = (errors.sum(0)[None] * at_step).sum(1)
+            coefficients, mean_error = [], []
+            for name, _ in found:
+                x, e = np.array(samples[name]).T
+                slope, intercept = 0.0, float(e.mean())
+                if np.ptp(x) > 0 and np.ptp(e) > 0 and np.corrcoef(x, e)[0, 1] >= MIN_CORRELATION:
+                    slope, intercept = np.polyfit(x, e, 1)
+                coefficients.append([float(intercept), float(slope)])
+                mean_error.append(float(e.mean()))
+            profile = QuantProfile(
+                model=reference_name_of(transformer) or type(transformer).__name__, format=fmt,
+                layers=[name for name, _ in found], blocks=[b for _, b in found],
+                macs=[layers[name].macs_per_token for name, _ in found], coefficients=coefficients, mean_error=mean_error,
+                initial_change=[float(np.mean(changes)) for changes in initial], call_changes=call_changes,
+                call_timesteps=call_timesteps, step_timesteps=steps,
+                step_sensitivity=[float(d / max(p, 1e-12)) for d, p in zip(drift, predicted_total)], prompts=[str(p) for p in prompts])
+            for budget in mix_budgets:
+                drifts = [mix_drift(profile, budget, mix) for mix in MIXES]
+                profile.mixes[str(budget)] = list(MIXES[int(np.argmin(drifts))])
+                profile.mix_drift[str(budget)] = drifts
     finally:
         for handle in handles:
             handle.remove()
         restore_linears(transformer, originals)
-    errors = np.array([[e for _, e in samples[name]] for name, _ in found])  # (layers, calls)
-    at_step = np.array([[t == step for t in call_timesteps] for step in steps])  # (steps, calls)
-    predicted_total = (errors.sum(0)[None] * at_step).sum(1)
-    sensitivity = [float(d / max(p, 1e-12)) for d, p in zip(drift, predicted_total)]
-    coefficients, mean_error = [], []
-    for name, _ in found:
-        x, e = np.array(samples[name]).T
-        slope, intercept = 0.0, float(e.mean())
-        if np.ptp(x) > 0 and np.ptp(e) > 0 and np.corrcoef(x, e)[0, 1] >= MIN_CORRELATION:
-            slope, intercept = np.polyfit(x, e, 1)
-        coefficients.append([float(intercept), float(slope)])
-        mean_error.append(float(e.mean()))
-    return QuantProfile(
-        model=reference_name_of(transformer) or type(transformer).__name__, format=fmt,
-        layers=[name for name, _ in found], blocks=[b for _, b in found],
-        macs=[layers[name].macs_per_token for name, _ in found], coefficients=coefficients, mean_error=mean_error,
-        initial_change=[float(np.mean(changes)) for changes in initial], call_changes=call_changes,
-        call_timesteps=call_timesteps, step_timesteps=steps, step_sensitivity=sensitivity, prompts=[str(p) for p in prompts])
+    return profile
 
 
 def _drift(approx: list[torch.Tensor], exact: list[torch.Tensor], timesteps: list[float]) -> float:
