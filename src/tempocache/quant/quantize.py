@@ -18,7 +18,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from ..step_cache.adapters import find_blocks, timestep_of
-from ..step_cache.engine import _transformer_of
+from ..step_cache.engine import _transformer_of, attached
 from .linear import QuantLinear, clear_input_cache
 from .numerics import check_format
 from .time_embedding import TimeEmbeddingCache, time_embedders
@@ -150,11 +150,7 @@ def restore_linears(transformer: nn.Module, originals: dict[str, nn.Linear]) -> 
 
 
 def quant_state(pipe_or_transformer: Any) -> QuantState:
-    transformer, _ = _transformer_of(pipe_or_transformer)
-    state = getattr(transformer, "_tempocache_quant", None)
-    if state is None:
-        raise RuntimeError(f"this {type(transformer).__name__} is not quantized; call tempocache.quantize() first")
-    return state
+    return attached(pipe_or_transformer, "_tempocache_quant", "this {name} is not quantized; call tempocache.quantize() first")
 
 
 def quant_stats(pipe_or_transformer: Any) -> dict:

@@ -221,12 +221,19 @@ def enable(pipe_or_transformer: Any, config: Any) -> StepCacheEngine:
     return engine
 
 
-def engine_of(pipe_or_transformer: Any) -> StepCacheEngine:
+def attached(pipe_or_transformer: Any, attribute: str, missing: str) -> Any:
+    """What tempocache attached to the transformer as `attribute`; if nothing, a RuntimeError saying `missing`
+    (its {name} is the transformer's class name)."""
     transformer, _ = _transformer_of(pipe_or_transformer)
-    engine = getattr(transformer, "_tempocache_step_cache", None)
-    if engine is None:
-        raise RuntimeError(f"step caching is not enabled on this {type(transformer).__name__}; call tempocache.enable() first")
-    return engine
+    found = getattr(transformer, attribute, None)
+    if found is None:
+        raise RuntimeError(missing.format(name=type(transformer).__name__))
+    return found
+
+
+def engine_of(pipe_or_transformer: Any) -> StepCacheEngine:
+    return attached(pipe_or_transformer, "_tempocache_step_cache",
+                    "step caching is not enabled on this {name}; call tempocache.enable() first")
 
 
 def disable(pipe_or_transformer: Any) -> None:
