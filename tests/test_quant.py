@@ -7,7 +7,9 @@ and on a GPU by the same test on the device.
 
 from __future__ import annotations
 
+import gc
 import sys
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,10 +18,11 @@ import torch
 from torch import nn
 
 import tempocache
+from tempocache.quant import adaptive
 from tempocache.quant.adaptive import MIX_BUDGETS, MIXES
 from tempocache.quant.linear import QuantLinear
 from tempocache.quant.numerics import dequantize_rows, kernel_matmul, quantize_rows, simulated_matmul
-from tempocache.quant.quantize import quantizable_linears
+from tempocache.quant.quantize import quantizable_linears, replace_linears
 
 sys.path.insert(0, str(Path(__file__).parent))
 import families  # noqa: E402
@@ -191,6 +194,26 @@ def test_calibrate_quant_leaves_the_model_as_it_was():
     assert {n: m for n, m in fam.transformer.named_modules() if isinstance(m, nn.Linear)} == linears
     assert torch.equal(denoise(fam), before)
     assert not any(isinstance(m, QuantLinear) for m in fam.transformer.modules())
+
+
+def test_calibrate_quant_frees_its_8bit_layers_without_waiting_for_the_garbage_collector(monkeypatch):
+    fam = fresh("wan")
+    made = []
+
+    def recording(*args):
+        originals, layers = replace_linears(*args)
+        made.extend(layers.values())
+        return originals, layers
+
+    monkeypatch.setattr(adaptive, "replace_linears", recording)
+    gc.disable()
+    try:
+        tempocache.calibrate_quant(fam.transformer, [0], run=lambda t, seed: denoise(fam, seed))
+        alive = [weakref.ref(layer) for layer in made]
+        made.clear()
+        assert alive and all(ref() is None for ref in alive)  # their weights' memory is back before the next model loads
+    finally:
+        gc.enable()
 
 
 def test_time_embedding_is_exact_and_cached():

@@ -185,6 +185,9 @@ class _Controller:
     def remove(self) -> None:
         for block in self.blocks:
             HookRegistry.check_if_exists_or_initialize(block).remove_hook(HOOK_NAME, recurse=False)
+        # a removed diffusers hook stays in a reference cycle (hook <-> its function references) until the garbage
+        # collector runs: it must not keep the 8-bit layers (the weights' memory) alive meanwhile
+        self.layers = []
 
     def decide(self, timestep: float | None) -> None:
         if timestep is None or self.last_timestep is None or timestep > self.last_timestep:
