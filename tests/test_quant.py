@@ -22,7 +22,7 @@ from tempocache.quant import adaptive
 from tempocache.quant.adaptive import MIX_BUDGETS, MIXES
 from tempocache.quant.linear import QuantLinear
 from tempocache.quant.numerics import dequantize_rows, kernel_matmul, quantize_rows, simulated_matmul
-from tempocache.quant.quantize import quantizable_linears, replace_linears
+from tempocache.quant.quantize import quantizable_linears, replace_linears, resolve_format
 
 sys.path.insert(0, str(Path(__file__).parent))
 import families  # noqa: E402
@@ -265,6 +265,31 @@ def test_bad_input_is_refused_before_anything_changes():
         tempocache.quantize(fam.transformer)
     with pytest.raises(RuntimeError, match="unmodified model"):
         tempocache.calibrate_quant(fam.transformer, [0], run=lambda t, seed: denoise(fam, seed))
+
+
+def test_fp8_on_a_gpu_without_it_is_refused_naming_the_alternatives(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ValueError, match=r"NVIDIA A100 has 8\.0: use format='int8' .* or 'auto', or quantize on the CPU"):
+        resolve_format("fp8", torch.device("cuda"))
+    assert resolve_format("auto", torch.device("cuda")) == resolve_format("int8", torch.device("cuda")) == "int8"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_format("fp8", torch.device("cuda")) == resolve_format("auto", torch.device("cuda")) == "fp8"
+
+
+def test_linears_the_kernels_cannot_take_stay_exact_and_are_reported():
+    torch.manual_seed(0)
+    fam = families.tiny("wan")
+    odd = fam.transformer.__class__.from_config({**fam.transformer.config, "ffn_dim": 40})  # 40: not a multiple of 16
+    baseline = odd(**fam.inputs(), return_dict=False)[0]
+    with pytest.warns(UserWarning, match="keeps 8 block linears exact"):
+        state = tempocache.quantize(odd, tempocache.W8A8("int8"))
+    kept = state.stats()["kept_exact"]
+    assert sorted(kept) == sorted(f"blocks.{i}.ffn.net.{n}" for i in range(4) for n in ("0.proj", "2"))
+    assert kept["blocks.0.ffn.net.2"] == "40 x 32: 8-bit kernels need multiples of 16"
+    assert all(type(odd.get_submodule(n)) is nn.Linear for n in kept)
+    assert len(state.layers) == len(quantizable_linears(odd)) > 0  # the attention projections are 8-bit
+    assert not torch.equal(odd(**fam.inputs(), return_dict=False)[0], baseline)
 
 
 @pytest.mark.parametrize("model", tempocache.SHIPPED_MODELS)

@@ -44,7 +44,7 @@ from ..step_cache.adapters import find_blocks, timestep_of
 from ..step_cache.engine import _transformer_of
 from ..step_cache.profile import output_sample
 from .numerics import check_format
-from .quantize import HOOK_NAME, QuantState, quantizable_linears, replace_linears, restore_linears
+from .quantize import HOOK_NAME, QuantState, quantizable_linears, replace_linears, resolve_format, restore_linears
 
 SHIPPED_DIR = Path(__file__).parent / "profiles"
 # A layer whose error does not rise with its block's change (correlation below this) is predicted by its mean error:
@@ -243,7 +243,7 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
     from ..reference.models import reference_name_of
 
     transformer, _ = _transformer_of(pipe)
-    fmt = check_format(format)
+    fmt = resolve_format(format, next(transformer.parameters()).device)
     if not prompts:
         raise ValueError("calibrate_quant needs at least one prompt")
     for attribute, what in (("_tempocache_quant", "it is already quantized"), ("_tempocache_step_cache", "step caching is on")):

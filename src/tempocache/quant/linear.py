@@ -29,7 +29,7 @@ class QuantLinear(nn.Module):
         if not self.low_precision:
             return F.linear(x, dequantize_rows(self.weight_q, self.weight_scale, x.dtype), self.bias)
         a_q, a_scale = _quantized_input(x, self.fmt)
-        matmul = kernel_matmul if kernel_supported(x, self.fmt, self.weight_q) else simulated_matmul
+        matmul = kernel_matmul if kernel_supported(x, self.fmt) else simulated_matmul
         y = matmul(a_q, a_scale, self.weight_q, self.weight_scale, self.bias, x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 

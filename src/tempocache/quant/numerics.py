@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 
 FORMATS = {"fp8": (torch.float8_e4m3fn, 448.0), "int8": (torch.int8, 127.0)}
+# Both weight dimensions must be multiples of this for torch._scaled_mm (torch._int_mm needs 8). One rule for both
+# formats and every device, so a layer is 8-bit or exact the same way on the CPU as on a GPU.
+KERNEL_MULTIPLE = 16
 FUSE_ON_GPU = True  # quantize activations with one compiled kernel on a GPU (benchmarks turn it off to compare)
 
 
@@ -68,11 +71,15 @@ def kernel_matmul(a_q, a_scale, w_q, w_scale, bias, out_dtype: torch.dtype) -> t
     return torch._scaled_mm(a_q, w_q.t(), scale_a=a_scale, scale_b=w_scale.t(), bias=bias, out_dtype=out_dtype)
 
 
-def kernel_supported(x: torch.Tensor, fmt: str, w_q: torch.Tensor) -> bool:
-    """Whether the 8-bit kernels take this call: a GPU with the format, and shapes they accept."""
+def kernel_takes(in_features: int, out_features: int) -> bool:
+    return in_features % KERNEL_MULTIPLE == 0 and out_features % KERNEL_MULTIPLE == 0
+
+
+def kernel_supported(x: torch.Tensor, fmt: str) -> bool:
+    """Whether the 8-bit kernels take this call (the layer's shape is checked once, by `quantize`): a GPU with
+    the format; for INT8, more than 16 rows."""
     if not x.is_cuda:
         return False
-    rows, (n, k) = x.numel() // x.shape[-1], w_q.shape
     if fmt == "fp8":
-        return torch.cuda.get_device_capability(x.device) >= (8, 9) and k % 16 == 0 and n % 16 == 0
-    return rows > 16 and k % 8 == 0 and n % 8 == 0
+        return torch.cuda.get_device_capability(x.device) >= (8, 9)
+    return x.numel() // x.shape[-1] > 16

@@ -10,6 +10,7 @@ as with torchao's `quantize_`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import nn
 from ..step_cache.adapters import find_blocks, timestep_of
 from ..step_cache.engine import _transformer_of, attached
 from .linear import QuantLinear, clear_input_cache
-from .numerics import check_format
+from .numerics import KERNEL_MULTIPLE, check_format, kernel_takes
 from .time_embedding import TimeEmbeddingCache, time_embedders
 
 HOOK_NAME = "tempocache_quant"
@@ -42,30 +43,48 @@ class W8A8:
 
 
 def resolve_format(fmt: str, device: torch.device) -> str:
-    if fmt != "auto":
-        return check_format(fmt)
-    if device.type == "cuda":
-        return "fp8" if torch.cuda.get_device_capability(device) >= (8, 9) else "int8"
-    return "fp8"
+    """The format to run on `device`; refuses FP8 on a GPU without FP8 tensor cores."""
+    if fmt == "auto":
+        if device.type == "cuda":
+            return "fp8" if torch.cuda.get_device_capability(device) >= (8, 9) else "int8"
+        return "fp8"
+    check_format(fmt)
+    if fmt == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"format 'fp8' needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper and newer), but "
+                         f"{torch.cuda.get_device_name(device)} has {major}.{minor}: use format='int8' (8-bit integer "
+                         "tensor cores) or 'auto', or quantize on the CPU for FP8's simulated numerics")
+    return fmt
 
 
-def quantizable_linears(transformer: nn.Module) -> list[tuple[str, int]]:
-    """(qualified name, block index) of every linear `quantize` replaces, in execution order of the blocks."""
+def _block_linears(transformer: nn.Module) -> list[tuple[str, int, nn.Module]]:
     _, blocks, _ = find_blocks(transformer)
     names = {id(m): n for n, m in transformer.named_modules()}
     found = []
     for index, block in enumerate(blocks):
         skip = {id(m) for parent in block.modules() if "Norm" in type(parent).__name__ for m in parent.modules()}
-        found += [(f"{names[id(block)]}.{n}", index) for n, m in block.named_modules()
+        found += [(f"{names[id(block)]}.{n}", index, m) for n, m in block.named_modules()
                   if isinstance(m, (nn.Linear, QuantLinear)) and id(m) not in skip]
     return found
+
+
+def quantizable_linears(transformer: nn.Module) -> list[tuple[str, int]]:
+    """(qualified name, block index) of every linear `quantize` replaces, in execution order of the blocks."""
+    return [(name, index) for name, index, m in _block_linears(transformer) if kernel_takes(m.in_features, m.out_features)]
+
+
+def unfit_linears(transformer: nn.Module) -> dict[str, str]:
+    """The block linears `quantize` keeps exact because the 8-bit kernels cannot take their shape, with why."""
+    return {name: f"{m.in_features} x {m.out_features}: 8-bit kernels need multiples of {KERNEL_MULTIPLE}"
+            for name, _, m in _block_linears(transformer) if not kernel_takes(m.in_features, m.out_features)}
 
 
 class QuantState:
     """What `quantize` did to a transformer: its 8-bit layers, the time-embedding caches, an optional controller."""
 
-    def __init__(self, transformer: nn.Module, config: Any, fmt: str, layers: dict[str, QuantLinear], weight_bytes: tuple[int, int]):
-        self.transformer, self.config, self.format, self.layers = transformer, config, fmt, layers
+    def __init__(self, transformer: nn.Module, config: Any, fmt: str, layers: dict[str, QuantLinear], weight_bytes: tuple[int, int],
+                 kept_exact: dict[str, str]):
+        self.transformer, self.config, self.format, self.layers, self.kept_exact = transformer, config, fmt, layers, kept_exact
         self.weight_bytes_before, self.weight_bytes_after = weight_bytes
         self.time_caches = []
         for module in time_embedders(transformer):
@@ -76,7 +95,8 @@ class QuantState:
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_CallHook(self), HOOK_NAME)
 
     def stats(self) -> dict:
-        """Weight memory of the quantized layers, share of their work done in 8 bits, time-embedding cache hits."""
+        """Weight memory of the quantized layers, share of their work done in 8 bits, block linears kept exact (and
+        why), time-embedding cache hits."""
         low = self.controller.low_share() if self.controller is not None else 1.0
         return {
             "format": self.format,
@@ -84,6 +104,7 @@ class QuantState:
             "weight_bytes_before": self.weight_bytes_before,
             "weight_bytes_after": self.weight_bytes_after,
             "low_precision_share": low,
+            "kept_exact": dict(self.kept_exact),
             "time_embedding_hits": sum(c.hits for c in self.time_caches),
             "time_embedding_misses": sum(c.misses for c in self.time_caches),
         }
@@ -116,17 +137,20 @@ def quantize(pipe_or_transformer: Any, config: Any = None) -> QuantState:
         raise RuntimeError(f"this {type(transformer).__name__} is already quantized ({transformer._tempocache_quant.config}); "
                            "load a fresh model to quantize it differently")
     config.check()
-    device = next(transformer.parameters()).device
-    fmt = resolve_format(config.format, device)
-    found = quantizable_linears(transformer)
+    fmt = resolve_format(config.format, next(transformer.parameters()).device)
+    found, kept_exact = quantizable_linears(transformer), unfit_linears(transformer)
     if not found:
-        raise TypeError(f"{type(transformer).__name__} has no linear layers inside its blocks to quantize")
+        raise TypeError(f"{type(transformer).__name__} has no linear layers inside its blocks that the 8-bit kernels take"
+                        + (f" (kept exact: {kept_exact})" if kept_exact else ""))
+    if kept_exact:
+        warnings.warn(f"tempocache.quantize keeps {len(kept_exact)} block linears exact, shapes the 8-bit kernels cannot "
+                      f"take: {kept_exact}", stacklevel=2)
     if hasattr(config, "prepare"):  # checks its profile against these layers before anything changes
         config = config.prepare(transformer, fmt, [name for name, _ in found])
     originals, layers = replace_linears(transformer, [name for name, _ in found], fmt)
     before = sum(m.weight.numel() * m.weight.element_size() for m in originals.values())
     after = sum(q.weight_q.numel() * q.weight_q.element_size() + q.weight_scale.numel() * 4 for q in layers.values())
-    state = QuantState(transformer, config, fmt, layers, (before, after))
+    state = QuantState(transformer, config, fmt, layers, (before, after), kept_exact)
     transformer._tempocache_quant = state
     return state
 
