@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 import tempocache
-from tempocache.quant import adaptive
+from tempocache.quant import adaptive, attention
 from tempocache.quant.adaptive import MIX_BUDGETS, MIXES
+from tempocache.quant.attention import FP8AttentionMode, fp8_attention, kernel_unavailable, quantize_qkv, simulated_attention
 from tempocache.quant.linear import QuantLinear
 from tempocache.quant.numerics import dequantize_rows, kernel_matmul, quantize_rows, simulated_matmul
 from tempocache.quant.quantize import quantizable_linears, replace_linears, resolve_format
@@ -75,7 +76,7 @@ def test_kernels_match_the_simulated_numerics(device, fmt):
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
 def test_quantize_rows_range_and_roundtrip(fmt):
-    x = torch.randn(32, 64) * torch.logspace(-3, 3, 32)[:, None]
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 32)[:, None]
     x_q, scale = quantize_rows(x, fmt)
     assert x_q.dtype == (torch.float8_e4m3fn if fmt == "fp8" else torch.int8) and scale.shape == (32, 1)
     assert x_q.float().abs().amax(dim=1).sub(448.0 if fmt == "fp8" else 127.0).abs().max() < 1e-3  # every row uses the full range
@@ -177,6 +178,18 @@ def test_calibration_keeps_the_mix_that_drifted_least_and_runs_use_it():
         tempocache.quantize(fam.transformer, config)
         outputs.append(denoise(fam))
     assert torch.equal(*outputs)
+
+
+def test_drift_is_the_geometric_mean_over_samples_of_each_final_error():
+    exact = [torch.zeros(2, 3), torch.zeros(2, 3)]  # one generation of two steps (t = 900 then 400), two batch rows
+    approx = [torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 0.0], [0.01, 0.01, 0.01]])]
+    # row 0 moved 500 * 1 (the first step runs to 400), row 1 400 * 0.01 (the last runs to 0): geometric mean 44.72
+    assert adaptive._drift(approx, exact, [900.0, 400.0]) == pytest.approx((500 * 4) ** 0.5)
+    approx[1][1] /= 2  # halving the small error lowers the drift as much as halving the large one would
+    halved_small = adaptive._drift(approx, exact, [900.0, 400.0])
+    approx[1][1] *= 2
+    approx[0][0] /= 2
+    assert halved_small == pytest.approx(adaptive._drift(approx, exact, [900.0, 400.0]))
 
 
 def test_first_generation_step_uses_the_calibrated_changes():
@@ -299,3 +312,51 @@ def test_shipped_profiles_match_the_reference_models(model):
         config = tempocache.TimestepAdaptive(format=fmt)
         names = [n for n, _ in quantizable_linears(pipe.transformer)]
         assert config.prepare(pipe.transformer, fmt, names).profile.format == fmt
+
+
+def test_fp8_attention_numerics():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 200, 32) for _ in range(3))
+    exact = nn.functional.scaled_dot_product_attention(q, k, v)
+    fp8 = fp8_attention(q, k, v)
+    assert 0.01 < ((fp8 - exact).norm() / exact.norm()).item() < 0.1  # e4m3 rounding, not a wrong result
+    assert torch.equal(fp8_attention(q, k + torch.randn(1, 3, 1, 32), v), fp8)  # K's mean over tokens is removed exactly
+    q8, k8, v8, s_q, s_k, s_v = quantize_qkv(q, k, v)
+    assert q8.dtype == k8.dtype == v8.dtype == torch.float8_e4m3fn and s_q.shape == (1, 1, 1, 1)
+    assert k8.float().abs().amax() == v8.float().abs().amax() == 448
+    assert torch.equal(simulated_attention(q8, k8, v8, s_q, s_k, s_v, 32 ** -0.5, torch.float32), fp8)
+    mode = FP8AttentionMode()
+    with mode:
+        assert torch.equal(nn.functional.scaled_dot_product_attention(query=q, key=k, value=v), fp8)
+        mask = torch.ones(200, 200, dtype=torch.bool)
+        assert torch.equal(nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                           nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        nn.functional.scaled_dot_product_attention(q, k[:, :, :50], v[:, :, :50])
+    assert mode.fp8_calls == 1
+    assert mode.exact_calls == {"mask, dropout, causal or grouped heads": 2, "not self-attention": 1}
+
+
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_fp8_attention_runs_self_attention_only_and_generations_do_not_leak(name):
+    linears_only, with_attention = fresh(name), fresh(name)
+    tempocache.quantize(linears_only.transformer, tempocache.W8A8("fp8"))
+    state = tempocache.quantize(with_attention.transformer, tempocache.W8A8("fp8", attention=True))
+    first, reference = denoise(with_attention), denoise(linears_only)
+    assert 0 < ((first - reference).norm() / reference.norm()) < 0.05
+    calls = len(STEPS) * len(tempocache.step_cache.adapters.find_blocks(with_attention.transformer)[1])
+    stats = state.stats()
+    assert stats["attention_fp8_calls"] == calls  # every block's self-attention
+    assert stats["attention_exact_calls"] == ({"not self-attention": calls} if name == "wan" else {})  # wan's text cross-attention
+    assert torch.equal(denoise(with_attention), first)
+    assert torch.equal(nn.functional.scaled_dot_product_attention(*(torch.ones(1, 1, 4, 16),) * 3), torch.ones(1, 1, 4, 16))
+
+
+def test_fp8_attention_where_the_gpu_has_no_kernel_is_refused_naming_the_alternatives(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L4")
+    assert kernel_unavailable(torch.device("cuda")) == \
+        "NVIDIA L4 has compute capability 8.9; cuDNN's FP8 attention needs 9.0+ (Hopper)"
+    assert kernel_unavailable(torch.device("cpu")) == "not a CUDA device"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(attention.importlib.util, "find_spec", lambda name: None)
+    assert "pip install nvidia-cudnn-frontend" in kernel_unavailable(torch.device("cuda"))

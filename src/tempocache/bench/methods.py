@@ -86,9 +86,10 @@ def _tempocache_group(policy: str) -> Group:
 
 # Quantization replaces weights for good: each setting runs on a copy of the transformer, dropped afterwards.
 QUANTIZED = {
-    "W8A8": [(quant.W8A8("fp8"), None), (quant.W8A8("int8"), None)],
+    "W8A8": [(quant.W8A8("fp8"), None), (quant.W8A8("int8"), None), (quant.W8A8("fp8", attention=True), None)],
     "TimestepAdaptive": [(quant.TimestepAdaptive(b, "fp8"), None) for b in (0.9, 0.7)],
-    "W8A8+Auto": [(quant.W8A8("fp8"), 0.33), (quant.W8A8("int8"), 0.33), (quant.TimestepAdaptive(0.7, "fp8"), 0.33)],
+    "W8A8+Auto": [(quant.W8A8("fp8"), 0.33), (quant.W8A8("int8"), 0.33), (quant.W8A8("fp8", attention=True), 0.33),
+                  (quant.TimestepAdaptive(0.7, "fp8"), 0.33)],
 }
 
 
@@ -108,7 +109,7 @@ def _quantized_group(kind: str) -> Group:
     def build(pipe: ShapesPipeline, steps: int, guidance: float) -> list[Setting]:
         out = []
         for config, budget in QUANTIZED[kind]:
-            settings = {k: v for k, v in vars(config).items() if k != "profile"}
+            settings = {k: v for k, v in vars(config).items() if k != "profile" and (k != "attention" or v)}
             if budget is not None:
                 settings["cache"] = f"Auto(budget={budget})"
 

@@ -32,9 +32,10 @@ def settings(fmt: str, quantized_cache_profile: str | None = None) -> list[tuple
     With `quantized_cache_profile` (a step-cache profile calibrated on the W8A8 `fmt` model,
     CacheQuant's point), W8A8 `fmt` + Auto also runs with that profile.
     """
-    quantized = [q.W8A8("fp8"), q.W8A8("int8")]
+    quantized = [q.W8A8("fp8"), q.W8A8("int8"), q.W8A8(fmt, attention=True)]
     for budget in ADAPTIVE_BUDGETS:
-        quantized += [q.TimestepAdaptive(budget, fmt), q.TimestepAdaptive(budget, fmt, per_step=False)]
+        quantized += [q.TimestepAdaptive(budget, fmt), q.TimestepAdaptive(budget, fmt, per_step=False),
+                      q.TimestepAdaptive(budget, fmt, attention=True)]
     cached = [(config, sc.Auto(CACHE_BUDGET)) for config in [None, *quantized] if config is None or getattr(config, "per_step", True)]
     if quantized_cache_profile:
         cached.append((q.W8A8(fmt), sc.Auto(CACHE_BUDGET, profile=quantized_cache_profile)))
@@ -44,10 +45,11 @@ def settings(fmt: str, quantized_cache_profile: str | None = None) -> list[tuple
 def describe(config) -> str:
     if config is None:
         return "full precision"
+    attention = " + FP8 attention" if config.attention else ""
     if isinstance(config, q.W8A8):
-        return f"W8A8 {config.format}"
+        return f"W8A8 {config.format}{attention}"
     kind = "TimestepAdaptive" if config.per_step else "static mixed"
-    return f"{kind} {config.format} budget={config.budget}"
+    return f"{kind} {config.format} budget={config.budget}{attention}"
 
 
 def quant_quality(model: str = "shapes-t2v", captions: int = 16, device: str = "cpu", batch_size: int = 16,

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..step_cache.adapters import find_blocks, timestep_of
 from ..step_cache.engine import _transformer_of, attached
+from .attention import FP8AttentionHook, FP8AttentionMode, attention_modules, kernel_unavailable
 from .linear import QuantLinear, clear_input_cache
 from .numerics import KERNEL_MULTIPLE, check_format, kernel_takes
 from .time_embedding import TimeEmbeddingCache, time_embedders
@@ -33,9 +34,11 @@ class W8A8:
 
     format: "fp8" (e4m3, `torch._scaled_mm`), "int8" (`torch._int_mm`), or "auto": FP8 on
     a GPU that has it (compute capability 8.9+), else INT8 on a GPU, and FP8 (simulated) on a CPU.
+    attention: also run the blocks' self-attention in FP8 (`attention.py`; cuDNN on Hopper, simulated on a CPU).
     """
 
     format: str = "auto"
+    attention: bool = False
 
     def check(self) -> None:
         if self.format != "auto":
@@ -92,6 +95,10 @@ class QuantState:
             HookRegistry.check_if_exists_or_initialize(module).register_hook(cache, HOOK_NAME)
             self.time_caches.append(cache)
         self.controller = config.make_controller(self) if hasattr(config, "make_controller") else None
+        self.attention = FP8AttentionMode() if config.attention else None
+        if self.attention is not None:
+            for module in attention_modules(find_blocks(transformer)[1]):
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(FP8AttentionHook(self.attention), HOOK_NAME)
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_CallHook(self), HOOK_NAME)
 
     def stats(self) -> dict:
@@ -105,6 +112,8 @@ class QuantState:
             "weight_bytes_after": self.weight_bytes_after,
             "low_precision_share": low,
             "kept_exact": dict(self.kept_exact),
+            "attention_fp8_calls": self.attention.fp8_calls if self.attention is not None else 0,
+            "attention_exact_calls": dict(self.attention.exact_calls) if self.attention is not None else {},
             "time_embedding_hits": sum(c.hits for c in self.time_caches),
             "time_embedding_misses": sum(c.misses for c in self.time_caches),
         }
@@ -137,7 +146,11 @@ def quantize(pipe_or_transformer: Any, config: Any = None) -> QuantState:
         raise RuntimeError(f"this {type(transformer).__name__} is already quantized ({transformer._tempocache_quant.config}); "
                            "load a fresh model to quantize it differently")
     config.check()
-    fmt = resolve_format(config.format, next(transformer.parameters()).device)
+    device = next(transformer.parameters()).device
+    fmt = resolve_format(config.format, device)
+    if config.attention and device.type != "cpu" and (why := kernel_unavailable(device)):
+        raise ValueError(f"attention=True needs cuDNN's FP8 attention, but {why}: use attention=False (8-bit linears "
+                         "only), or quantize on the CPU for its simulated numerics")
     found, kept_exact = quantizable_linears(transformer), unfit_linears(transformer)
     if not found:
         raise TypeError(f"{type(transformer).__name__} has no linear layers inside its blocks that the 8-bit kernels take"
