@@ -206,7 +206,6 @@ def main() -> None:
     result["bf16_full_50_steps_seconds"] = full["seconds"]
     breakdown["bf16"] = attempt("bf16 breakdown", lambda: kernel_breakdown(model))
     print(f"bf16: {rows['bf16']}, 50 steps {full['seconds']:.2f} s", flush=True)
-    save()
     model = None  # frees the bf16 model before the next is built
 
     def quantized(label: str, quantize, after=None) -> None:
@@ -252,7 +251,6 @@ def main() -> None:
         print(f"{label}: {rows[label]}", flush=True)
 
     quantized("ours W8A8 fp8 + fp8 attention", lambda m: tc.quantize(m, tc.W8A8("fp8", attention=True)), after=with_auto)
-    save()
     print(json.dumps(result, indent=1))
 
 

@@ -42,6 +42,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from ..step_cache.adapters import find_blocks, timestep_of
 from ..step_cache.engine import _transformer_of
+from ..step_cache.profile import output_sample
 from .numerics import check_format
 from .quantize import HOOK_NAME, QuantState, quantizable_linears, replace_linears, resolve_format, restore_linears
 
@@ -299,7 +300,7 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
         """The transformer's output samples over all prompts, `pick(timestep)` setting the precisions before each call."""
         outputs = []
         hooks = [transformer.register_forward_pre_hook(lambda m, args, kwargs: pick(timestep_of(m, args, kwargs)), with_kwargs=True),
-                 transformer.register_forward_hook(lambda m, args, output: outputs.append(_row_samples(output)))]
+                 transformer.register_forward_hook(lambda m, args, output: outputs.append(output_sample(output, ROW_SAMPLES, per_row=True)))]
         try:
             for prompt in prompts:
                 run(pipe, prompt)
@@ -361,13 +362,6 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
             handle.remove()
         restore_linears(transformer, originals)
     return profile
-
-
-def _row_samples(output) -> torch.Tensor:
-    """(batch rows, ROW_SAMPLES): evenly spaced values of each batch row of a transformer output."""
-    rows = (output[0] if isinstance(output, tuple) else output.sample).flatten(1)
-    index = torch.linspace(0, rows.shape[1] - 1, min(ROW_SAMPLES, rows.shape[1]), device=rows.device).long()
-    return rows[:, index].float().cpu()
 
 
 def _drift(approx: list[torch.Tensor], exact: list[torch.Tensor], timesteps: list[float]) -> float:

@@ -35,6 +35,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from .numerics import compiled
+
 FP8, FP8_MAX = torch.float8_e4m3fn, 448.0
 QUERY_CHUNK = 1024  # queries per simulated block: bounds the float32 logits held at once
 # cuDNN's FP8 attention is about 10% faster on whole tiles of 128 tokens (H100, 32,760 tokens: 8.0 ms, padded to
@@ -74,8 +76,8 @@ def kernel_unavailable(device: torch.device) -> str | None:
     """Why cuDNN's FP8 attention cannot run on `device` (None: it can)."""
     if device.type != "cuda":
         return "not a CUDA device"
-    if torch.cuda.get_device_capability(device) < (9, 0):
-        major, minor = torch.cuda.get_device_capability(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (9, 0):
         return f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; cuDNN's FP8 attention needs 9.0+ (Hopper)"
     if importlib.util.find_spec("cudnn") is None:
         return "the cuDNN frontend is not installed (pip install nvidia-cudnn-frontend)"
@@ -147,14 +149,6 @@ class _CudnnAttention:
 
 
 _cudnn_attention = _CudnnAttention()
-_compiled: dict[str, object] = {}
-
-
-def _compile(name: str, fn):
-    """One fused kernel per shape on a GPU: in eager mode the passes over q, k, v cost a third of what FP8 saves."""
-    if name not in _compiled:
-        _compiled[name] = torch.compile(fn, dynamic=False)
-    return _compiled[name]
 
 
 def _dequantize(o8: torch.Tensor, s_v: torch.Tensor, tokens: int, dtype: torch.dtype) -> torch.Tensor:
@@ -167,9 +161,10 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     if not q.is_cuda:
         return simulated_attention(*quantize_qkv(q, k, v), scale, q.dtype)
     tokens = q.shape[-2]
-    q8, k8, v8, s_q, s_k, s_v = _compile("quantize", quantize_qkv)(q, k, v, -(-tokens // TILE) * TILE)
+    # fused kernels (torch.compile): in eager mode the passes over q, k and v cost a third of what FP8 saves
+    q8, k8, v8, s_q, s_k, s_v = compiled(quantize_qkv)(q, k, v, -(-tokens // TILE) * TILE)
     o8 = _cudnn_attention(q8, k8, v8, s_q, s_k, s_v, tokens, scale)
-    return _compile("dequantize", _dequantize)(o8, s_v, tokens, q.dtype)
+    return compiled(_dequantize)(o8, s_v, tokens, q.dtype)
 
 
 def _fp8_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):

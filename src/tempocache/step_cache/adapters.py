@@ -135,3 +135,8 @@ def timestep_of(transformer: nn.Module, args: tuple, kwargs: dict) -> float | No
 
 def hidden_states_of(transformer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def output_tensor(output) -> torch.Tensor:
+    """A transformer call's sample: the first element of a tuple (return_dict=False), else `.sample`."""
+    return output[0] if isinstance(output, tuple) else output.sample

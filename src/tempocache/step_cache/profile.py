@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .adapters import output_tensor
 from .policy import Action, BranchMemory, Policy, State, Step, relative_change
 
 SHIPPED_DIR = Path(__file__).parent / "profiles"
@@ -156,8 +157,7 @@ class _Recorder(Policy):
         self.open[step.branch]["residuals"][-1].append(self._sample(x_out[0] - x_in[0]))
 
     def call_done(self, step: Step, branches: dict[str, BranchMemory], output) -> None:
-        sample = output[0] if isinstance(output, tuple) else output.sample
-        self.open[step.branch]["outputs"].append(float(sample.float().abs().mean()))
+        self.open[step.branch]["outputs"].append(float(output_tensor(output).float().abs().mean()))
         self.calls.append((id(self.open[step.branch]), step.index))
         self.output_samples.append(output_sample(output))
 
@@ -169,10 +169,13 @@ class _Recorder(Policy):
         return tokens[self.index.to(x.device)].float().cpu()
 
 
-def output_sample(output) -> torch.Tensor:
-    sample = (output[0] if isinstance(output, tuple) else output.sample).flatten()
-    index = torch.linspace(0, len(sample) - 1, min(OUTPUT_SAMPLES, len(sample)), device=sample.device).long()
-    return sample[index].float().cpu()
+def output_sample(output, count: int = OUTPUT_SAMPLES, per_row: bool = False) -> torch.Tensor:
+    """`count` evenly spaced values of a transformer call's output, on the CPU: of the whole output, or (per_row)
+    of each batch row, shaped (rows, count)."""
+    sample = output_tensor(output).flatten(1 if per_row else 0)
+    size = sample.shape[-1]
+    index = torch.linspace(0, size - 1, min(count, size), device=sample.device).long()
+    return sample[..., index].float().cpu()
 
 
 def calibrate(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | None = None, segments: int = 4,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..adapters import output_tensor
 from ..policy import BranchMemory, Policy, Step, check_int
 
 
@@ -27,10 +28,6 @@ class CFGReuse:
 
     def make_policy(self, transformer=None) -> Policy:
         return CFGReusePolicy(self)
-
-
-def _sample(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output.sample
 
 
 def _with_sample(output, sample: torch.Tensor):
@@ -52,11 +49,11 @@ class CFGReusePolicy(Policy):
         if cond is None or cond.scratch.get("output_step") != step.index or "difference" not in uncond.scratch:
             return None
         output = cond.scratch["output"]
-        return _with_sample(output, _sample(output) + uncond.scratch["difference"])
+        return _with_sample(output, output_tensor(output) + uncond.scratch["difference"])
 
     def call_done(self, step: Step, branches: dict[str, BranchMemory], output) -> None:
         memory = branches[step.branch]
         if step.branch == "cond":
             memory.scratch["output"], memory.scratch["output_step"] = output, step.index
         elif branches.get("cond") is not None and branches["cond"].scratch.get("output_step") == step.index:
-            memory.scratch["difference"] = _sample(output) - _sample(branches["cond"].scratch["output"])
+            memory.scratch["difference"] = output_tensor(output) - output_tensor(branches["cond"].scratch["output"])
