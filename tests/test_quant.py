@@ -19,7 +19,7 @@ from torch import nn
 
 import tempocache
 from tempocache.quant import adaptive, attention
-from tempocache.quant.adaptive import MIX_BUDGETS, MIXES
+from tempocache.quant.adaptive import MIX_BUDGETS, MIXES, STATIC_MIX
 from tempocache.quant.attention import FP8AttentionMode, fp8_attention, kernel_unavailable, quantize_qkv, simulated_attention
 from tempocache.quant.linear import QuantLinear
 from tempocache.quant.numerics import dequantize_rows, kernel_matmul, quantize_rows, simulated_matmul
@@ -155,11 +155,9 @@ def test_threshold_spans_the_budgets():
     for mix in MIXES:
         thresholds = [profile.threshold(b, mix) for b in (0.0, 0.3, 0.6, 1.0)]
         assert thresholds[0] == -float("inf") and thresholds[-1] == float("inf") and thresholds == sorted(thresholds)
-    macs = torch.tensor(profile.macs, dtype=torch.float64)
-    static = torch.tensor(profile.mean_error, dtype=torch.float64) / macs
+    largest = max(profile.macs) / sum(profile.macs)
     for budget in (0.3, 0.6, 0.9):  # static mixed precision: the same layers every call, never more than the budget
-        share = macs[static <= profile.threshold(budget, (0.0, 0.0))].sum() / macs.sum()
-        assert budget - macs.max() / macs.sum() <= share <= budget
+        assert budget - largest <= profile.static_share(budget) <= budget
 
 
 def test_calibration_keeps_the_mix_that_drifted_least_and_runs_use_it():
@@ -171,7 +169,7 @@ def test_calibration_keeps_the_mix_that_drifted_least_and_runs_use_it():
     fam = fresh("wan")
     state = tempocache.quantize(fam.transformer, tempocache.TimestepAdaptive(budget=0.65, format="int8", profile=profile))
     assert state.controller.mix == tuple(profile.mixes["0.7"])  # the nearest calibrated budget's
-    static_mix = replace(profile, mixes={"0.5": [0.0, 0.0]})  # the static mix is static mixed precision, bit for bit
+    static_mix = replace(profile, mixes={"0.5": list(STATIC_MIX)})  # the static mix is static mixed precision, bit for bit
     outputs = []
     for config in (tempocache.TimestepAdaptive(0.5, "int8", static_mix), tempocache.TimestepAdaptive(0.5, "int8", profile, per_step=False)):
         fam = fresh("wan")
@@ -180,16 +178,37 @@ def test_calibration_keeps_the_mix_that_drifted_least_and_runs_use_it():
     assert torch.equal(*outputs)
 
 
+def test_step_estimate_is_each_layers_mean_error_at_that_step():
+    profile = profile_for("flux", "fp8")
+    table = torch.tensor(profile.step_error, dtype=torch.float64)
+    assert table.shape == (len(profile.layers), len(STEPS))
+    assert torch.allclose(table.mean(1), torch.tensor(profile.mean_error, dtype=torch.float64))  # as many calls per step
+    assert (table.std(1) > 0).all()  # a layer's error depends on the step
+    step = 2  # an estimate read at a calibrated step is that step's column, between two steps in between
+    at_step = profile.error_estimate(None, profile.step_timesteps[step], "step")
+    assert torch.allclose(torch.as_tensor(at_step), table[:, step])
+    between = profile.error_estimate(None, sum(profile.step_timesteps[step:step + 2]) / 2, "step")
+    assert torch.allclose(torch.as_tensor(between), table[:, step:step + 2].mean(1))
+
+
 def test_drift_is_the_geometric_mean_over_samples_of_each_final_error():
-    exact = [torch.zeros(2, 3), torch.zeros(2, 3)]  # one generation of two steps (t = 900 then 400), two batch rows
-    approx = [torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 0.0], [0.01, 0.01, 0.01]])]
-    # row 0 moved 500 * 1 (the first step runs to 400), row 1 400 * 0.01 (the last runs to 0): geometric mean 44.72
-    assert adaptive._drift(approx, exact, [900.0, 400.0]) == pytest.approx((500 * 4) ** 0.5)
-    approx[1][1] /= 2  # halving the small error lowers the drift as much as halving the large one would
-    halved_small = adaptive._drift(approx, exact, [900.0, 400.0])
-    approx[1][1] *= 2
-    approx[0][0] /= 2
-    assert halved_small == pytest.approx(adaptive._drift(approx, exact, [900.0, 400.0]))
+    exact = torch.zeros(2, 4)  # two generated samples
+    approx = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.02]])  # RMS errors 1 and 0.01: geometric mean 0.1
+    assert adaptive._drift(approx, exact) == pytest.approx(0.1)
+    halved_small, halved_large = approx.clone(), approx.clone()
+    halved_small[1] /= 2  # halving the small error lowers the drift as much as halving the large one
+    halved_large[0] /= 2
+    assert adaptive._drift(halved_small, exact) == pytest.approx(adaptive._drift(halved_large, exact))
+
+
+def test_calibration_measures_the_generated_samples():
+    pipe_output = type("Output", (), {"frames": torch.ones(2, 3, 4, 5).numpy()})()  # e.g. (samples, frames, h, w)
+    assert adaptive.generated_samples(pipe_output).shape == (2, 60)
+    fam, runs = fresh("wan"), []
+    with pytest.raises(TypeError, match="output_type='pt' or 'np'"):
+        tempocache.calibrate_quant(fam.transformer, [0], run=lambda t, seed: runs.append(seed) or [denoise(fam, seed)])
+    assert runs == [0]  # at the first generation, before the long per-layer pass
+    assert not any(isinstance(m, QuantLinear) for m in fam.transformer.modules())
 
 
 def test_first_generation_step_uses_the_calibrated_changes():

@@ -3,8 +3,10 @@
 Every setting loads the model afresh (quantization replaces its weights), draws the same
 held-out captions with the same seeds as full precision, and is scored by fidelity to
 full precision and semantic accuracy. TimestepAdaptive is paired with static mixed
-precision (`per_step=False`) at the same budget, which ranks the layers once by their
-mean calibrated error: the comparison at the same share of 8-bit work.
+precision (`per_step=False`), which ranks the layers once by their mean calibrated error:
+at a budget static mixed precision reaches a little less than it (a layer is in 8 bits or
+not), so TimestepAdaptive also runs at the share static reaches, the comparison at the
+same share of 8-bit work.
 """
 
 from __future__ import annotations
@@ -26,17 +28,22 @@ ADAPTIVE_BUDGETS = (0.9, 0.7)
 CACHE_BUDGET = 0.33
 
 
-def settings(fmt: str, quantized_cache_profile: str | None = None) -> list[tuple[object | None, object | None]]:
+def settings(fmt: str, static_shares: dict[float, float],
+             quantized_cache_profile: str | None = None) -> list[tuple[object | None, object | None]]:
     """(quantization config, step-cache config) pairs; full precision first.
 
-    With `quantized_cache_profile` (a step-cache profile calibrated on the W8A8 `fmt` model,
-    CacheQuant's point), W8A8 `fmt` + Auto also runs with that profile.
+    static_shares: per budget of ADAPTIVE_BUDGETS, the 8-bit share static mixed precision reaches
+    at it. With `quantized_cache_profile` (a step-cache profile calibrated on the W8A8 `fmt`
+    model, CacheQuant's point), W8A8 `fmt` + Auto also runs with that profile.
     """
-    quantized = [q.W8A8("fp8"), q.W8A8("int8"), q.W8A8(fmt, attention=True)]
+    static = [q.W8A8("fp8"), q.W8A8("int8"), q.W8A8(fmt, attention=True)]
+    quantized, cached = list(static), [None, *static]
     for budget in ADAPTIVE_BUDGETS:
-        quantized += [q.TimestepAdaptive(budget, fmt), q.TimestepAdaptive(budget, fmt, per_step=False),
-                      q.TimestepAdaptive(budget, fmt, attention=True)]
-    cached = [(config, sc.Auto(CACHE_BUDGET)) for config in [None, *quantized] if config is None or getattr(config, "per_step", True)]
+        adaptive, with_attention = q.TimestepAdaptive(budget, fmt), q.TimestepAdaptive(budget, fmt, attention=True)
+        quantized += [adaptive, q.TimestepAdaptive(static_shares[budget], fmt), q.TimestepAdaptive(budget, fmt, per_step=False),
+                      with_attention]
+        cached += [adaptive, with_attention]
+    cached = [(config, sc.Auto(CACHE_BUDGET)) for config in cached]
     if quantized_cache_profile:
         cached.append((q.W8A8(fmt), sc.Auto(CACHE_BUDGET, profile=quantized_cache_profile)))
     return [(None, None), *((config, None) for config in quantized), *cached]
@@ -49,7 +56,7 @@ def describe(config) -> str:
     if isinstance(config, q.W8A8):
         return f"W8A8 {config.format}{attention}"
     kind = "TimestepAdaptive" if config.per_step else "static mixed"
-    return f"{kind} {config.format} budget={config.budget}{attention}"
+    return f"{kind} {config.format} budget={config.budget:.4g}{attention}"
 
 
 def quant_quality(model: str = "shapes-t2v", captions: int = 16, device: str = "cpu", batch_size: int = 16,
@@ -58,11 +65,13 @@ def quant_quality(model: str = "shapes-t2v", captions: int = 16, device: str = "
     evaluator = load_evaluator(device)
     scenes = shapesworld.held_out_scenes(captions, seed, with_motion=spec.is_video)
     prompts = [s.caption(spec.is_video) for s in scenes]
-    runs = settings(fmt, quantized_cache_profile)
     probe = load_pipeline(model, device)  # fail on a missing profile before any sampling
+    names = [n for n, _ in quantizable_linears(probe.transformer)]
+    profile = q.TimestepAdaptive(format=fmt).prepare(probe.transformer, fmt, names).profile
+    runs = settings(fmt, {budget: profile.static_share(budget) for budget in ADAPTIVE_BUDGETS}, quantized_cache_profile)
     for quant_config, cache_config in runs:
         if isinstance(quant_config, q.TimestepAdaptive):
-            quant_config.prepare(probe.transformer, fmt, [n for n, _ in quantizable_linears(probe.transformer)])
+            quant_config.prepare(probe.transformer, fmt, names)
         if cache_config is not None:
             cache_config.make_policy(probe.transformer)
     del probe

@@ -13,20 +13,24 @@ of W8A16, and change_b = |out_b - in_b| / |in_b| measured at the previous transf
 rise with the change is predicted by its mean error instead. How much an error at a step
 reaches the final sample depends on the step (later steps partly undo early errors, or
 not): calibration also measures, closed-loop, each step's sensitivity, the drift of the
-sampled outputs when that step alone runs fully W8A8, per unit of summed predicted error.
+generated samples when that step alone runs fully W8A8, per unit of summed predicted error.
 At run time, before each call, a layer runs in 8 bits if its score
 
-    sensitivity(t)^alpha * mean_error_l^(1 - beta) * max(predicted error_l, 0)^beta / multiply-adds_l
+    sensitivity(t)^alpha * error estimate_l / multiply-adds_l
 
-is below a threshold, W8A16 otherwise. The threshold is set on the calibration calls so
-that `budget`, the share of the linears' multiply-adds done in 8 bits over a whole
+is below a threshold, W8A16 otherwise, where the error estimate is one of ESTIMATES: the
+predictor above ("change"), the layer's mean error at this step over the calibration
+generations ("step": the timestep is known before the call, the block changes are not),
+or its mean error over all calls ("mean"). The threshold is set on the calibration calls
+so that `budget`, the share of the linears' multiply-adds done in 8 bits over a whole
 generation, is met: calls where the blocks are stable and the step is insensitive run more
-layers in 8 bits. (alpha, beta) = (1, 1) is the predictor above; (0, 0) ranks the layers
-once by their mean error, static mixed precision. Which mix moves the samples least
-depends on the model and the budget (with a tenth of the work left in high precision,
-keeping the worst layers there at every step can beat moving it to sensitive steps), so
-calibration runs each mix of MIXES, closed-loop, at a few budgets and keeps the best; a
-run uses the mix of the nearest calibrated budget. The weights are 8-bit either way.
+layers in 8 bits. (0, "mean") ranks the layers once, static mixed precision. Which mix
+moves the generated samples least depends on the model and the budget, so calibration runs
+each mix of MIXES, closed-loop, at a few budgets and keeps the best; a run uses the mix of
+the nearest calibrated budget. The mixes are compared at the 8-bit share static mixed
+precision reaches (a whole layer is in 8 bits or not, so it falls short of the budget), not
+at the budget: one doing less 8-bit work would win by that alone. The weights are 8-bit
+either way.
 """
 
 from __future__ import annotations
@@ -42,7 +46,6 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from ..step_cache.adapters import find_blocks, timestep_of
 from ..step_cache.engine import _transformer_of
-from ..step_cache.profile import output_sample
 from .numerics import check_format
 from .quantize import HOOK_NAME, QuantState, quantizable_linears, replace_linears, resolve_format, restore_linears
 
@@ -50,9 +53,10 @@ SHIPPED_DIR = Path(__file__).parent / "profiles"
 # A layer whose error does not rise with its block's change (correlation below this) is predicted by its mean error:
 # a poor fit only adds noise to the ranking.
 MIN_CORRELATION = 0.5
-MIXES = ((1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (0.0, 0.0))  # (alpha, beta): see the module's docstring
+ESTIMATES = ("change", "step", "mean")  # a layer's error estimate at a call: see the module's docstring
+MIXES = tuple((alpha, estimate) for alpha in (1.0, 0.0) for estimate in ESTIMATES)  # (alpha, estimate)
+STATIC_MIX = (0.0, "mean")
 MIX_BUDGETS = (0.5, 0.7, 0.9)
-ROW_SAMPLES = 1024  # output values sampled per batch row to measure each sample's drift on
 
 
 @dataclass
@@ -66,33 +70,41 @@ class QuantProfile:
     macs: list[int]
     coefficients: list[list[float]]  # (a, b) per layer
     mean_error: list[float]  # per layer, over the calibration calls
+    step_error: list[list[float]]  # per layer, its mean error at each calibrated step (order of step_timesteps)
     initial_change: list[float]  # per block, mean over the first calls of the calibration generations
     call_changes: list[list[float]]  # per calibration call, the change of each block the predictor read
     call_timesteps: list[float]  # per calibration call
     step_timesteps: list[float]  # the calibrated steps' timesteps, ascending
     step_sensitivity: list[float]  # per step (same order): output drift per unit of predicted error
     prompts: list[str] = field(default_factory=list)
-    mixes: dict[str, list[float]] = field(default_factory=dict)  # per calibrated budget, the (alpha, beta) that drifted least
+    mixes: dict[str, list] = field(default_factory=dict)  # per calibrated budget, the (alpha, estimate) that drifted least
     mix_drift: dict[str, list[float]] = field(default_factory=dict)  # per calibrated budget, each of MIXES' drift
 
     def sensitivity(self, timesteps) -> np.ndarray:
         return np.interp(timesteps, self.step_timesteps, self.step_sensitivity)
 
-    def mix_for(self, budget: float) -> tuple[float, float]:
+    def mix_for(self, budget: float) -> tuple[float, str]:
         """The calibrated mix of the budget nearest `budget`; the predictor alone if none was calibrated."""
         if not self.mixes:
             return MIXES[0]
         return tuple(self.mixes[min(self.mixes, key=lambda b: abs(float(b) - budget))])
 
-    def scores(self, changes: np.ndarray, timesteps: np.ndarray | float, mix: tuple[float, float]) -> np.ndarray:
-        """Each layer's (last axis) score for block changes (..., blocks) at timesteps (...), per the module's docstring."""
-        alpha, beta = mix
+    def error_estimate(self, changes: np.ndarray, timesteps: np.ndarray | float, estimate: str) -> np.ndarray:
+        """Each layer's (last axis) estimated error for block changes (..., blocks) at timesteps (...)."""
+        if estimate == "mean":
+            return np.array(self.mean_error)
+        if estimate == "step":
+            return np.stack([np.interp(timesteps, self.step_timesteps, row) for row in self.step_error], axis=-1)
         coefficients = np.array(self.coefficients)
-        predicted = np.maximum(coefficients[:, 0] + coefficients[:, 1] * np.asarray(changes)[..., self.blocks], 0.0)
-        sensitivity = np.asarray(self.sensitivity(timesteps), dtype=float)[..., None]
-        return sensitivity ** alpha * np.array(self.mean_error) ** (1 - beta) * predicted ** beta / np.array(self.macs, dtype=float)
+        return np.maximum(coefficients[:, 0] + coefficients[:, 1] * np.asarray(changes)[..., self.blocks], 0.0)
 
-    def threshold(self, budget: float, mix: tuple[float, float]) -> float:
+    def scores(self, changes: np.ndarray, timesteps: np.ndarray | float, mix: tuple[float, str]) -> np.ndarray:
+        """Each layer's (last axis) score for block changes (..., blocks) at timesteps (...), per the module's docstring."""
+        alpha, estimate = mix
+        sensitivity = np.asarray(self.sensitivity(timesteps), dtype=float)[..., None]
+        return sensitivity ** alpha * self.error_estimate(changes, timesteps, estimate) / np.array(self.macs, dtype=float)
+
+    def threshold(self, budget: float, mix: tuple[float, str]) -> float:
         """The score under which a layer runs in 8 bits, so that over the calibration calls a `budget` share
         of the multiply-adds does."""
         if budget <= 0:
@@ -106,6 +118,11 @@ class QuantProfile:
         last_of_equals = np.append(ranked[1:] != ranked[:-1], True)  # a layer at the threshold runs in 8 bits at every call
         within = (np.cumsum(weights[order]) <= budget * weights.sum() + 1e-9) & last_of_equals
         return float(ranked[within][-1]) if within.any() else -np.inf
+
+    def static_share(self, budget: float) -> float:
+        """The 8-bit share static mixed precision runs at `budget`: at most it, as a layer is in 8 bits or not."""
+        macs = np.array(self.macs, dtype=float)
+        return float(macs[np.array(self.mean_error) / macs <= self.threshold(budget, STATIC_MIX)].sum() / macs.sum())
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -165,14 +182,14 @@ class TimestepAdaptive:
         return replace(self, profile=profile)
 
     def make_controller(self, state: QuantState) -> "_Controller":
-        mix = self.profile.mix_for(self.budget) if self.per_step else (0.0, 0.0)
+        mix = self.profile.mix_for(self.budget) if self.per_step else STATIC_MIX
         return _Controller(self.profile, self.budget, mix, state.layers, state.transformer)
 
 
 class _Controller:
     """Sets each layer's precision before every transformer call, from the block changes of the last one."""
 
-    def __init__(self, profile: QuantProfile, budget: float, mix: tuple[float, float], layers: dict[str, Any], transformer):
+    def __init__(self, profile: QuantProfile, budget: float, mix: tuple[float, str], layers: dict[str, Any], transformer):
         self.profile, self.mix = profile, mix
         self.threshold = profile.threshold(budget, mix)
         self.layers = [layers[name] for name in profile.layers]
@@ -181,7 +198,7 @@ class _Controller:
         self.last_timestep: float | None = None
         self.low_macs = self.all_macs = 0.0
         _, self.blocks, calls = find_blocks(transformer)
-        if mix[1] > 0:  # the block changes are read only by the predictor
+        if mix[1] == "change":  # the block changes are read only by the predictor
             for index, (block, call) in enumerate(zip(self.blocks, calls)):
                 HookRegistry.check_if_exists_or_initialize(block).register_hook(_ChangeHook(self, index, call), HOOK_NAME)
 
@@ -241,7 +258,9 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
     Every block call is re-run once per quantizable linear in it with that linear alone in W8A8
     (the others W8A16), then each step is probed once with all linears W8A8 at that step alone,
     then each of MIXES runs closed-loop at each of `mix_budgets`: calibration costs about
-    (linears per block + 1 + steps + 4 x budgets) generations. Runs must be deterministic.
+    (linears per block + 1 + steps + 6 x budgets) generations. `run(pipe, prompt)` makes one
+    generation (a "prompt" may be a batch) and returns its samples (see `generated_samples`): the
+    mixes and the step sensitivities are measured by how far they move. Runs must be deterministic.
     """
     from ..reference.models import reference_name_of
 
@@ -296,18 +315,13 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
                 state["busy"] = False
         return hook
 
-    def sampled_outputs(pick: Callable[[float], None]) -> list[torch.Tensor]:
-        """The transformer's output samples over all prompts, `pick(timestep)` setting the precisions before each call."""
-        outputs = []
-        hooks = [transformer.register_forward_pre_hook(lambda m, args, kwargs: pick(timestep_of(m, args, kwargs)), with_kwargs=True),
-                 transformer.register_forward_hook(lambda m, args, output: outputs.append(output_sample(output, ROW_SAMPLES, per_row=True)))]
+    def generated(pick: Callable[[float], None]) -> torch.Tensor:
+        """The samples generated from all prompts, one per row, `pick(timestep)` setting the precisions before each call."""
+        hook = transformer.register_forward_pre_hook(lambda m, args, kwargs: pick(timestep_of(m, args, kwargs)), with_kwargs=True)
         try:
-            for prompt in prompts:
-                run(pipe, prompt)
+            return torch.cat([generated_samples(run(pipe, prompt)) for prompt in prompts])
         finally:
-            for hook in hooks:
-                hook.remove()
-        return outputs
+            hook.remove()
 
     def all_low_at(step: float | None) -> Callable[[float], None]:
         def pick(t: float) -> None:
@@ -315,28 +329,29 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
                 layer.low_precision = t == step
         return pick
 
-    def mix_drift(profile: QuantProfile, budget: float, mix: tuple[float, float]) -> float:
+    def mix_drift(profile: QuantProfile, budget: float, mix: tuple[float, str]) -> float:
         controller = _Controller(profile, budget, mix, layers, transformer)
         try:
-            return _drift(sampled_outputs(controller.decide), exact, call_timesteps)
+            return _drift(generated(controller.decide), exact)
         finally:
             controller.remove()
 
-    handles = [transformer.register_forward_pre_hook(on_call, with_kwargs=True)]
-    handles += [block.register_forward_hook(on_block(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    handles = []
     try:
         with torch.no_grad():
+            exact = generated(all_low_at(None))  # first, so that a run returning no samples fails before the long pass
+            handles = [transformer.register_forward_pre_hook(on_call, with_kwargs=True)]
+            handles += [block.register_forward_hook(on_block(i), with_kwargs=True) for i, block in enumerate(blocks)]
             for prompt in prompts:
                 run(pipe, prompt)
                 state["last_t"] = None
             for handle in handles:
                 handle.remove()
             handles = []
-            exact = sampled_outputs(all_low_at(None))
             steps = sorted(set(call_timesteps))
-            drift = [_drift(sampled_outputs(all_low_at(t)), exact, call_timesteps) for t in steps]
+            drift = [_drift(generated(all_low_at(t)), exact) for t in steps]
             errors = np.array([[e for _, e in samples[name]] for name, _ in found])  # (layers, calls)
-            at_step = np.array([[t == step for t in call_timesteps] for step in steps])  # (steps, calls)
+            at_step = np.array([[t == step for t in call_timesteps] for step in steps], dtype=float)  # (steps, calls)
             predicted_total = (errors.sum(0)[None] * at_step).sum(1)
             coefficients, mean_error = [], []
             for name, _ in found:
@@ -350,11 +365,12 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
                 model=reference_name_of(transformer) or type(transformer).__name__, format=fmt,
                 layers=[name for name, _ in found], blocks=[b for _, b in found],
                 macs=[layers[name].macs_per_token for name, _ in found], coefficients=coefficients, mean_error=mean_error,
+                step_error=((errors @ at_step.T) / at_step.sum(1)).tolist(),
                 initial_change=[float(np.mean(changes)) for changes in initial], call_changes=call_changes,
                 call_timesteps=call_timesteps, step_timesteps=steps,
                 step_sensitivity=[float(d / max(p, 1e-12)) for d, p in zip(drift, predicted_total)], prompts=[str(p) for p in prompts])
-            for budget in mix_budgets:
-                drifts = [mix_drift(profile, budget, mix) for mix in MIXES]
+            for budget in mix_budgets:  # every mix at the share static mixed precision reaches: compared at equal 8-bit work
+                drifts = [mix_drift(profile, profile.static_share(budget), mix) for mix in MIXES]
                 profile.mixes[str(budget)] = list(MIXES[int(np.argmin(drifts))])
                 profile.mix_drift[str(budget)] = drifts
     finally:
@@ -364,16 +380,16 @@ def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | N
     return profile
 
 
-def _drift(approx: list[torch.Tensor], exact: list[torch.Tensor], timesteps: list[float]) -> float:
-    """How far the samples moved: per generation and batch row, the RMS of the step-size-weighted sum of output
-    errors (to first order the final sample's error), and over all of them the geometric mean. A geometric mean
-    ranks as the mean PSNR over clips does; an RMS over the whole batch would be ruled by its worst samples."""
-    logs, total = [], 0.0
-    for i, (a, e, t) in enumerate(zip(approx, exact, timesteps)):
-        following = [u for u in timesteps[i + 1:] if u != t][:1]
-        step = (t - following[0]) if following and following[0] < t else t  # the last step runs to 0
-        total = total + step * (a - e)
-        if i + 1 == len(timesteps) or timesteps[i + 1] > t:  # the generation ends here
-            logs.append(torch.as_tensor(total).pow(2).mean(dim=-1).sqrt().clamp(min=1e-12).log())
-            total = 0.0
-    return float(torch.cat(logs).mean().exp())
+def generated_samples(result: Any) -> torch.Tensor:
+    """A run's generated samples, one per row: a tensor or array, or a pipeline output's `frames` or `images` as one."""
+    samples = getattr(result, "frames", getattr(result, "images", result))
+    if not isinstance(samples, (torch.Tensor, np.ndarray)):
+        raise TypeError(f"calibrate_quant's run must return the generated samples, a tensor or array (for a diffusers "
+                        f"pipeline: output_type='pt' or 'np'), or an output whose frames or images is one; got {type(samples).__name__}")
+    return torch.as_tensor(samples).detach().float().cpu().flatten(1)
+
+
+def _drift(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """How far the generated samples (rows) moved: the geometric mean over samples of each one's RMS error. It ranks
+    settings as the mean PSNR over samples does; an RMS over the whole batch would be ruled by its worst samples."""
+    return float((approx - exact).pow(2).mean(dim=1).sqrt().clamp(min=1e-12).log().mean().exp())

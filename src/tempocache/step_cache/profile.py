@@ -169,13 +169,11 @@ class _Recorder(Policy):
         return tokens[self.index.to(x.device)].float().cpu()
 
 
-def output_sample(output, count: int = OUTPUT_SAMPLES, per_row: bool = False) -> torch.Tensor:
-    """`count` evenly spaced values of a transformer call's output, on the CPU: of the whole output, or (per_row)
-    of each batch row, shaped (rows, count)."""
-    sample = output_tensor(output).flatten(1 if per_row else 0)
-    size = sample.shape[-1]
-    index = torch.linspace(0, size - 1, min(count, size), device=sample.device).long()
-    return sample[..., index].float().cpu()
+def output_sample(output) -> torch.Tensor:
+    """OUTPUT_SAMPLES evenly spaced values of a transformer call's output, on the CPU."""
+    sample = output_tensor(output).flatten()
+    index = torch.linspace(0, len(sample) - 1, min(OUTPUT_SAMPLES, len(sample)), device=sample.device).long()
+    return sample[index].float().cpu()
 
 
 def calibrate(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | None = None, segments: int = 4,
