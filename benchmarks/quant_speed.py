@@ -31,11 +31,10 @@ from diffusers import WanTransformer3DModel
 from step_cache_overhead import LATENT, WAN_1_3B, denoise, timed
 
 import tempocache as tc
-from tempocache.quant.linear import QuantLinear, clear_input_cache
-from tempocache.quant import numerics
-from tempocache.quant.attention import fp8_attention, quantize_qkv, simulated_attention
+from tempocache.quant.attention import FP8Attention, quantize_qkv, simulated_attention
+from tempocache.quant.linear import QuantLinear
 from tempocache.quant.numerics import kernel_matmul, quantize_rows, simulated_matmul
-from tempocache.quant.quantize import quantizable_linears
+from tempocache.quant.quantize import quant_state, quantizable_linears
 
 TOKENS = LATENT[2] * (LATENT[3] // 2) * (LATENT[4] // 2)
 TEXT_TOKENS = 512
@@ -101,6 +100,7 @@ def attention_check() -> dict:
         return [torch.randn(1, tokens, heads, dim, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3)]
 
     q, k, v = qkv(4000)
+    fp8_attention = FP8Attention()
     kernel = fp8_attention(q, k, v).float()
     simulated = simulated_attention(*quantize_qkv(q, k, v), dim ** -0.5, torch.float32)
     exact = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
@@ -110,6 +110,11 @@ def attention_check() -> dict:
             "simulated_vs_exact": relative(simulated, exact),
             "ms_per_call": {"bf16 SDPA": event_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)),
                             "ours fp8 (quantize, cuDNN, dequantize)": event_time(lambda: fp8_attention(q, k, v))}}
+
+
+def forget_input(module: torch.nn.Module) -> None:
+    if isinstance(module, QuantLinear):
+        module.activations.clear()
 
 
 def linear_time_per_step(model: torch.nn.Module) -> float:
@@ -124,9 +129,9 @@ def linear_time_per_step(model: torch.nn.Module) -> float:
         key = (rows, in_features, name.split(".", 2)[2])
         if key not in inputs:
             x = torch.randn(1, rows, in_features, generator=g, device="cuda", dtype=torch.bfloat16)
-            inputs[key] = event_time(lambda: (clear_input_cache(), module(x)))  # each layer pays its own quantization
+            inputs[key] = event_time(lambda: (forget_input(module), module(x)))  # each layer pays its own quantization
         total += inputs[key]
-    clear_input_cache()  # the last input and its 8-bit copy (up to 0.9 GB) must not count in the next model's memory
+        forget_input(module)  # the last input and its 8-bit copy (up to 0.9 GB) must not count in the next model's memory
     return total
 
 
@@ -229,9 +234,9 @@ def main() -> None:
 
     def linears_ours(model: torch.nn.Module) -> None:
         linears["ours fp8"] = linear_time_per_step(model)
-        numerics.FUSE_ON_GPU = False
+        quant_state(model).activations.fuse = False
         linears["ours fp8, activations quantized in eager mode"] = linear_time_per_step(model)
-        numerics.FUSE_ON_GPU = True
+        quant_state(model).activations.fuse = True
 
     quantized("ours W8A8 fp8", lambda m: tc.quantize(m, tc.W8A8("fp8")), after=linears_ours)
     if profile is not None:

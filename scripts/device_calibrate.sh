@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Calibrate the shipped models' step-cache profiles on the lent GPU, both at once (small batches leave it idle).
 # Run from the repository root on the device, with .whl carried: bash scripts/device_calibrate.sh
-# The profiles come back in $OUT; copy them to src/tempocache/step_cache/profiles/.
+# The profiles come back in $OUT; copy them to src/tempocache/reference/profiles/step_cache/.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1

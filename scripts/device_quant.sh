@@ -22,7 +22,7 @@ out=/tmp/quant && mkdir -p $out
 for model in shapes-t2v shapes-t2i; do
   for format in fp8 int8; do
     python3 -m tempocache.cli calibrate --model "$model" --device cuda --prompts 32 --quant-predictor "$format" \
-      --out "src/tempocache/quant/profiles/$model-$format.json" >"$out/calibrate-$model-$format.log" 2>&1 &
+      --out "src/tempocache/reference/profiles/quant/$model-$format.json" >"$out/calibrate-$model-$format.log" 2>&1 &
   done
 done
 cache_profile=()
@@ -32,7 +32,7 @@ if [ -n "${QUANTIZED_CACHE_PROFILE:-}" ]; then  # CacheQuant's row: the step cac
   cache_profile=(--cache-profile "$out/shapes-t2v-fp8-quantized.json")
 fi
 wait
-tar czf "$OUT/profiles.tar.gz" src/tempocache/quant/profiles $out/calibrate-*.log
+tar czf "$OUT/profiles.tar.gz" src/tempocache/reference/profiles/quant $out/calibrate-*.log
 python3 -m tempocache.cli quant-quality --model shapes-t2i --device cuda --captions "${CAPTIONS:-64}" --batch-size 64 \
   --save "$OUT/quant_quality_shapes-t2i.json" >"$out/quant-quality-shapes-t2i.log" 2>&1 &
 python3 -m tempocache.cli quant-quality --model shapes-t2v --device cuda --captions "${CAPTIONS:-64}" --batch-size 64 \

@@ -7,7 +7,7 @@ import tempocache.bench.methods as methods
 from tempocache.bench import read_prompts, verdict
 from tempocache.bench.methods import Group, Setting, select
 from tempocache.cli import main
-from tempocache.generate import load_pipeline
+from tempocache.generation import load_pipeline
 
 T2I_CAPTIONS = ["a red circle on a black background", "a blue square and a green triangle on a white background"]
 
@@ -72,6 +72,7 @@ def test_a_small_bench_run_end_to_end(tmp_path, capsys, monkeypatch):
     assert main(args) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("verdict (shapes-t2i, cpu")
+    assert any(line.startswith("full compute's semantic accuracy: ") for line in printed)
 
     result = json.loads((out / "results.json").read_text())
     for name in ["table.md", "pareto.png", "index.html"]:
@@ -112,6 +113,37 @@ def test_verdict_and_domination():
                                "(X(3.0), 3.00x): +3.0 dB; at PSNR >= 30 dB tempocache 2.95x vs best peer 3.00x (X(3.0)): 0.98x")
     # 30 dB at 3.0x is matched by 33 dB at 2.95x (within 3%); 45 dB at 1.5x is not matched by anything of ours
     assert [r["setting"] for r in undominated_peers(result)] == ["X(1.5)"]
+
+
+def test_zero_shot_auto_is_compared_with_each_method_at_its_own_compute():
+    from tempocache.bench.report import format_zero_shot, zero_shot_comparison
+
+    def row(method, compute, psnr, family="diffusers"):
+        return {"method": method, "family": family, "setting": f"{method}({compute})", "status": "ok",
+                "compute_fraction": compute, "psnr": psnr, "speedup": 1 / compute}
+
+    rows = [row("full", 1.0, 100, "full compute"), row("tempocache.Auto-zero-shot", 0.3, 31.0, "tempocache"),
+            row("tempocache.Auto", 0.25, 30.0, "tempocache"), row("tempocache.Auto", 0.35, 36.0, "tempocache"),
+            row("diffusers.FirstBlockCache", 0.2, 20.0), row("diffusers.FirstBlockCache", 0.4, 30.0),
+            row("cache-dit.DBCache-F1B0", 0.45, 40.0, "cache-dit"), row("diffusers.MagCache", 0.3, 35.0)]
+    (comparison,) = zero_shot_comparison({"rows": rows})
+    assert comparison["rivals"] == {"tempocache.Auto": pytest.approx(33.0), "diffusers.FirstBlockCache": pytest.approx(25.0),
+                                    "cache-dit.DBCache-F1B0": None}  # MagCache needs a calibration: not a rival here
+    assert comparison["beats_uncalibrated_peers"]
+    assert "above every uncalibrated peer" in format_zero_shot([comparison])
+    rows[-3] = row("diffusers.FirstBlockCache", 0.4, 50.0)  # 35 dB at 0.3: above zero-shot's 31
+    assert not zero_shot_comparison({"rows": rows})[0]["beats_uncalibrated_peers"]
+
+
+def test_full_compute_below_the_reference_bars_is_flagged():
+    from tempocache.bench.report import full_compute_accuracy
+
+    full = {"family": "full compute", "semantic_accuracy": {"colour": 0.98, "shape": 0.93, "motion": 0.38, "all": 0.35}}
+    line = full_compute_accuracy({"rows": [full], "frames": 16})
+    assert line.startswith("full compute's semantic accuracy: colour 0.98, shape 0.93, motion 0.38, all 0.35")
+    assert "WARNING: at 16 frame(s) full compute is below the reference bars (motion 0.38 < 0.75)" in line
+    full["semantic_accuracy"]["motion"] = 0.9
+    assert "WARNING" not in full_compute_accuracy({"rows": [full], "frames": 8})
 
 
 def test_both_cfg_branches_in_one_call_match_separate_calls():

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,11 +47,18 @@ def test_generate_writes_a_gif_and_a_png(tmp_path, capsys):
     assert iio.imread(png).shape[:2] == (4 * 34, 4 * 34)
 
 
-def test_console_script_is_installed():
+def test_console_script_is_installed_and_quiet(tmp_path):
     script = Path(sys.executable).parent / "tempocache"
-    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    help_run = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
     for command in ["generate", "eval-reference", "train-reference", "train-evaluator"]:
-        assert command in out
+        assert command in help_run.stdout
+    out = tmp_path / "clip.gif"
+    generate_run = subprocess.run([str(script), "generate", CAPTION, "--steps", "1", "-o", "clip.gif"], cwd=tmp_path,
+                                  capture_output=True, text=True, check=True)
+    assert generate_run.stdout.strip() == f"wrote {out.resolve()}"  # the absolute path of what it wrote
+    for run in (help_run, generate_run):  # nothing from torchao, which these commands do not use
+        noise = [line for line in run.stderr.splitlines() if re.search(r"torchao|_pytree|warn", line, re.IGNORECASE)]
+        assert not noise, noise
 
 
 def test_quantization_predictor_and_quality_from_the_command_line(tmp_path, capsys):

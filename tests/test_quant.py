@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 import tempocache
+from tempocache import closed_loop
+from tempocache.models import find_blocks
 from tempocache.quant import adaptive, attention
 from tempocache.quant.adaptive import MIX_BUDGETS, MIXES, STATIC_MIX
-from tempocache.quant.attention import FP8AttentionMode, fp8_attention, kernel_unavailable, quantize_qkv, simulated_attention
+from tempocache.quant.attention import FP8Attention, FP8AttentionMode, kernel_unavailable, quantize_qkv, simulated_attention
 from tempocache.quant.linear import QuantLinear
 from tempocache.quant.numerics import dequantize_rows, kernel_matmul, quantize_rows, simulated_matmul
 from tempocache.quant.quantize import quantizable_linears, replace_linears, resolve_format
@@ -111,6 +113,28 @@ def test_quantize_replaces_block_linears_only(name):
     assert state.stats()["weight_bytes_after"] < state.stats()["weight_bytes_before"] / 3.5  # float32 -> 8 bits + scales
 
 
+def test_filter_fn_chooses_the_linears_and_profiles_must_match_it():
+    fam = fresh("wan")
+    only_ffn = lambda module, name: ".ffn." in name  # noqa: E731
+    state = tempocache.quantize(fam.transformer, tempocache.W8A8("int8"), filter_fn=only_ffn)
+    assert sorted(state.layers) == sorted(f"blocks.{i}.ffn.net.{n}" for i in range(4) for n in ("0.proj", "2"))
+    assert all(type(fam.transformer.get_submodule(f"blocks.{i}.attn1.to_q")) is nn.Linear for i in range(4))
+    with pytest.raises(ValueError, match="do not match the 8 linears being quantized"):
+        tempocache.quantize(fresh("wan").transformer, tempocache.TimestepAdaptive(format="int8", profile=profile_for("wan", "int8")),
+                            filter_fn=only_ffn)
+    with pytest.raises(TypeError, match="filter_fn accepts"):
+        tempocache.quantize(fresh("wan").transformer, filter_fn=lambda module, name: False)
+
+
+def test_each_quantized_model_holds_its_own_activations_and_frees_them_after_each_call():
+    one, two = fresh("wan"), fresh("wan")
+    states = [tempocache.quantize(fam.transformer, tempocache.W8A8("fp8")) for fam in (one, two)]
+    assert states[0].activations is not states[1].activations
+    assert all(layer.activations is states[0].activations for layer in states[0].layers.values())
+    denoise(one)
+    assert states[0].activations.last == () == states[1].activations.last
+
+
 @pytest.mark.parametrize("name", ["wan", "flux"])
 def test_zero_budget_changes_nothing_but_weight_rounding(name):
     """TimestepAdaptive(budget=0) runs every layer W8A16: exactly the model with its weights rounded to 8 bits."""
@@ -194,16 +218,16 @@ def test_step_estimate_is_each_layers_mean_error_at_that_step():
 def test_drift_is_the_geometric_mean_over_samples_of_each_final_error():
     exact = torch.zeros(2, 4)  # two generated samples
     approx = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.02]])  # RMS errors 1 and 0.01: geometric mean 0.1
-    assert adaptive._drift(approx, exact) == pytest.approx(0.1)
+    assert closed_loop.drift(approx, exact) == pytest.approx(0.1)
     halved_small, halved_large = approx.clone(), approx.clone()
     halved_small[1] /= 2  # halving the small error lowers the drift as much as halving the large one
     halved_large[0] /= 2
-    assert adaptive._drift(halved_small, exact) == pytest.approx(adaptive._drift(halved_large, exact))
+    assert closed_loop.drift(halved_small, exact) == pytest.approx(closed_loop.drift(halved_large, exact))
 
 
 def test_calibration_measures_the_generated_samples():
     pipe_output = type("Output", (), {"frames": torch.ones(2, 3, 4, 5).numpy()})()  # e.g. (samples, frames, h, w)
-    assert adaptive.generated_samples(pipe_output).shape == (2, 60)
+    assert closed_loop.generated_samples(pipe_output).shape == (2, 60)
     fam, runs = fresh("wan"), []
     with pytest.raises(TypeError, match="output_type='pt' or 'np'"):
         tempocache.calibrate_quant(fam.transformer, [0], run=lambda t, seed: runs.append(seed) or [denoise(fam, seed)])
@@ -337,6 +361,7 @@ def test_fp8_attention_numerics():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 200, 32) for _ in range(3))
     exact = nn.functional.scaled_dot_product_attention(q, k, v)
+    fp8_attention = FP8Attention()
     fp8 = fp8_attention(q, k, v)
     assert 0.01 < ((fp8 - exact).norm() / exact.norm()).item() < 0.1  # e4m3 rounding, not a wrong result
     assert torch.equal(fp8_attention(q, k + torch.randn(1, 3, 1, 32), v), fp8)  # K's mean over tokens is removed exactly
@@ -362,7 +387,7 @@ def test_fp8_attention_runs_self_attention_only_and_generations_do_not_leak(name
     state = tempocache.quantize(with_attention.transformer, tempocache.W8A8("fp8", attention=True))
     first, reference = denoise(with_attention), denoise(linears_only)
     assert 0 < ((first - reference).norm() / reference.norm()) < 0.05
-    calls = len(STEPS) * len(tempocache.step_cache.adapters.find_blocks(with_attention.transformer)[1])
+    calls = len(STEPS) * len(find_blocks(with_attention.transformer))
     stats = state.stats()
     assert stats["attention_fp8_calls"] == calls  # every block's self-attention
     assert stats["attention_exact_calls"] == ({"not self-attention": calls} if name == "wan" else {})  # wan's text cross-attention

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from torch import nn
 
 import tempocache
-from tempocache.step_cache.policy import Action
+from tempocache.models import cache_context
+from tempocache.step_cache.policy import Action, Step
 
 sys.path.insert(0, str(Path(__file__).parent))
 import families  # noqa: E402
@@ -60,20 +60,6 @@ def tiny(name: str):
 
 def num_blocks(fam) -> int:
     return sum(len(getattr(fam.transformer, b)) for b in fam.block_lists)
-
-
-@contextlib.contextmanager
-def cache_context(transformer, name: str, **where):
-    """`transformer.cache_context(...)`; for models without diffusers' CacheMixin (PixArt, DiT), what it does."""
-    if hasattr(transformer, "cache_context"):
-        with transformer.cache_context(name, **where):
-            yield
-        return
-    _set_cache_context(transformer, CacheContext(name, **where))
-    try:
-        yield
-    finally:
-        _set_cache_context(transformer, None)
 
 
 def call(fam, kwargs: dict, name: str | None = None, step: int | None = None, steps: int = N):
@@ -283,6 +269,7 @@ ZERO_BUDGET = {
     "GatedTaylorSeer": lambda p: tempocache.GatedTaylorSeer(threshold=0),
     "TemporalDeltaCache": lambda p: tempocache.TemporalDeltaCache(threshold=0),
     "Auto": lambda p: tempocache.Auto(budget=1.0, profile=p),
+    "Auto-zero-shot": lambda p: tempocache.Auto(budget=1.0, zero_shot=True),
     "ERTACache": lambda p: tempocache.ERTACache(budget=1.0, profile=p),
 }
 
@@ -299,7 +286,7 @@ def test_every_policy_at_zero_budget_is_bit_identical(name, policy):
     stats = tempocache.stats(pipe)
     tempocache.disable(pipe)
     assert torch.equal(out, reference)
-    assert stats["policy"] == ("DBCache" if policy == "FirstBlockCache" else policy)
+    assert stats["policy"] == policy.split("-")[0]
     assert stats["compute_fraction"] == 1.0 and stats["blocks_computed"] == N * num_blocks(fam)
     assert torch.equal(denoise(fam), reference)
 
@@ -314,9 +301,12 @@ def test_auto_and_ertacache_keep_to_their_budget(name):
     refined = profile.auto_schedules["0.5"]
     assert refined["drift"] <= min(profile.auto_drift["0.5"])
     planned = tempocache.Auto(0.5, profile, variant=profile.auto_variant(0.5)).make_policy()
+    planned.check_step(Step(0, N, STEPS[0], "cond"))
     assert [sum(a == "compute" for a in s) for s in refined["schedule"]] == [
         sum(a is Action.COMPUTE for a in s) for s in planned.schedule] and refined["edges"] == planned.edges
-    assert tempocache.Auto(0.5, profile).make_policy().schedule == [[Action(a) for a in s] for s in refined["schedule"]]
+    stored = tempocache.Auto(0.5, profile).make_policy()
+    stored.check_step(Step(0, N, STEPS[0], "cond"))
+    assert stored.schedule == [[Action(a) for a in s] for s in refined["schedule"]]
     reference = denoise(fam)
     for config in (tempocache.Auto(budget=0.5, profile=profile), tempocache.ERTACache(budget=0.5, profile=profile)):
         pipe = fake_pipe(fam)
@@ -339,7 +329,7 @@ def test_auto_and_ertacache_keep_to_their_budget(name):
 
 
 def test_refine_schedule_follows_the_closed_loop_within_its_runs():
-    from tempocache.step_cache.profile import refine_schedule
+    from tempocache.step_cache.planner import refine_schedule
 
     C, R, F = Action.COMPUTE, Action.REUSE, Action.FORECAST
     start = [[C, C, R, R, R, R]]
@@ -353,6 +343,120 @@ def test_refine_schedule_follows_the_closed_loop_within_its_runs():
     calls = []
     assert refine_schedule(lambda s: calls.append(s) or 1.0, start, 0.5, runs=1) == (start, 0.5) and len(calls) == 1
     assert refine_schedule(lambda s: calls.append(s) or 0.0, start, 0.5, runs=0) == (start, 0.5) and len(calls) == 1
+
+
+def _schedule_error(profile, edges, schedule, weights) -> float:
+    """What a schedule costs by the profile's tables: each skipped step of a segment pays its weighted error of
+    reuse from the last computed step, or of forecast from the last two, whichever is smaller."""
+    table = {tuple(profile.edges[k:k + 2]): k for k in range(len(profile.edges) - 1)}
+    total = 0.0
+    for (start, end), actions in zip(zip(edges, edges[1:]), schedule):
+        k = table[(start, end)]
+        computed = [s for s, a in enumerate(actions) if a is Action.COMPUTE]
+        for s in range(profile.num_steps):
+            if s in computed:
+                continue
+            before = [c for c in computed if c < s]
+            options = [profile.reuse_error[k][s][before[-1]]]
+            if len(before) > 1:
+                options.append(profile.forecast_error[k][s][before[-1]][before[-2]])
+            total += weights[s] * min(options)
+    return total
+
+
+def test_auto_planner_finds_the_least_error_schedule_a_brute_force_search_finds():
+    import itertools
+
+    import numpy as np
+
+    from tempocache.step_cache.planner import plan
+
+    S, edges = 5, [0, 1, 3]
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        gap = np.arange(S)[:, None] - np.arange(S)[None]
+        reuse = [(np.abs(gap) * rng.uniform(0.5, 2, (S, S))).tolist() for _ in range(2)]
+        forecast = [rng.uniform(0, 3, (S, S, S)).tolist() for _ in range(2)]
+        profile = tempocache.Profile(model="test", num_steps=S, edges=edges, timesteps=sorted(rng.uniform(0, 1, S), reverse=True),
+                                     output_norm=[1.0] * S, reuse_error=reuse, forecast_error=forecast, stack_reuse_error=[],
+                                     stack_forecast_error=[], stack_gain=[], teacache_coefficients=[], prompts=[])
+        weights = profile.step_weights()
+        subsets = [(0, *rest) for n in range(S) for rest in itertools.combinations(range(1, S), n)]
+        for budget in (0.4, 0.6, 0.8, 1.0):
+            capacity = int(np.floor(budget * S * edges[-1] + 1e-9))
+            best = min(
+                _schedule_error(profile, edges, [[Action.COMPUTE if s in c else Action.REUSE for s in range(S)] for c in pair], weights)
+                for pair in itertools.product(subsets, repeat=2)
+                if len(pair[0]) * 1 + len(pair[1]) * 2 <= capacity
+            )
+            planned = plan(profile, budget)
+            used = sum(a is Action.COMPUTE for a in planned[0]) + 2 * sum(a is Action.COMPUTE for a in planned[1])
+            assert used <= capacity
+            assert _schedule_error(profile, edges, planned, weights) == pytest.approx(best, rel=1e-12, abs=1e-12), (seed, budget)
+
+
+@pytest.mark.parametrize("name", families.FAMILIES)
+def test_zero_shot_auto_keeps_to_its_budget_on_every_family(name):
+    fam = tiny(name)
+    reference = denoise(fam)
+    for budget in (0.5, 0.34):
+        pipe = fake_pipe(fam)
+        with pytest.warns(UserWarning, match="no profile for .*zero-shot.*calibrate") as warned:
+            tempocache.enable(pipe, tempocache.Auto(budget=budget))
+        assert len(warned) == 1
+        out = denoise(fam)
+        stats = tempocache.stats(pipe)
+        tempocache.disable(pipe)
+        assert 0 < stats["compute_fraction"] <= budget + 1e-9 and stats["blocks_forecast"] + stats["blocks_reused"] > 0
+        assert not torch.equal(out, reference) and torch.isfinite(out).all()
+    assert torch.equal(denoise(fam), reference)
+
+
+def test_zero_shot_auto_plans_for_each_generations_step_count_and_never_from_its_own_profile(monkeypatch):
+    from tempocache.step_cache.policies import auto
+
+    fam = tiny("wan")
+    own = dataclasses.replace(profile_for("wan"), fingerprint=tempocache.models.fingerprint(fam.transformer))
+    other = dataclasses.replace(profile_for("flux"), fingerprint="another model")
+    seen = []
+    monkeypatch.setattr(auto, "registered_profiles", lambda kind: ["own", "other"])
+    monkeypatch.setattr(auto.Profile, "load", staticmethod(lambda path: own if path == "own" else other))
+    real_prior = auto.prior_profile
+    monkeypatch.setattr(auto, "prior_profile", lambda sources, *a: seen.append(sources) or real_prior(sources, *a))
+    tempocache.enable(fam.transformer, tempocache.Auto(budget=0.5, zero_shot=True))
+    for steps in (STEPS, STEPS[:4], STEPS):
+        denoise(fam, steps=steps, context="cond")
+        assert tempocache.stats(fam.transformer)["compute_fraction"] <= 0.5
+    assert all(sources == [other] for sources in seen) and len(seen) == 2  # planned once per step count
+    tempocache.disable(fam.transformer)
+    with pytest.raises(ValueError, match="number of denoising steps"):
+        tempocache.enable(fam.transformer, tempocache.Auto(budget=0.5, zero_shot=True))
+        denoise(fam)  # a bare loop that names no step count
+    assert tempocache.stats(fam.transformer)["blocks_computed"] == 0
+    with pytest.raises(ValueError, match="profile or zero_shot"):
+        tempocache.Auto(budget=0.5, profile=own, zero_shot=True)
+
+
+def test_policies_keep_their_state_in_typed_per_branch_objects():
+    fam = tiny("wan")
+    tempocache.enable(fam.transformer, tempocache.TeaCache(threshold=50, coefficients=(1.0, 0.0)))  # reuses steps 1, 2
+    denoise(fam, steps=STEPS[:3], context="cond")
+    engine = tempocache.step_cache.engine.engine_of(fam.transformer)
+    state = engine.branches["cond"].state
+    assert type(state).__name__ == "TeaCacheState" and dataclasses.is_dataclass(state)
+    assert state.previous is not None and state.accumulated > 0
+    residuals = sum(t.numel() * t.element_size() for m in engine.branches["cond"].segments for _, r in m.history for t in r)
+    held = state.previous[0].numel() * state.previous[0].element_size() + state.previous[1].numel() * state.previous[1].element_size()
+    assert tempocache.stats(fam.transformer)["cache_bytes"] == residuals + held
+    assert isinstance(engine.counts, tempocache.Stats)
+
+
+def test_calibrate_needs_runs_that_return_the_samples():
+    fam = tiny("wan")
+    with pytest.raises(TypeError, match="must return the generated samples"):
+        tempocache.calibrate(types.SimpleNamespace(transformer=fam.transformer), [0],
+                             run=lambda p, seed: [denoise(fam, seed=seed)])
+    assert not hasattr(fam.transformer, "_tempocache_step_cache")
 
 
 def test_calibrate_on_a_bare_namespace_with_a_plain_loop():
@@ -586,10 +690,10 @@ def test_stats_survive_the_end_of_call_reset_of_diffusers_pipelines():
 @pytest.mark.parametrize("name", ["wan", "flux", "hunyuan_video"])
 def test_generic_fallback_finds_blocks_and_learns_their_layout(name, monkeypatch):
     """With the family table emptied, the generic search finds the block lists and each block's output layout."""
-    from tempocache.step_cache import adapters
+    from tempocache.models import families as known
 
     fam = tiny(name)
-    monkeypatch.setattr(adapters, "FAMILIES", {})
+    monkeypatch.setattr(known, "FAMILIES", {})
     reference = denoise(fam)
     tempocache.enable(fam.transformer, tempocache.StaticCache(interval=1))
     assert tempocache.stats(fam.transformer)["family"] == "generic"
@@ -622,7 +726,7 @@ def test_auto_comparison_reads_each_policy_frontier_at_autos_compute():
 
 
 def test_auto_sensitive_variant_protects_the_steps_calibrate_found_sensitive():
-    from tempocache.step_cache.policies.auto import plan
+    from tempocache.step_cache.planner import plan
 
     profile = dataclasses.replace(profile_for("wan"))
     steps = profile.num_steps

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
+# Where torchao is installed (the bench's peer), importing diffusers imports it too, whatever the command, and that
+# logs torchao's failed loads of optional kernels, torch's deprecation of the enums torchao registers, and diffusers'
+# note on torchao checkpoints. Only `bench` runs torchao; every other command silences those loggers.
+TORCHAO_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+
 
 def _generate(args: argparse.Namespace) -> None:
-    from .generate import check_output_path, generate, save_clips
+    from .generation import check_output_path, generate, save_clips
 
     check_output_path(args.output)
     clips = generate(
         args.prompts, model=args.model, steps=args.steps, guidance=args.guidance, seed=args.seed,
         num_frames=args.frames, device=args.device, batch_size=args.batch_size,
     )
-    print(f"wrote {save_clips(clips, args.output, fps=args.fps, scale=args.scale)}")
+    print(f"wrote {save_clips(clips, args.output, fps=args.fps, scale=args.scale).resolve()}")
 
 
 def _save_json(path: Path | None, result: dict) -> None:
@@ -30,7 +36,7 @@ def _eval_reference(args: argparse.Namespace) -> None:
     from .eval.reference_eval import evaluate_reference, format_table
 
     results = {name: evaluate_reference(name, args.captions, args.steps, args.guidance, args.device, args.batch_size,
-                                        samples_per_caption=args.samples_per_caption)
+                                        samples_per_caption=args.samples_per_caption, num_frames=args.frames)
                for name in args.model}
     _save_json(args.save, results)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
@@ -39,14 +45,15 @@ def _eval_reference(args: argparse.Namespace) -> None:
 def _eval_evaluator(args: argparse.Namespace) -> None:
     from .eval.reference_eval import evaluate_evaluator
 
-    print(json.dumps(evaluate_evaluator(args.clips, device=args.device), indent=2))
+    print(json.dumps(evaluate_evaluator(args.clips, device=args.device, num_frames=args.frames), indent=2))
 
 
 def _train_reference(args: argparse.Namespace) -> None:
     from .reference.train import train_reference
 
     state = train_reference(args.model, args.out, args.minutes, args.batch_size, args.lr, args.device,
-                            args.resume, args.checkpoint_dir, args.seed, args.workers, compile=args.compile)
+                            args.resume, args.checkpoint_dir, args.seed, args.workers, compile=args.compile,
+                            frames=args.frames)
     print(f"{args.model}: {state['steps']} steps, {state['seconds'] / 60:.1f} min in all; weights in {args.out}")
 
 
@@ -60,10 +67,10 @@ def _train_evaluator(args: argparse.Namespace) -> None:
 def _calibrate(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from .generate import load_pipeline
+    from .generation import load_pipeline
+    from .quant import W8A8, calibrate_quant, quantize
     from .reference import shapesworld
     from .reference.models import get_spec
-    from .quant import W8A8, calibrate_quant, quantize
     from .step_cache import calibrate
 
     if args.quant_predictor and args.quantized:
@@ -133,7 +140,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .reference.models import SPECS
-    from .step_cache.profile import AUTO_BUDGETS
+    from .step_cache.planner import BUDGETS as AUTO_BUDGETS
 
     parser = argparse.ArgumentParser(prog="tempocache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", nargs="+", default=list(SPECS), help=f"any of: {', '.join(SPECS)}")
     p.add_argument("--captions", type=int, default=64, help="number of held-out captions")
     p.add_argument("--samples-per-caption", type=int, default=1, help="seeds per caption (more steadies the Fréchet distance)")
+    p.add_argument("--frames", type=int, default=None, help="frames per clip (video models; default: the model's)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--device", default="cpu")
@@ -166,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval-evaluator", help="the evaluator's accuracy on real clips of held-out captions")
     p.add_argument("--clips", type=int, default=2048)
+    p.add_argument("--frames", type=int, default=8, help="frames per clip")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=_eval_evaluator)
 
@@ -181,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=6)
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (falls back to eager)")
+    p.add_argument("--frames", type=int, nargs="+", default=None,
+                   help="clip lengths a video model trains on, one per batch, drawn uniformly (default: its own)")
     p.set_defaults(run=_train_reference)
 
     p = sub.add_parser("calibrate", help="profile a shipped model at full compute (for Auto, TeaCache, ERTACache)")
@@ -256,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["bench"]:
+        for name in TORCHAO_IMPORT_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

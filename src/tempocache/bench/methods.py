@@ -19,14 +19,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
 from .. import quant
 from .. import step_cache as sc
 from ..eval.cache_quality import SETTINGS
+from ..models import find_blocks
 from ..quant.quantize import quantizable_linears
-from ..step_cache.adapters import find_blocks
-from ..step_cache.profile import AUTO_BUDGETS
 from ..reference import shapesworld
 from ..reference.pipeline import ShapesPipeline
+from ..step_cache.planner import BUDGETS as AUTO_BUDGETS
 
 FAMILIES = ("full compute", "fewer steps", "tempocache", "diffusers", "cache-dit", "torchao")
 FEWER_STEPS = (0.7, 0.5, 0.33, 0.25)  # fractions of the full step count
@@ -127,8 +128,13 @@ def _quantized_group(kind: str) -> Group:
 
 def _torchao(kind: str) -> Callable:
     def build(pipe: ShapesPipeline, steps: int, guidance: float) -> list[Setting]:
-        from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int8DynamicActivationInt8WeightConfig,
-                                          PerRow, PerTensor, quantize_)
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            PerRow,
+            PerTensor,
+            quantize_,
+        )
 
         device = pipe.transformer.device
         settings = {}
@@ -203,8 +209,13 @@ def _mag_ratios(pipe: ShapesPipeline, steps: int, guidance: float, prompts: int 
 
 
 def _diffusers_groups() -> list[Group]:
-    from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
-                           TaylorSeerCacheConfig)
+    from diffusers import (
+        FasterCacheConfig,
+        FirstBlockCacheConfig,
+        MagCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        TaylorSeerCacheConfig,
+    )
 
     def taylorseer(**knobs):
         return TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32, **knobs)
@@ -212,8 +223,7 @@ def _diffusers_groups() -> list[Group]:
     def attention_modules(pipe: ShapesPipeline, steps: int, guidance: float) -> dict:
         # TaylorSeerCache's default patterns fullmatch modules named "...attn" (FLUX); Wan names them attn1/attn2,
         # which the defaults miss, so name every attention module of the model explicitly.
-        _, blocks, _ = find_blocks(pipe.transformer)
-        inside = {id(m) for block in blocks for m in block.modules()}
+        inside = {id(m) for block in find_blocks(pipe.transformer).modules for m in block.modules()}
         names = [n for n, m in pipe.transformer.named_modules() if id(m) in inside and re.fullmatch(r"attn\d*", n.rsplit(".", 1)[-1])]
         return {"cache_identifiers": [re.escape(n) for n in names]}
 
@@ -255,7 +265,7 @@ def _cache_dit(kind: str, fn: int, taylorseer: bool) -> Callable:
     def build(pipe: ShapesPipeline, steps: int, guidance: float) -> list[Setting]:
         import cache_dit
 
-        blocks = len(find_blocks(pipe.transformer)[1])
+        blocks = len(find_blocks(pipe.transformer))
         if fn >= blocks:
             raise ValueError(f"F{fn} computes the first {fn} blocks every step; {pipe.spec.name} has {blocks}, "
                              f"so nothing is left to cache")

@@ -12,7 +12,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..generate import save_clips  # noqa: E402
+from ..eval.cache_quality import frontier_psnr  # noqa: E402
+from ..eval.metrics import below_bars  # noqa: E402
+from ..generation import save_clips  # noqa: E402
 from .runner import sample_key  # noqa: E402
 
 MARKERS = {"full compute": "*", "fewer steps": "v", "tempocache": "o", "diffusers": "s", "cache-dit": "D", "torchao": "^"}
@@ -21,6 +23,10 @@ TARGET_SPEEDUP = 3.0
 NEAR = 0.95  # "near 3x": at least 95% of it, timing noise allowed for
 TIMING_TOLERANCE = 0.97  # a point within 3% of another's speedup counts as as fast
 PSNR_FLOOR = 30.0
+ZERO_SHOT = "tempocache.Auto-zero-shot"
+# Peers a user runs without calibrating them on the model first (MagCache's ratios are a calibration)
+UNCALIBRATED_PEERS = ("diffusers.FirstBlockCache", "diffusers.TaylorSeerCache", "diffusers.TaylorSeerCache-lite",
+                      "cache-dit.DBCache-F1B0", "cache-dit.DBCache-F8B0", "cache-dit.DBCache+TaylorSeer")
 
 
 def scored(result: dict, families: tuple[str, ...]) -> list[dict]:
@@ -43,6 +49,44 @@ def undominated_peers(result: dict) -> list[dict]:
         o["psnr"] >= p["psnr"] and o["speedup"] >= TIMING_TOLERANCE * p["speedup"] for o in ours)]
 
 
+def zero_shot_comparison(result: dict) -> list[dict]:
+    """Each zero-shot Auto row against calibrated Auto and every uncalibrated peer at its block compute: their PSNR
+    there, read off each method's frontier (None: its cheapest setting computes more)."""
+    rows = scored(result, ("tempocache", *PEER_FAMILIES))
+    out = []
+    for ours in (r for r in rows if r["method"] == ZERO_SHOT):
+        rivals = {}
+        for method in ("tempocache.Auto", *UNCALIBRATED_PEERS):
+            points = [(r["compute_fraction"], r["psnr"]) for r in rows if r["method"] == method]
+            if points:
+                rivals[method] = frontier_psnr(points, ours["compute_fraction"])
+        peers = [v for k, v in rivals.items() if k in UNCALIBRATED_PEERS and v is not None]
+        out.append({"setting": ours["setting"], "compute_fraction": ours["compute_fraction"], "psnr": ours["psnr"],
+                    "rivals": rivals, "beats_uncalibrated_peers": all(ours["psnr"] > v for v in peers)})
+    return out
+
+
+def format_zero_shot(comparison: list[dict]) -> str:
+    lines = []
+    for c in comparison:
+        rivals = ", ".join(f"{k} {'-' if v is None else f'{v:.1f}'}" for k, v in c["rivals"].items())
+        lines.append(f"{c['setting']} at compute {c['compute_fraction']:.2f}: {c['psnr']:.1f} dB; at that compute {rivals} dB; "
+                     + ("above every uncalibrated peer" if c["beats_uncalibrated_peers"] else "NOT above every uncalibrated peer"))
+    return "\n".join(lines)
+
+
+def full_compute_accuracy(result: dict) -> str:
+    """Full compute's semantic accuracy, with a warning when the model falls below the reference bars at this setting."""
+    full = next(r for r in result["rows"] if r["family"] == "full compute")
+    accuracy = full["semantic_accuracy"]
+    line = "full compute's semantic accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items())
+    low = below_bars(accuracy)
+    if low:
+        line += (f"\nWARNING: at {result['frames']} frame(s) full compute is below the reference bars ({'; '.join(low)}): "
+                 "the model does not show what its captions say here, so fidelity to it says little about quality")
+    return line
+
+
 def verdict(result: dict) -> str:
     ours, peers = scored(result, ("tempocache",)), scored(result, PEER_FAMILIES)
     a, b = best_near(ours), best_near(peers)
@@ -63,7 +107,8 @@ def verdict(result: dict) -> str:
 def format_table(result: dict) -> str:
     lines = [f"{result['model']} on {result['device']}, {result['date']}: {result['captions']} captions x {len(result['seeds'])} seed(s), "
              f"{result['steps']} steps, guidance {result['guidance']}, {result['frames']} frame(s) of {result['size']}x{result['size']}; "
-             f"time = median of {result['repeats']} runs of one batch of {result['batch_size']}", "",
+             f"time = median of {result['repeats']} runs of one batch of {result['batch_size']}",
+             full_compute_accuracy(result), "",
              "| method | setting | speedup | s/batch | compute | PSNR (dB) | SSIM | rel. L2 | accuracy (all) | Fréchet | peak GiB |",
              "|---" * 11 + "|"]
     for r in result["rows"]:
@@ -79,6 +124,9 @@ def format_table(result: dict) -> str:
     lines += ["", "Every peer point is matched or beaten by a tempocache point (as faithful, as fast within 3%)." if not left else
               "Peer points no tempocache point matches (as faithful, as fast within 3%): "
               + "; ".join(f"{r['setting']} {r['speedup']:.2f}x {r['psnr']:.1f} dB" for r in left)]
+    if zero_shot := zero_shot_comparison(result):
+        lines += ["", "Zero-shot Auto (no profile of this model) against calibrated Auto and the uncalibrated peers, "
+                      "PSNR at the same block compute:", format_zero_shot(zero_shot)]
     return "\n".join(lines)
 
 
@@ -117,6 +165,7 @@ def write_report(result: dict, out: Path) -> dict[str, Path]:
     (out / "gifs").mkdir(exist_ok=True)
     gifs = {name: save_clips(clips, out / "gifs" / f"{_slug(name)}.gif", scale=1) for name, clips in result["samples"].items()}
     plain = {k: v for k, v in result.items() if k != "samples"}
+    plain["zero_shot"] = zero_shot_comparison(plain)
     paths = {"json": out / "results.json", "table": out / "table.md", "plot": out / "pareto.png", "html": out / "index.html"}
     paths["json"].write_text(json.dumps(plain, indent=2))
     paths["table"].write_text(f"{format_table(plain)}\n\n{verdict(plain)}\n")

@@ -25,11 +25,11 @@ from ..eval.evaluator import load_evaluator
 from ..eval.fidelity import fidelity
 from ..eval.metrics import frechet_distance, read_clips, semantic_accuracy
 from ..eval.reference_eval import REAL_SEED_OFFSET, real_clips
-from ..generate import load_pipeline
+from ..generation import load_pipeline
+from ..models import find_blocks
 from ..quant.linear import QuantLinear
 from ..reference import shapesworld
 from ..reference.models import get_spec
-from ..step_cache.adapters import find_blocks
 from .methods import Group, Setting, select
 
 
@@ -66,7 +66,7 @@ class BlockComputeCounter:
     """Multiply-adds of the linear layers inside the transformer's blocks, as they run."""
 
     def __init__(self, transformer: torch.nn.Module):
-        _, blocks, _ = find_blocks(transformer)
+        blocks = find_blocks(transformer).modules
         self.linears = [m for block in blocks for m in block.modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
         self.total = 0
         self.handles = []

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import step_cache as sc
-from ..generate import generate, load_pipeline
+from ..generation import generate, load_pipeline
 from ..reference import shapesworld
 from ..reference.models import get_spec
 from .evaluator import load_evaluator
@@ -37,6 +37,7 @@ SETTINGS: dict[str, list[Callable[[], object]]] = {
     "TemporalDeltaCache": [partial(sc.TemporalDeltaCache, threshold=t) for t in (0.1, 0.2, 0.3)],
     "CFGReuse": [partial(sc.CFGReuse, interval=i) for i in (2, 4, 8)],
     "Auto": [partial(sc.Auto, budget=b) for b in (0.5, 0.33, 0.25)],
+    "Auto-zero-shot": [partial(sc.Auto, budget=b, zero_shot=True) for b in (0.5, 0.33, 0.25)],  # no profile of this model
 }
 
 
@@ -50,8 +51,8 @@ def cache_quality(model: str = "shapes-t2v", captions: int = 16, steps: int | No
     evaluator = load_evaluator(device)
     scenes = shapesworld.held_out_scenes(captions, seed, with_motion=spec.is_video)
     prompts = [s.caption(spec.is_video) for s in scenes]
-    configs = [make() for name in (policies or SETTINGS) for make in SETTINGS[name]]
-    for config in configs:  # fail on a missing profile before any sampling
+    configs = [(name, make()) for name in (policies or SETTINGS) for make in SETTINGS[name]]
+    for _, config in configs:  # fail on a missing profile before any sampling
         config.make_policy(pipe.transformer)
 
     def run(config) -> dict:
@@ -69,11 +70,11 @@ def cache_quality(model: str = "shapes-t2v", captions: int = 16, steps: int | No
 
     reference = run(None)
     rows = []
-    for config in tqdm([None, *configs], desc=f"{model} cache quality"):
+    for name, config in tqdm([("full compute", None), *configs], desc=f"{model} cache quality"):
         result = reference if config is None else run(config)
         rows.append({
-            "policy": "full compute" if config is None else type(config).__name__,
-            "settings": {} if config is None else {k: v for k, v in vars(config).items() if k != "profile"},
+            "policy": name,
+            "settings": {} if config is None else {k: v for k, v in vars(config).items() if k != "profile" and v is not None},
             "compute_fraction": result["compute_fraction"],
             **score(result["clips"], reference["clips"], evaluator, scenes, spec.is_video),
             "seconds": round(result["seconds"], 2),
@@ -101,6 +102,16 @@ def quality_cells(row: dict) -> str:
             f"{acc.get('motion', float('nan')):.2f} | {acc['all']:.2f} |")
 
 
+def frontier_psnr(points: list[tuple[float, float]], compute: float) -> float | None:
+    """The best PSNR a method's settings (compute, PSNR) reach at `compute`: their frontier (the best PSNR at no more
+    compute), linearly interpolated; None if even its cheapest setting spends more."""
+    points = sorted(points)
+    frontier = [(x, max(y for x2, y in points if x2 <= x)) for x, _ in points]
+    if compute < frontier[0][0] - 1e-9:
+        return None
+    return float(np.interp(compute, [x for x, _ in frontier], [y for _, y in frontier]))
+
+
 def auto_comparison(result: dict) -> dict[str, list[str]]:
     """Auto against every other policy at Auto's own compute.
 
@@ -113,13 +124,13 @@ def auto_comparison(result: dict) -> dict[str, list[str]]:
     for auto in (r for r in rows if r["policy"] == "Auto"):
         c = auto["compute_fraction"]
         for policy in sorted({r["policy"] for r in rows} - {"Auto"}):
-            points = sorted((r["compute_fraction"], r["psnr"]) for r in rows if r["policy"] == policy)
-            frontier = [(x, max(y for x2, y in points if x2 <= x)) for x, _ in points]
-            if c < frontier[0][0] - 1e-9:
-                out_of_reach.append(f"{policy} (cheapest setting {frontier[0][0]:.2f} compute, {frontier[0][1]:.2f} dB) "
+            points = [(r["compute_fraction"], r["psnr"]) for r in rows if r["policy"] == policy]
+            rival = frontier_psnr(points, c)
+            if rival is None:
+                cheapest = min(points)
+                out_of_reach.append(f"{policy} (cheapest setting {cheapest[0]:.2f} compute, {cheapest[1]:.2f} dB) "
                                     f"vs Auto budget {auto['settings']['budget']} ({c:.2f}, {auto['psnr']:.2f} dB)")
                 continue
-            rival = float(np.interp(c, [x for x, _ in frontier], [y for _, y in frontier]))
             if rival >= auto["psnr"]:
                 losses.append(f"{policy} at {c:.2f} compute: {rival:.2f} dB >= Auto budget {auto['settings']['budget']} {auto['psnr']:.2f} dB")
     return {"losses": losses, "out_of_reach": out_of_reach}

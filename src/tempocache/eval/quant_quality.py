@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import quant as q
 from .. import step_cache as sc
-from ..generate import generate, load_pipeline
+from ..generation import generate, load_pipeline
 from ..quant.quantize import quantizable_linears
 from ..reference import shapesworld
 from ..reference.models import get_spec

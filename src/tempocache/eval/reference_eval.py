@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from ..generate import generate, load_pipeline
+from ..generation import generate, load_pipeline
 from ..reference import shapesworld
 from ..reference.models import get_spec
 from .evaluator import load_evaluator
@@ -31,9 +31,10 @@ def real_clips(scenes: list[shapesworld.Scene], num_frames: int, seed: int) -> n
 
 def evaluate_reference(
     model: str, captions: int = 64, steps: int | None = None, guidance: float | None = None,
-    device: str = "cpu", batch_size: int = 16, seed: int = 0, samples_per_caption: int = 1,
+    device: str = "cpu", batch_size: int = 16, seed: int = 0, samples_per_caption: int = 1, num_frames: int | None = None,
 ) -> dict:
-    """Sample each held-out caption `samples_per_caption` times (seeds seed, seed + 1, ...) and score the clips.
+    """Sample each held-out caption `samples_per_caption` times (seeds seed, seed + 1, ...) and score the clips
+    (`num_frames` long; default: the model's length).
 
     The Fréchet distance is biased upwards by few samples: compare it with the real-vs-real floor.
     """
@@ -41,14 +42,16 @@ def evaluate_reference(
     if captions < 2 or samples_per_caption < 1:
         raise ValueError(f"need at least 2 captions and 1 sample per caption, got {captions} and {samples_per_caption}")
     pipe = load_pipeline(model, device)
+    num_frames = num_frames or spec.num_frames
     evaluator = load_evaluator(device)
     scenes = shapesworld.held_out_scenes(captions, seed, with_motion=spec.is_video) * samples_per_caption
     prompts = [s.caption(spec.is_video) for s in scenes]
     start = time.time()
-    generated = generate(prompts, steps=steps, guidance=guidance, seed=seed, device=device, batch_size=batch_size, pipe=pipe)
+    generated = generate(prompts, steps=steps, guidance=guidance, seed=seed, num_frames=num_frames, device=device,
+                         batch_size=batch_size, pipe=pipe)
     seconds = time.time() - start
-    real_a = real_clips(scenes, spec.num_frames, REAL_SEED_OFFSET + seed)
-    real_b = real_clips(scenes, spec.num_frames, 2 * REAL_SEED_OFFSET + seed)
+    real_a = real_clips(scenes, num_frames, REAL_SEED_OFFSET + seed)
+    real_b = real_clips(scenes, num_frames, 2 * REAL_SEED_OFFSET + seed)
     features, logits = read_clips(evaluator, generated)
     features_a, logits_a = read_clips(evaluator, real_a)
     features_b, _ = read_clips(evaluator, real_b)
@@ -57,6 +60,7 @@ def evaluate_reference(
         "model": model,
         "captions": captions,
         "samples_per_caption": samples_per_caption,
+        "frames": num_frames,
         "two_object_captions": len(two_objects) // samples_per_caption,
         "steps": steps or spec.default_steps,
         "guidance": guidance or spec.default_guidance,
@@ -85,14 +89,16 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_evaluator(count: int = 2048, seed: int = 0, device: str = "cpu") -> dict:
-    """The evaluator's own accuracy on fresh real clips of held-out captions, as clips and as single frames."""
+def evaluate_evaluator(count: int = 2048, seed: int = 0, device: str = "cpu", num_frames: int = shapesworld.DEFAULT_FRAMES) -> dict:
+    """The evaluator's own accuracy on fresh real clips of held-out captions (`num_frames` long), as clips and as
+    single frames."""
     evaluator = load_evaluator(device)
-    batch = shapesworld.sample_batch(np.random.default_rng([seed, 424242]), count, "held_out")
+    batch = shapesworld.sample_batch(np.random.default_rng([seed, 424242]), count, "held_out", num_frames)
     clips = batch.clips.permute(0, 1, 3, 4, 2)
     images = shapesworld.sample_batch(np.random.default_rng([seed, 434343]), count, "held_out", num_frames=1, with_motion=False)
     return {
         "clips": count,
+        "frames": num_frames,
         "clip_accuracy": semantic_accuracy(read_clips(evaluator, clips)[1], batch.scenes),
         "image_accuracy": semantic_accuracy(read_clips(evaluator, images.clips.permute(0, 1, 3, 4, 2))[1], images.scenes, with_motion=False),
     }

@@ -35,21 +35,42 @@ either way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
 
-from ..step_cache.adapters import find_blocks, timestep_of
-from ..step_cache.engine import _transformer_of
-from .numerics import check_format
-from .quantize import HOOK_NAME, QuantState, quantizable_linears, replace_linears, resolve_format, restore_linears
+from ..closed_loop import ClosedLoop, Run
+from ..models import (
+    QUANT,
+    STEP_CACHE,
+    Hook,
+    add_hook,
+    attached,
+    find_blocks,
+    find_profile,
+    fingerprint,
+    remove_hook,
+    timestep_of,
+    transformer_of,
+)
+from .linear import Activations, QuantLinear
+from .quantize import (
+    HOOK_NAME,
+    FilterFn,
+    QuantConfig,
+    QuantState,
+    quantizable_linears,
+    replace_linears,
+    resolve_format,
+    restore_linears,
+)
 
-SHIPPED_DIR = Path(__file__).parent / "profiles"
 # A layer whose error does not rise with its block's change (correlation below this) is predicted by its mean error:
 # a poor fit only adds noise to the ranking.
 MIN_CORRELATION = 0.5
@@ -77,6 +98,7 @@ class QuantProfile:
     step_timesteps: list[float]  # the calibrated steps' timesteps, ascending
     step_sensitivity: list[float]  # per step (same order): output drift per unit of predicted error
     prompts: list[str] = field(default_factory=list)
+    fingerprint: str = ""  # of the transformer it was measured on (models.fingerprint)
     mixes: dict[str, list] = field(default_factory=dict)  # per calibrated budget, the (alpha, estimate) that drifted least
     mix_drift: dict[str, list[float]] = field(default_factory=dict)  # per calibrated budget, each of MIXES' drift
 
@@ -135,21 +157,14 @@ class QuantProfile:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def shipped_quant_profile(transformer: torch.nn.Module, fmt: str) -> Path | None:
-    from ..reference.models import reference_name_of
-
-    name = reference_name_of(transformer)
-    return SHIPPED_DIR / f"{name}-{fmt}.json" if name else None
-
-
 @dataclass(frozen=True)
-class TimestepAdaptive:
+class TimestepAdaptive(QuantConfig):
     """Per call and per layer, W8A8 for the layers predicted least sensitive, W8A16 for the rest.
 
     budget: share of the quantized linears' multiply-adds run in 8 bits over a generation, in [0, 1]
     (1: all, as W8A8); met on the calibration prompts, approached on others (`quant_stats` reports it).
     format: as in `W8A8`. profile: path or `QuantProfile` from `tempocache calibrate --quant-predictor`;
-    None: the shipped one of a reference model. per_step: False ranks the layers once, by their mean
+    None: the registered one of this model. per_step: False ranks the layers once, by their mean
     calibrated error, the same at every call: static mixed precision, the baseline this policy has to beat.
     attention: as in `W8A8`, FP8 self-attention at every call (the budget governs the linears).
     """
@@ -163,13 +178,12 @@ class TimestepAdaptive:
     def check(self) -> None:
         if not 0.0 <= self.budget <= 1.0:
             raise ValueError(f"TimestepAdaptive budget must be in [0, 1] (share of linear work in 8 bits), got {self.budget}")
-        if self.format != "auto":
-            check_format(self.format)
+        super().check()
 
-    def prepare(self, transformer: torch.nn.Module, fmt: str, layers: list[str]) -> "TimestepAdaptive":
+    def prepare(self, transformer: nn.Module, fmt: str, layers: list[str]) -> "TimestepAdaptive":
         profile = self.profile
         if not isinstance(profile, QuantProfile):
-            path = profile or shipped_quant_profile(transformer, fmt)
+            path = profile or find_profile("quant", transformer, format=fmt)
             if path is None or not Path(path).exists():
                 raise ValueError(f"no {fmt} quantization profile for {type(transformer).__name__}: run `tempocache calibrate "
                                  f"--quant-predictor {fmt}` (or tempocache.calibrate_quant) and pass profile=<its JSON>")
@@ -177,8 +191,8 @@ class TimestepAdaptive:
         if profile.format != fmt:
             raise ValueError(f"the profile was fitted for {profile.format}, but this model is being quantized to {fmt}")
         if profile.layers != layers:
-            raise ValueError(f"the profile's {len(profile.layers)} layers do not match this transformer's {len(layers)} "
-                             f"quantizable linears (fitted on {profile.model}); calibrate this model")
+            raise ValueError(f"the profile's {len(profile.layers)} layers do not match the {len(layers)} linears being "
+                             f"quantized (fitted on {profile.model}, with its filter); calibrate this model with this filter")
         return replace(self, profile=profile)
 
     def make_controller(self, state: QuantState) -> "_Controller":
@@ -189,7 +203,8 @@ class TimestepAdaptive:
 class _Controller:
     """Sets each layer's precision before every transformer call, from the block changes of the last one."""
 
-    def __init__(self, profile: QuantProfile, budget: float, mix: tuple[float, str], layers: dict[str, Any], transformer):
+    def __init__(self, profile: QuantProfile, budget: float, mix: tuple[float, str], layers: dict[str, QuantLinear],
+                 transformer: nn.Module):
         self.profile, self.mix = profile, mix
         self.threshold = profile.threshold(budget, mix)
         self.layers = [layers[name] for name in profile.layers]
@@ -197,14 +212,15 @@ class _Controller:
         self.changes: dict[int, torch.Tensor] = {}
         self.last_timestep: float | None = None
         self.low_macs = self.all_macs = 0.0
-        _, self.blocks, calls = find_blocks(transformer)
+        blocks = find_blocks(transformer)
+        self.blocks = blocks.modules
         if mix[1] == "change":  # the block changes are read only by the predictor
-            for index, (block, call) in enumerate(zip(self.blocks, calls)):
-                HookRegistry.check_if_exists_or_initialize(block).register_hook(_ChangeHook(self, index, call), HOOK_NAME)
+            for index, (block, call) in enumerate(zip(blocks.modules, blocks.calls)):
+                add_hook(block, _ChangeHook(self, index, call), HOOK_NAME)
 
     def remove(self) -> None:
         for block in self.blocks:
-            HookRegistry.check_if_exists_or_initialize(block).remove_hook(HOOK_NAME, recurse=False)
+            remove_hook(block, HOOK_NAME)
         # a removed diffusers hook stays in a reference cycle (hook <-> its function references) until the garbage
         # collector runs: it must not keep the 8-bit layers (the weights' memory) alive meanwhile
         self.layers = []
@@ -228,7 +244,7 @@ class _Controller:
         return float(self.low_macs / self.all_macs) if self.all_macs else 0.0
 
 
-class _ChangeHook(ModelHook):
+class _ChangeHook(Hook):
     def __init__(self, controller: _Controller, index: int, call):
         super().__init__()
         self.controller, self.index, self.call = controller, index, call
@@ -251,145 +267,150 @@ def relative_state_change(new: tuple, old: tuple) -> torch.Tensor:
     return torch.sqrt(sum((n - o).pow(2).sum() for n, o in pairs) / sum(o.pow(2).sum() for _, o in pairs).clamp(min=1e-24))
 
 
-def calibrate_quant(pipe: Any, prompts: list, run: Callable[[Any, Any], Any] | None = None, format: str = "fp8",
-                    mix_budgets: tuple[float, ...] = MIX_BUDGETS) -> QuantProfile:
+def calibrate_quant(pipe: Any, prompts: Sequence, run: Run | None = None, format: str = "fp8",
+                    mix_budgets: tuple[float, ...] = MIX_BUDGETS, filter_fn: FilterFn | None = None) -> QuantProfile:
     """Fit TimestepAdaptive's predictor on full generations of `prompts` (the model is left as it was).
 
-    Every block call is re-run once per quantizable linear in it with that linear alone in W8A8
+    Every block call is re-run once per quantized linear in it with that linear alone in W8A8
     (the others W8A16), then each step is probed once with all linears W8A8 at that step alone,
     then each of MIXES runs closed-loop at each of `mix_budgets`: calibration costs about
     (linears per block + 1 + steps + 6 x budgets) generations. `run(pipe, prompt)` makes one
-    generation (a "prompt" may be a batch) and returns its samples (see `generated_samples`): the
-    mixes and the step sensitivities are measured by how far they move. Runs must be deterministic.
+    generation (a "prompt" may be a batch) and returns its samples (see `closed_loop.generated_samples`):
+    the mixes and the step sensitivities are measured by how far they move. Runs must be deterministic.
+    `filter_fn` chooses the linears as `quantize`'s does; quantize with the same one.
     """
-    from ..reference.models import reference_name_of
+    return QuantCalibration(pipe, prompts, run, format, filter_fn).fit(mix_budgets)
 
-    transformer, _ = _transformer_of(pipe)
-    fmt = resolve_format(format, next(transformer.parameters()).device)
-    if not prompts:
-        raise ValueError("calibrate_quant needs at least one prompt")
-    for attribute, what in (("_tempocache_quant", "it is already quantized"), ("_tempocache_step_cache", "step caching is on")):
-        if getattr(transformer, attribute, None) is not None:
-            raise RuntimeError(f"calibrate_quant needs the unmodified model, but {what}")
-    run = run or (lambda p, prompt: p(prompt))
-    found = quantizable_linears(transformer)
-    _, blocks, calls = find_blocks(transformer)
-    names_in = [[name for name, b in found if b == index] for index in range(len(blocks))]
-    originals, layers = replace_linears(transformer, [name for name, _ in found], fmt)
-    for layer in layers.values():
-        layer.low_precision = False
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in found}
-    initial: list[list[float]] = [[] for _ in blocks]  # each block's change at the first call of each generation
-    call_changes: list[list[float]] = []  # per call, the change of each block its samples were paired with
-    call_timesteps: list[float] = []
-    state = {"previous": None, "current": {}, "last_t": None, "busy": False}
 
-    def on_call(module, args, kwargs):
-        t = timestep_of(module, args, kwargs)
-        if t is None:
-            raise ValueError(f"calibrate_quant needs the timestep of each {type(module).__name__} call; it got none")
-        new_generation = state["last_t"] is None or t > state["last_t"]
-        state["last_t"], state["previous"], state["current"] = t, None if new_generation else state["current"], {}
-        call_changes.append([0.0] * len(blocks))
-        call_timesteps.append(t)
+class QuantCalibration:
+    """One calibration of TimestepAdaptive's predictor: the model with its linears in 8 bits (all W8A16 unless a
+    probe says otherwise), and what the per-layer pass records."""
 
-    def on_block(index):
-        def hook(module, args, kwargs, output):
-            if state["busy"]:
-                return
-            state_in, exact = calls[index].state_in(args, kwargs), calls[index].state_out(output, args, kwargs)
-            change = float(relative_state_change(exact, state_in))
-            state["current"][index] = change
-            if state["previous"] is None:
-                initial[index].append(change)
-            x = change if state["previous"] is None else state["previous"].get(index, change)
-            call_changes[-1][index] = x
-            state["busy"] = True
-            try:
-                for name in names_in[index]:
-                    layers[name].low_precision = True
-                    approx = calls[index].state_out(module(*args, **kwargs), args, kwargs)
-                    layers[name].low_precision = False
-                    samples[name].append((x, float(relative_state_change(approx, exact))))
-            finally:
-                state["busy"] = False
-        return hook
+    def __init__(self, pipe: Any, prompts: Sequence, run: Run | None, format: str, filter_fn: FilterFn | None):
+        self.transformer, _ = transformer_of(pipe)
+        self.format = resolve_format(format, next(self.transformer.parameters()).device)
+        self.loop = ClosedLoop(pipe, prompts, run)
+        for attribute, what in ((QUANT, "it is already quantized"), (STEP_CACHE, "step caching is on")):
+            if attached(self.transformer, attribute) is not None:
+                raise RuntimeError(f"calibrate_quant needs the unmodified model, but {what}")
+        self.found = quantizable_linears(self.transformer, filter_fn)
+        self.blocks = find_blocks(self.transformer)
+        self.names_in = [[name for name, b in self.found if b == index] for index in range(len(self.blocks))]
+        self.errors: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in self.found}  # (change, error) per call
+        self.initial: list[list[float]] = [[] for _ in self.blocks.modules]  # each block's change at each generation's first call
+        self.call_changes: list[list[float]] = []  # per call, the change of each block its errors were paired with
+        self.call_timesteps: list[float] = []
+        self.previous: dict[int, float] | None = None  # block changes at the last call of this generation
+        self.current: dict[int, float] = {}
+        self.last_timestep: float | None = None
+        self.busy = False  # while a block is re-run with one linear in W8A8
+        self.layers: dict[str, QuantLinear] = {}  # the 8-bit layers, while fit() runs
 
-    def generated(pick: Callable[[float], None]) -> torch.Tensor:
-        """The samples generated from all prompts, one per row, `pick(timestep)` setting the precisions before each call."""
-        hook = transformer.register_forward_pre_hook(lambda m, args, kwargs: pick(timestep_of(m, args, kwargs)), with_kwargs=True)
+    def fit(self, mix_budgets: tuple[float, ...]) -> QuantProfile:
+        originals, self.layers = replace_linears(self.transformer, [name for name, _ in self.found], self.format, Activations())
         try:
-            return torch.cat([generated_samples(run(pipe, prompt)) for prompt in prompts])
+            with torch.no_grad():
+                # first, so that a run returning no samples fails before the long pass
+                self.loop.exact = self.loop.generate(self.precision(all_low_at=None))
+                self.record_layer_errors()
+                steps = sorted(set(self.call_timesteps))
+                errors = np.array([[e for _, e in self.errors[name]] for name, _ in self.found])  # (layers, calls)
+                at_step = np.array([[t == step for t in self.call_timesteps] for step in steps], dtype=float)  # (steps, calls)
+                sensitivity = self.loop.sensitivities(steps, lambda t: self.precision(all_low_at=t),
+                                                      (errors.sum(0)[None] * at_step).sum(1))
+                profile = self.profile(errors, at_step, steps, sensitivity)
+                for budget in mix_budgets:  # every mix at the share static mixed precision reaches: equal 8-bit work
+                    share = profile.static_share(budget)
+                    best, drifts = self.loop.least_drift(MIXES, lambda mix: self.controlled(profile, share, mix))
+                    profile.mixes[str(budget)] = list(best)
+                    profile.mix_drift[str(budget)] = drifts
+        finally:
+            restore_linears(self.transformer, originals)
+        return profile
+
+    @contextlib.contextmanager
+    def precision(self, all_low_at: float | None) -> Iterator[None]:
+        """Every linear in W8A8 at the calls of timestep `all_low_at`, W8A16 at the others."""
+        def pick(module, args, kwargs):
+            for layer in self.layers.values():
+                layer.low_precision = timestep_of(module, args, kwargs) == all_low_at
+        hook = self.transformer.register_forward_pre_hook(pick, with_kwargs=True)
+        try:
+            yield
         finally:
             hook.remove()
 
-    def all_low_at(step: float | None) -> Callable[[float], None]:
-        def pick(t: float) -> None:
-            for layer in layers.values():
-                layer.low_precision = t == step
-        return pick
-
-    def mix_drift(profile: QuantProfile, budget: float, mix: tuple[float, str]) -> float:
-        controller = _Controller(profile, budget, mix, layers, transformer)
+    @contextlib.contextmanager
+    def controlled(self, profile: QuantProfile, budget: float, mix: tuple[float, str]) -> Iterator[None]:
+        controller = _Controller(profile, budget, mix, self.layers, self.transformer)
+        hook = self.transformer.register_forward_pre_hook(
+            lambda module, args, kwargs: controller.decide(timestep_of(module, args, kwargs)), with_kwargs=True)
         try:
-            return _drift(generated(controller.decide), exact)
+            yield
         finally:
+            hook.remove()
             controller.remove()
 
-    handles = []
-    try:
-        with torch.no_grad():
-            exact = generated(all_low_at(None))  # first, so that a run returning no samples fails before the long pass
-            handles = [transformer.register_forward_pre_hook(on_call, with_kwargs=True)]
-            handles += [block.register_forward_hook(on_block(i), with_kwargs=True) for i, block in enumerate(blocks)]
-            for prompt in prompts:
-                run(pipe, prompt)
-                state["last_t"] = None
+    def record_layer_errors(self) -> None:
+        """The full-precision (W8A16) generations, re-running each block call once per linear in it in W8A8."""
+        handles = [self.transformer.register_forward_pre_hook(self.on_call, with_kwargs=True)]
+        handles += [block.register_forward_hook(self.on_block(i), with_kwargs=True) for i, block in enumerate(self.blocks.modules)]
+        try:
+            with self.precision(all_low_at=None):
+                for prompt in self.loop.prompts:
+                    self.loop.run(self.loop.pipe, prompt)
+                    self.last_timestep = None
+        finally:
             for handle in handles:
                 handle.remove()
-            handles = []
-            steps = sorted(set(call_timesteps))
-            drift = [_drift(generated(all_low_at(t)), exact) for t in steps]
-            errors = np.array([[e for _, e in samples[name]] for name, _ in found])  # (layers, calls)
-            at_step = np.array([[t == step for t in call_timesteps] for step in steps], dtype=float)  # (steps, calls)
-            predicted_total = (errors.sum(0)[None] * at_step).sum(1)
-            coefficients, mean_error = [], []
-            for name, _ in found:
-                x, e = np.array(samples[name]).T
-                slope, intercept = 0.0, float(e.mean())
-                if np.ptp(x) > 0 and np.ptp(e) > 0 and np.corrcoef(x, e)[0, 1] >= MIN_CORRELATION:
-                    slope, intercept = np.polyfit(x, e, 1)
-                coefficients.append([float(intercept), float(slope)])
-                mean_error.append(float(e.mean()))
-            profile = QuantProfile(
-                model=reference_name_of(transformer) or type(transformer).__name__, format=fmt,
-                layers=[name for name, _ in found], blocks=[b for _, b in found],
-                macs=[layers[name].macs_per_token for name, _ in found], coefficients=coefficients, mean_error=mean_error,
-                step_error=((errors @ at_step.T) / at_step.sum(1)).tolist(),
-                initial_change=[float(np.mean(changes)) for changes in initial], call_changes=call_changes,
-                call_timesteps=call_timesteps, step_timesteps=steps,
-                step_sensitivity=[float(d / max(p, 1e-12)) for d, p in zip(drift, predicted_total)], prompts=[str(p) for p in prompts])
-            for budget in mix_budgets:  # every mix at the share static mixed precision reaches: compared at equal 8-bit work
-                drifts = [mix_drift(profile, profile.static_share(budget), mix) for mix in MIXES]
-                profile.mixes[str(budget)] = list(MIXES[int(np.argmin(drifts))])
-                profile.mix_drift[str(budget)] = drifts
-    finally:
-        for handle in handles:
-            handle.remove()
-        restore_linears(transformer, originals)
-    return profile
 
+    def on_call(self, module, args, kwargs) -> None:
+        t = timestep_of(module, args, kwargs)
+        if t is None:
+            raise ValueError(f"calibrate_quant needs the timestep of each {type(module).__name__} call; it got none")
+        new_generation = self.last_timestep is None or t > self.last_timestep
+        self.last_timestep, self.previous, self.current = t, None if new_generation else self.current, {}
+        self.call_changes.append([0.0] * len(self.blocks))
+        self.call_timesteps.append(t)
 
-def generated_samples(result: Any) -> torch.Tensor:
-    """A run's generated samples, one per row: a tensor or array, or a pipeline output's `frames` or `images` as one."""
-    samples = getattr(result, "frames", getattr(result, "images", result))
-    if not isinstance(samples, (torch.Tensor, np.ndarray)):
-        raise TypeError(f"calibrate_quant's run must return the generated samples, a tensor or array (for a diffusers "
-                        f"pipeline: output_type='pt' or 'np'), or an output whose frames or images is one; got {type(samples).__name__}")
-    return torch.as_tensor(samples).detach().float().cpu().flatten(1)
+    def on_block(self, index: int) -> Callable:
+        call = self.blocks.calls[index]
 
+        def hook(module, args, kwargs, output):
+            if self.busy:
+                return
+            state_in, exact = call.state_in(args, kwargs), call.state_out(output, args, kwargs)
+            change = float(relative_state_change(exact, state_in))
+            self.current[index] = change
+            if self.previous is None:
+                self.initial[index].append(change)
+            x = change if self.previous is None else self.previous.get(index, change)
+            self.call_changes[-1][index] = x
+            self.busy = True
+            try:
+                for name in self.names_in[index]:
+                    self.layers[name].low_precision = True
+                    approx = call.state_out(module(*args, **kwargs), args, kwargs)
+                    self.layers[name].low_precision = False
+                    self.errors[name].append((x, float(relative_state_change(approx, exact))))
+            finally:
+                self.busy = False
+        return hook
 
-def _drift(approx: torch.Tensor, exact: torch.Tensor) -> float:
-    """How far the generated samples (rows) moved: the geometric mean over samples of each one's RMS error. It ranks
-    settings as the mean PSNR over samples does; an RMS over the whole batch would be ruled by its worst samples."""
-    return float((approx - exact).pow(2).mean(dim=1).sqrt().clamp(min=1e-12).log().mean().exp())
+    def profile(self, errors: np.ndarray, at_step: np.ndarray, steps: list[float], sensitivity: list[float]) -> QuantProfile:
+        coefficients, mean_error = [], []
+        for name, _ in self.found:
+            x, e = np.array(self.errors[name]).T
+            slope, intercept = 0.0, float(e.mean())
+            if np.ptp(x) > 0 and np.ptp(e) > 0 and np.corrcoef(x, e)[0, 1] >= MIN_CORRELATION:
+                slope, intercept = np.polyfit(x, e, 1)
+            coefficients.append([float(intercept), float(slope)])
+            mean_error.append(float(e.mean()))
+        return QuantProfile(
+            model=type(self.transformer).__name__, fingerprint=fingerprint(self.transformer), format=self.format,
+            layers=[name for name, _ in self.found], blocks=[b for _, b in self.found],
+            macs=[self.layers[name].macs_per_token for name, _ in self.found], coefficients=coefficients,
+            mean_error=mean_error, step_error=((errors @ at_step.T) / at_step.sum(1)).tolist(),
+            initial_change=[float(np.mean(changes)) for changes in self.initial], call_changes=self.call_changes,
+            call_timesteps=self.call_timesteps, step_timesteps=steps, step_sensitivity=[float(s) for s in sensitivity],
+            prompts=[str(p) for p in self.loop.prompts])

@@ -30,11 +30,11 @@ import importlib.util
 from collections import Counter
 
 import torch
-from diffusers.hooks import ModelHook
 from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from ..models import Hook
 from .numerics import compiled
 
 FP8, FP8_MAX = torch.float8_e4m3fn, 448.0
@@ -148,26 +148,30 @@ class _CudnnAttention:
         return o8
 
 
-_cudnn_attention = _CudnnAttention()
-
-
 def _dequantize(o8: torch.Tensor, s_v: torch.Tensor, tokens: int, dtype: torch.dtype) -> torch.Tensor:
     return (o8[..., :tokens, :].float() * s_v).to(dtype)
 
 
-def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Self-attention of (batch, heads, tokens, head dim) tensors in FP8: cuDNN on a GPU, simulated elsewhere."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if not q.is_cuda:
-        return simulated_attention(*quantize_qkv(q, k, v), scale, q.dtype)
-    tokens = q.shape[-2]
-    # fused kernels (torch.compile): in eager mode the passes over q, k and v cost a third of what FP8 saves
-    q8, k8, v8, s_q, s_k, s_v = compiled(quantize_qkv)(q, k, v, -(-tokens // TILE) * TILE)
-    o8 = _cudnn_attention(q8, k8, v8, s_q, s_k, s_v, tokens, scale)
-    return compiled(_dequantize)(o8, s_v, tokens, q.dtype)
+class FP8Attention:
+    """Self-attention of (batch, heads, tokens, head dim) tensors in FP8: cuDNN on a GPU (its graphs built once per
+    shape and kept here), simulated elsewhere."""
+
+    def __init__(self):
+        self.cudnn = _CudnnAttention()
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        if not q.is_cuda:
+            return simulated_attention(*quantize_qkv(q, k, v), scale, q.dtype)
+        tokens = q.shape[-2]
+        # fused kernels (torch.compile): in eager mode the passes over q, k and v cost a third of what FP8 saves
+        q8, k8, v8, s_q, s_k, s_v = compiled(quantize_qkv)(q, k, v, -(-tokens // TILE) * TILE)
+        o8 = self.cudnn(q8, k8, v8, s_q, s_k, s_v, tokens, scale)
+        return compiled(_dequantize)(o8, s_v, tokens, q.dtype)
 
 
-def _fp8_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+def _fp8_call(attention: FP8Attention, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+              enable_gqa=False):
     """A scaled_dot_product_attention call: (its FP8 output, None) where it qualifies, else (None, why it stays exact)."""
     if attn_mask is not None or dropout_p or is_causal or enable_gqa:
         return None, "mask, dropout, causal or grouped heads"
@@ -176,7 +180,7 @@ def _fp8_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     if query.shape[-1] % 16:
         return None, f"head dim {query.shape[-1]} not a multiple of 16"
     try:
-        return fp8_attention(query, key, value, scale), None
+        return attention(query, key, value, scale), None
     except Declined as why:
         return None, f"cuDNN declined: {why}"
 
@@ -186,13 +190,14 @@ class FP8AttentionMode(TorchFunctionMode):
 
     def __init__(self):
         super().__init__()
+        self.attention = FP8Attention()
         self.fp8_calls = 0
         self.exact_calls: Counter[str] = Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            out, reason = _fp8_call(*args, **kwargs)
+            out, reason = _fp8_call(self.attention, *args, **kwargs)
             if out is not None:
                 self.fp8_calls += 1
                 return out
@@ -200,16 +205,11 @@ class FP8AttentionMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class FP8AttentionHook(ModelHook):
+class FP8AttentionHook(Hook):
     def __init__(self, mode: FP8AttentionMode):
         super().__init__()
         self.mode = mode
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         with self.mode:
-            return self.fn_ref.original_forward(*args, **kwargs)
-
-
-def attention_modules(blocks: list[nn.Module]) -> list[nn.Module]:
-    """diffusers attention modules (those with a `processor`) inside the blocks."""
-    return [m for block in blocks for m in block.modules() if hasattr(m, "processor")]
+            return self.original(*args, **kwargs)

@@ -10,13 +10,14 @@ the CPU path.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FORMATS = {"fp8": (torch.float8_e4m3fn, 448.0), "int8": (torch.int8, 127.0)}
 # Both weight dimensions must be multiples of this for torch._scaled_mm (torch._int_mm needs 8). One rule for both
 # formats and every device, so a layer is 8-bit or exact the same way on the CPU as on a GPU.
 KERNEL_MULTIPLE = 16
-FUSE_ON_GPU = True  # quantize activations with one compiled kernel on a GPU (benchmarks turn it off to compare)
 
 
 def check_format(fmt: str) -> str:
@@ -35,21 +36,17 @@ def quantize_rows(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor
     return scaled.to(dtype), scale
 
 
-_compiled: dict = {}
-
-
+@functools.cache
 def compiled(fn):
     """`fn` through torch.compile, compiled once per function, per shape: per-shape kernels ran 2x faster than
     dynamic ones here."""
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=False)
-    return _compiled[fn]
+    return torch.compile(fn, dynamic=False)
 
 
-def quantize_activations(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_rows`, on a GPU as one fused kernel (torch.compile): in eager mode its passes over the
-    activations cost as much as the 8-bit matmul saves."""
-    if not (x.is_cuda and FUSE_ON_GPU):
+def quantize_activations(x: torch.Tensor, fmt: str, fuse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows`, on a GPU as one fused kernel (torch.compile) unless `fuse` is off: in eager mode its passes
+    over the activations cost as much as the 8-bit matmul saves."""
+    if not (x.is_cuda and fuse):
         return quantize_rows(x, fmt)
     return compiled(quantize_rows)(x, fmt)
 

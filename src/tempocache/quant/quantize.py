@@ -1,36 +1,70 @@
-"""`tempocache.quantize(pipe_or_transformer, config)`: 8-bit linear layers inside the transformer blocks.
+"""`tempocache.quantize(pipe_or_transformer, config, filter_fn)`: 8-bit linear layers inside the transformer blocks.
 
-What is quantized: every `nn.Linear` inside the transformer blocks, except those of a
-normalization module (adaLN modulation, which carries the time embedding). What stays
-exact: everything outside the blocks (patch and time embeddings, text projection, final
-norm and projection) and the norms. The time embedding's outputs are cached per timestep
-(`time_embedding.py`). Weights are replaced by their 8-bit form, so the change is one-way,
-as with torchao's `quantize_`.
+What is quantized: the `nn.Linear`s inside the transformer blocks that `filter_fn(module, name)`
+accepts; by default all of them but those carrying the timestep's modulation (inside a
+normalization module such as adaLN, or a family's declared modulation, see
+`models.modulation_modules`). What stays exact: everything outside the blocks (patch and time
+embeddings, text projection, final norm and projection) and the norms. The time embedding's
+outputs are cached per timestep (`time_embedding.py`). Weights are replaced by their 8-bit
+form, so the change is one-way, as with torchao's `quantize_`.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from ..step_cache.adapters import find_blocks, timestep_of
-from ..step_cache.engine import _transformer_of, attached
-from .attention import FP8AttentionHook, FP8AttentionMode, attention_modules, kernel_unavailable
-from .linear import QuantLinear, clear_input_cache
+from ..models import (
+    QUANT,
+    Hook,
+    add_hook,
+    attach,
+    attached,
+    attention_modules,
+    find_blocks,
+    modulation_modules,
+    require_attached,
+    timestep_of,
+    transformer_of,
+)
+from .attention import FP8AttentionHook, FP8AttentionMode, kernel_unavailable
+from .linear import Activations, QuantLinear
 from .numerics import KERNEL_MULTIPLE, check_format, kernel_takes
 from .time_embedding import TimeEmbeddingCache, time_embedders
 
 HOOK_NAME = "tempocache_quant"
+FilterFn = Callable[[nn.Module, str], bool]  # (a linear inside a block, its qualified name) -> quantize it?
+
+
+class QuantConfig:
+    """Base of every quantization config. Subclasses are frozen dataclasses with a `format` ("fp8", "int8" or
+    "auto") and an `attention` flag (FP8 self-attention too); the methods below do nothing unless overridden."""
+
+    format: str
+    attention: bool
+
+    def check(self) -> None:
+        """Raise ValueError, before anything changes, if a setting is out of range."""
+        if self.format != "auto":
+            check_format(self.format)
+
+    def prepare(self, transformer: nn.Module, fmt: str, layers: list[str]) -> "QuantConfig":
+        """This config ready for these layers of this transformer in `fmt` (e.g. with its profile loaded and checked);
+        raises before anything changes if it cannot run there."""
+        return self
+
+    def make_controller(self, state: "QuantState") -> Any:
+        """What sets the layers' precision before each transformer call (its `decide(timestep)`), or None: all in 8 bits."""
+        return None
 
 
 @dataclass(frozen=True)
-class W8A8:
-    """Every quantizable linear in 8 bits, weights and activations, at every step.
+class W8A8(QuantConfig):
+    """Every quantized linear in 8 bits, weights and activations, at every step.
 
     format: "fp8" (e4m3, `torch._scaled_mm`), "int8" (`torch._int_mm`), or "auto": FP8 on
     a GPU that has it (compute capability 8.9+), else INT8 on a GPU, and FP8 (simulated) on a CPU.
@@ -39,10 +73,6 @@ class W8A8:
 
     format: str = "auto"
     attention: bool = False
-
-    def check(self) -> None:
-        if self.format != "auto":
-            check_format(self.format)
 
 
 def resolve_format(fmt: str, device: torch.device) -> str:
@@ -60,46 +90,55 @@ def resolve_format(fmt: str, device: torch.device) -> str:
     return fmt
 
 
-def _block_linears(transformer: nn.Module) -> list[tuple[str, int, nn.Module]]:
-    _, blocks, _ = find_blocks(transformer)
+def default_filter(transformer: nn.Module) -> FilterFn:
+    """Every linear inside the blocks but the modulation's."""
+    modulation = modulation_modules(find_blocks(transformer))
+    return lambda module, name: id(module) not in modulation
+
+
+def _block_linears(transformer: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, int, nn.Module]]:
+    blocks = find_blocks(transformer)
+    keep = filter_fn or default_filter(transformer)
     names = {id(m): n for n, m in transformer.named_modules()}
     found = []
-    for index, block in enumerate(blocks):
-        skip = {id(m) for parent in block.modules() if "Norm" in type(parent).__name__ for m in parent.modules()}
-        found += [(f"{names[id(block)]}.{n}", index, m) for n, m in block.named_modules()
-                  if isinstance(m, (nn.Linear, QuantLinear)) and id(m) not in skip]
+    for index, block in enumerate(blocks.modules):
+        for n, m in block.named_modules():
+            name = f"{names[id(block)]}.{n}"
+            if isinstance(m, (nn.Linear, QuantLinear)) and keep(m, name):
+                found.append((name, index, m))
     return found
 
 
-def quantizable_linears(transformer: nn.Module) -> list[tuple[str, int]]:
+def quantizable_linears(transformer: nn.Module, filter_fn: FilterFn | None = None) -> list[tuple[str, int]]:
     """(qualified name, block index) of every linear `quantize` replaces, in execution order of the blocks."""
-    return [(name, index) for name, index, m in _block_linears(transformer) if kernel_takes(m.in_features, m.out_features)]
+    return [(name, index) for name, index, m in _block_linears(transformer, filter_fn) if kernel_takes(m.in_features, m.out_features)]
 
 
-def unfit_linears(transformer: nn.Module) -> dict[str, str]:
-    """The block linears `quantize` keeps exact because the 8-bit kernels cannot take their shape, with why."""
+def unfit_linears(transformer: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, str]:
+    """The chosen block linears `quantize` keeps exact because the 8-bit kernels cannot take their shape, with why."""
     return {name: f"{m.in_features} x {m.out_features}: 8-bit kernels need multiples of {KERNEL_MULTIPLE}"
-            for name, _, m in _block_linears(transformer) if not kernel_takes(m.in_features, m.out_features)}
+            for name, _, m in _block_linears(transformer, filter_fn) if not kernel_takes(m.in_features, m.out_features)}
 
 
 class QuantState:
     """What `quantize` did to a transformer: its 8-bit layers, the time-embedding caches, an optional controller."""
 
-    def __init__(self, transformer: nn.Module, config: Any, fmt: str, layers: dict[str, QuantLinear], weight_bytes: tuple[int, int],
-                 kept_exact: dict[str, str]):
+    def __init__(self, transformer: nn.Module, config: QuantConfig, fmt: str, layers: dict[str, QuantLinear],
+                 activations: Activations, weight_bytes: tuple[int, int], kept_exact: dict[str, str]):
         self.transformer, self.config, self.format, self.layers, self.kept_exact = transformer, config, fmt, layers, kept_exact
+        self.activations = activations
         self.weight_bytes_before, self.weight_bytes_after = weight_bytes
         self.time_caches = []
         for module in time_embedders(transformer):
             cache = TimeEmbeddingCache()
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(cache, HOOK_NAME)
+            add_hook(module, cache, HOOK_NAME)
             self.time_caches.append(cache)
-        self.controller = config.make_controller(self) if hasattr(config, "make_controller") else None
+        self.controller = config.make_controller(self)
         self.attention = FP8AttentionMode() if config.attention else None
         if self.attention is not None:
-            for module in attention_modules(find_blocks(transformer)[1]):
-                HookRegistry.check_if_exists_or_initialize(module).register_hook(FP8AttentionHook(self.attention), HOOK_NAME)
-        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_CallHook(self), HOOK_NAME)
+            for module in attention_modules(find_blocks(transformer)):
+                add_hook(module, FP8AttentionHook(self.attention), HOOK_NAME)
+        add_hook(transformer, _CallHook(self), HOOK_NAME)
 
     def stats(self) -> dict:
         """Weight memory of the quantized layers, share of their work done in 8 bits, block linears kept exact (and
@@ -119,7 +158,7 @@ class QuantState:
         }
 
 
-class _CallHook(ModelHook):
+class _CallHook(Hook):
     """Around each transformer call: the controller (if any) picks precisions; afterwards no activation is held."""
 
     def __init__(self, state: QuantState):
@@ -132,18 +171,23 @@ class _CallHook(ModelHook):
         return args, kwargs
 
     def post_forward(self, module, output):
-        clear_input_cache()
+        self.state.activations.clear()
         return output
 
 
-def quantize(pipe_or_transformer: Any, config: Any = None) -> QuantState:
-    """Replace the linears inside the transformer blocks by 8-bit ones, run as `config` says (`W8A8()` by default)."""
-    transformer, _ = _transformer_of(pipe_or_transformer)
+def quantize(pipe_or_transformer: Any, config: QuantConfig | None = None, filter_fn: FilterFn | None = None) -> QuantState:
+    """Replace linears inside the transformer blocks by 8-bit ones, run as `config` says (`W8A8()` by default).
+
+    filter_fn(module, qualified_name) -> bool chooses which of the block linears are quantized, as torchao's
+    does (default: all but the modulation's); linears outside the blocks always stay exact.
+    """
+    transformer, _ = transformer_of(pipe_or_transformer)
     config = W8A8() if config is None else config
-    if not hasattr(config, "check"):
-        raise TypeError(f"config must be tempocache.W8A8(...) or tempocache.TimestepAdaptive(...), got {type(config).__name__}")
-    if getattr(transformer, "_tempocache_quant", None) is not None:
-        raise RuntimeError(f"this {type(transformer).__name__} is already quantized ({transformer._tempocache_quant.config}); "
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a tempocache quantization config (tempocache.W8A8(...) or "
+                        f"tempocache.TimestepAdaptive(...)), got {type(config).__name__}")
+    if (existing := attached(transformer, QUANT)) is not None:
+        raise RuntimeError(f"this {type(transformer).__name__} is already quantized ({existing.config}); "
                            "load a fresh model to quantize it differently")
     config.check()
     device = next(transformer.parameters()).device
@@ -151,31 +195,33 @@ def quantize(pipe_or_transformer: Any, config: Any = None) -> QuantState:
     if config.attention and device.type != "cpu" and (why := kernel_unavailable(device)):
         raise ValueError(f"attention=True needs cuDNN's FP8 attention, but {why}: use attention=False (8-bit linears "
                          "only), or quantize on the CPU for its simulated numerics")
-    found, kept_exact = quantizable_linears(transformer), unfit_linears(transformer)
+    found, kept_exact = quantizable_linears(transformer, filter_fn), unfit_linears(transformer, filter_fn)
     if not found:
         raise TypeError(f"{type(transformer).__name__} has no linear layers inside its blocks that the 8-bit kernels take"
-                        + (f" (kept exact: {kept_exact})" if kept_exact else ""))
+                        + (" and filter_fn accepts" if filter_fn else "") + (f" (kept exact: {kept_exact})" if kept_exact else ""))
     if kept_exact:
         warnings.warn(f"tempocache.quantize keeps {len(kept_exact)} block linears exact, shapes the 8-bit kernels cannot "
                       f"take: {kept_exact}", stacklevel=2)
-    if hasattr(config, "prepare"):  # checks its profile against these layers before anything changes
-        config = config.prepare(transformer, fmt, [name for name, _ in found])
-    originals, layers = replace_linears(transformer, [name for name, _ in found], fmt)
+    config = config.prepare(transformer, fmt, [name for name, _ in found])
+    activations = Activations()
+    originals, layers = replace_linears(transformer, [name for name, _ in found], fmt, activations)
     before = sum(m.weight.numel() * m.weight.element_size() for m in originals.values())
     after = sum(q.weight_q.numel() * q.weight_q.element_size() + q.weight_scale.numel() * 4 for q in layers.values())
-    state = QuantState(transformer, config, fmt, layers, (before, after), kept_exact)
-    transformer._tempocache_quant = state
+    state = QuantState(transformer, config, fmt, layers, activations, (before, after), kept_exact)
+    attach(transformer, QUANT, state)
     return state
 
 
-def replace_linears(transformer: nn.Module, names: list[str], fmt: str) -> tuple[dict[str, nn.Linear], dict[str, QuantLinear]]:
-    """Swap each named linear for its 8-bit form; returns (originals, replacements) by name."""
+def replace_linears(transformer: nn.Module, names: list[str], fmt: str,
+                    activations: Activations) -> tuple[dict[str, nn.Linear], dict[str, QuantLinear]]:
+    """Swap each named linear for its 8-bit form, all quantizing their inputs through `activations`; returns
+    (originals, replacements) by name."""
     originals, layers = {}, {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = transformer.get_submodule(parent_name)
         originals[name] = getattr(parent, child)
-        layers[name] = QuantLinear(originals[name], fmt)
+        layers[name] = QuantLinear(originals[name], fmt, activations)
         setattr(parent, child, layers[name])
     return originals, layers
 
@@ -187,7 +233,7 @@ def restore_linears(transformer: nn.Module, originals: dict[str, nn.Linear]) -> 
 
 
 def quant_state(pipe_or_transformer: Any) -> QuantState:
-    return attached(pipe_or_transformer, "_tempocache_quant", "this {name} is not quantized; call tempocache.quantize() first")
+    return require_attached(pipe_or_transformer, QUANT, "this {name} is not quantized; call tempocache.quantize() first")
 
 
 def quant_stats(pipe_or_transformer: Any) -> dict:

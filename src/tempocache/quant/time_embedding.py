@@ -11,14 +11,15 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-from diffusers.hooks import ModelHook
 from diffusers.models.embeddings import TimestepEmbedding
 from torch import nn
+
+from ..models import Hook
 
 MAX_ENTRIES = 1024
 
 
-class TimeEmbeddingCache(ModelHook):
+class TimeEmbeddingCache(Hook):
     def __init__(self):
         super().__init__()
         self.entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -26,7 +27,7 @@ class TimeEmbeddingCache(ModelHook):
 
     def new_forward(self, module: nn.Module, sample: torch.Tensor, *args, **kwargs):
         if args or kwargs:  # a conditioning input besides the timestep: nothing finite to key on
-            return self.fn_ref.original_forward(sample, *args, **kwargs)
+            return self.original(sample, *args, **kwargs)
         versions = tuple(p._version for p in module.parameters())
         key = (sample.shape, sample.dtype, sample.device, versions, sample.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         if key in self.entries:
@@ -34,7 +35,7 @@ class TimeEmbeddingCache(ModelHook):
             self.entries.move_to_end(key)
             return self.entries[key]
         self.misses += 1
-        output = self.fn_ref.original_forward(sample)
+        output = self.original(sample)
         self.entries[key] = output.detach()
         if len(self.entries) > MAX_ENTRIES:
             self.entries.popitem(last=False)

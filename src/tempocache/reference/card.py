@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..eval.evaluator import WEIGHTS_DIR as EVALUATOR_DIR  # noqa: E402
-from ..generate import generate, load_pipeline  # noqa: E402
+from ..generation import generate, load_pipeline  # noqa: E402
 from . import shapesworld  # noqa: E402
 from .models import SPECS, ReferenceSpec, load_weights  # noqa: E402
 

@@ -88,15 +88,6 @@ SPECS = {
 TEXT_DIM = 128
 
 
-def reference_name_of(transformer: torch.nn.Module) -> str | None:
-    """The shipped model whose transformer config this one has, if any."""
-    config = getattr(transformer, "config", None)
-    for spec in SPECS.values():
-        if config is not None and all(config.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in spec.transformer.items()):
-            return spec.name
-    return None
-
-
 def get_spec(name: str) -> ReferenceSpec:
     if name not in SPECS:
         raise ValueError(f"unknown model {name!r}; the shipped models are: {', '.join(SPECS)}")

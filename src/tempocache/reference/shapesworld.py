@@ -262,10 +262,15 @@ def sample_batch(
 
 
 class BatchStream(torch.utils.data.IterableDataset):
-    """Endless `Batch`es for training; with DataLoader workers, each worker draws from its own seed."""
+    """Endless `Batch`es for training; with DataLoader workers, each worker draws from its own seed.
 
-    def __init__(self, batch_size: int, split: str, num_frames: int = DEFAULT_FRAMES, with_motion: bool = True, seed: int = 0):
-        self.batch_size, self.split, self.num_frames, self.with_motion, self.seed = batch_size, split, num_frames, with_motion, seed
+    `num_frames` may be several lengths: each batch then has one of them, drawn uniformly.
+    """
+
+    def __init__(self, batch_size: int, split: str, num_frames: int | tuple[int, ...] = DEFAULT_FRAMES,
+                 with_motion: bool = True, seed: int = 0):
+        lengths = (num_frames,) if isinstance(num_frames, int) else tuple(num_frames)
+        self.batch_size, self.split, self.lengths, self.with_motion, self.seed = batch_size, split, lengths, with_motion, seed
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -273,4 +278,5 @@ class BatchStream(torch.utils.data.IterableDataset):
             torch.set_num_threads(1)  # many workers with a thread pool each would starve the training process
         rng = np.random.default_rng([self.seed, info.id if info else 0])
         while True:
-            yield sample_batch(rng, self.batch_size, self.split, self.num_frames, with_motion=self.with_motion)
+            frames = int(rng.choice(self.lengths))
+            yield sample_batch(rng, self.batch_size, self.split, frames, with_motion=self.with_motion)

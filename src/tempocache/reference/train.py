@@ -48,8 +48,12 @@ def train_reference(
     workers: int = 6,
     log_every: int = 100,
     compile: bool = False,
+    frames: tuple[int, ...] | None = None,
 ) -> dict:
+    """Train (or resume training) `model` for `minutes`; `frames`: the clip lengths a video model trains on, one
+    per batch, drawn uniformly (default: the model's own length)."""
     spec = get_spec(model)
+    frames = tuple(frames or (spec.num_frames,)) if spec.is_video else (1,)
     torch.manual_seed(seed)
     transformer, text_encoder = build_untrained(spec)
     state = {"model": model, "steps": 0, "seconds": 0.0, "batch_size": batch_size, "lr": lr, "seed": seed, "losses": [], "sessions": []}
@@ -73,8 +77,9 @@ def train_reference(
     if full:
         optimizer.load_state_dict(full["optimizer"])
     ema_params = [*ema[0].parameters(), *ema[1].parameters()]
+    warmup_from = 0 if full else state["steps"]  # a fresh optimizer warms up again, even on trained weights
 
-    stream = shapesworld.BatchStream(batch_size, "train", spec.num_frames, spec.is_video, seed=seed * 1_000_003 + state["steps"])
+    stream = shapesworld.BatchStream(batch_size, "train", frames, spec.is_video, seed=seed * 1_000_003 + state["steps"])
     loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
     tokenizer = make_tokenizer()
     start, running, first_step = time.time(), [], state["steps"]
@@ -92,7 +97,7 @@ def train_reference(
         ids = tokenizer(batch.captions(spec.is_video))
         ids[torch.rand(len(ids)) < CAPTION_DROPOUT] = 0  # the empty caption, for classifier-free guidance
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / WARMUP_STEPS)
+            group["lr"] = lr * min(1.0, (step - warmup_from + 1) / WARMUP_STEPS)
         with autocast:
             try:
                 loss = loss_fn(transformer, text_encoder, clips, ids.to(device))
@@ -124,7 +129,8 @@ def train_reference(
     state["seconds"] += elapsed
     state["batch_size"], state["lr"] = batch_size, lr  # of the latest session; each session records its own
     state["sessions"].append({"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
-                              "steps": state["steps"] - first_step, "seconds": round(elapsed, 1), "batch_size": batch_size})
+                              "steps": state["steps"] - first_step, "seconds": round(elapsed, 1), "batch_size": batch_size,
+                              "lr": lr, "frames": list(frames)})
     save_weights(out_dir, ema[0], ema[1])
     (out_dir / "training.json").write_text(json.dumps(state, indent=1))
     if checkpoint:

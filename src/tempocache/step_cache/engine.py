@@ -7,48 +7,76 @@ the policy's reused or forecast residual. The model's own code is untouched.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
 
-from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
-from .adapters import BlockCall, find_blocks, hidden_states_of, timestep_of
-from .policy import Action, BranchMemory, SegmentMemory, Step, add, sub
+from ..models import (
+    STEP_CACHE,
+    BlockCall,
+    ContextHook,
+    Hook,
+    add_hook,
+    attach,
+    attached,
+    detach,
+    find_blocks,
+    hidden_states_of,
+    remove_hook,
+    require_attached,
+    timestep_of,
+    transformer_of,
+)
+from .policy import Action, BranchMemory, SegmentMemory, Step, StepCacheConfig, add, sub
 
 HOOK_NAME = "tempocache_step_cache"
 
 
-class _ContextReceiver(StateManager):
-    """Receives the pipeline's `cache_context(name, step_index=..., ...)`: diffusers hands it to stateful hooks' StateManagers."""
+@dataclass
+class Stats:
+    """What the engine counted since it was enabled or reset."""
 
-    def __init__(self):
-        super().__init__(BaseState)
-        self.current = None
+    calls: int = 0
+    full_calls: int = 0  # calls that computed every block
+    skipped_calls: int = 0  # calls the policy answered without running the transformer
+    generations: int = 0
+    blocks_computed: int = 0
+    blocks_reused: int = 0
+    blocks_forecast: int = 0
+    peak_cache_bytes: int = 0
 
-    def set_context(self, context) -> None:
-        self.current = context
+    @property
+    def block_calls(self) -> int:
+        return self.blocks_computed + self.blocks_reused + self.blocks_forecast
+
+    @property
+    def compute_fraction(self) -> float:
+        return self.blocks_computed / self.block_calls if self.block_calls else 1.0
 
 
 class StepCacheEngine:
-    def __init__(self, transformer: nn.Module, config: Any, pipe: Any = None):
+    def __init__(self, transformer: nn.Module, config: StepCacheConfig, pipe: Any = None):
         self.config = config
         self.policy = config.make_policy(transformer)
-        self.family, blocks, self.calls = find_blocks(transformer)
+        blocks = find_blocks(transformer)
+        self.family, self.calls = blocks.family, blocks.calls
         self.policy.check(len(blocks))
         self.edges = self.policy.boundaries(len(blocks))
-        self.segment_of = [next(k for k in range(len(self.edges) - 1) if self.edges[k] <= i < self.edges[k + 1]) for i in range(len(blocks))]
+        self.segment_of = [next(k for k in range(len(self.edges) - 1) if self.edges[k] <= i < self.edges[k + 1])
+                           for i in range(len(blocks))]
         self.pipe = pipe
         self.transformer = transformer
-        self.context = _ContextReceiver()
         self.branches: dict[str, BranchMemory] = {}
         self.current: tuple[Step, BranchMemory] | None = None
         self._last_timestep: float | None = None
         self._ordinal = 0
         self.reset()
-        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_TransformerHook(self), HOOK_NAME)
-        for i, block in enumerate(blocks):
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(self, i), HOOK_NAME)
+        self.hook = _TransformerHook(self)
+        add_hook(transformer, self.hook, HOOK_NAME)
+        for i, block in enumerate(blocks.modules):
+            add_hook(block, _BlockHook(self, i), HOOK_NAME)
 
     @property
     def num_blocks(self) -> int:
@@ -62,32 +90,25 @@ class StepCacheEngine:
     def reset(self) -> None:
         """Forget every cached value and zero the counters."""
         self.forget()
-        self.counts = {"calls": 0, "full_calls": 0, "skipped_calls": 0, "generations": 0,
-                       "blocks_computed": 0, "blocks_reused": 0, "blocks_forecast": 0}
-        self.peak_cache_bytes = 0
+        self.counts = Stats()
 
     def remove(self) -> None:
-        HookRegistry.check_if_exists_or_initialize(self.transformer).remove_hook(HOOK_NAME, recurse=True)
+        remove_hook(self.transformer, HOOK_NAME, recurse=True)
+
+    def cache_bytes(self) -> int:
+        return sum(b.nbytes() for b in self.branches.values())
 
     def stats(self) -> dict:
         c = self.counts
-        blocks = c["blocks_computed"] + c["blocks_reused"] + c["blocks_forecast"]
-        return {
-            "policy": type(self.config).__name__,
-            "family": self.family,
-            **c,
-            "block_calls": blocks,
-            "compute_fraction": c["blocks_computed"] / blocks if blocks else 1.0,
-            "cache_bytes": sum(b.nbytes() for b in self.branches.values()),
-            "peak_cache_bytes": self.peak_cache_bytes,
-        }
+        return {"policy": type(self.config).__name__, "family": self.family, **asdict(c), "block_calls": c.block_calls,
+                "compute_fraction": c.compute_fraction, "cache_bytes": self.cache_bytes()}
 
     def begin_call(self, args: tuple, kwargs: dict) -> tuple[Step, BranchMemory]:
         """Place a transformer call in its generation, step and branch."""
         t = timestep_of(self.transformer, args, kwargs)
         if t is None:
             raise TypeError(f"{type(self.transformer).__name__} was called without a timestep; the step cache needs one")
-        context = self.context.current
+        context = self.hook.cache_context
         if context is not None:
             name = context.name
         else:  # no names given: calls at the same timestep are the CFG branches, in order
@@ -102,13 +123,13 @@ class StepCacheEngine:
         )
         if restarted or not self.branches:
             self.branches = {}
-            self.counts["generations"] += 1
+            self.counts.generations += 1
         if name not in self.branches:
-            self.branches[name] = BranchMemory([SegmentMemory() for _ in range(len(self.edges) - 1)])
+            self.branches[name] = BranchMemory([SegmentMemory() for _ in range(len(self.edges) - 1)], self.policy.new_state())
         branch = self.branches[name]
         branch.index = step_index if step_index is not None else branch.index + 1
         branch.timestep, branch.shape = t, shape
-        num_steps = getattr(context, "num_inference_steps", None) or self._scheduler_steps() or getattr(self.config, "num_steps", None)
+        num_steps = getattr(context, "num_inference_steps", None) or self._scheduler_steps() or self.policy.num_steps
         return Step(branch.index, num_steps, t, name), branch
 
     def _scheduler_steps(self) -> int | None:
@@ -117,44 +138,40 @@ class StepCacheEngine:
 
     def end_call(self) -> None:
         self.current = None
-        self.peak_cache_bytes = max(self.peak_cache_bytes, sum(b.nbytes() for b in self.branches.values()))
+        self.counts.peak_cache_bytes = max(self.counts.peak_cache_bytes, self.cache_bytes())
 
 
-class _TransformerHook(ModelHook):
-    _is_stateful = True  # so that diffusers delivers cache_context to `engine.context`
-
+class _TransformerHook(ContextHook):
     def __init__(self, engine: StepCacheEngine):
         super().__init__()
         self.engine = engine
-        self.context = engine.context
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         engine = self.engine
         step, branch = engine.begin_call(args, kwargs)
         engine.policy.check_step(step)
-        engine.counts["calls"] += 1
+        engine.counts.calls += 1
         output = engine.policy.call_output(step, engine.branches)
         if output is not None:
-            engine.counts["skipped_calls"] += 1
-            engine.counts["blocks_reused"] += engine.num_blocks
+            engine.counts.skipped_calls += 1
+            engine.counts.blocks_reused += engine.num_blocks
             return output
         engine.current = (step, branch)
-        computed_before = engine.counts["blocks_computed"]
+        computed_before = engine.counts.blocks_computed
         try:
-            output = self.fn_ref.original_forward(*args, **kwargs)
+            output = self.original(*args, **kwargs)
         finally:
             engine.end_call()
-        if engine.counts["blocks_computed"] - computed_before == engine.num_blocks:
-            engine.counts["full_calls"] += 1
+        if engine.counts.blocks_computed - computed_before == engine.num_blocks:
+            engine.counts.full_calls += 1
         engine.policy.call_done(step, engine.branches, output)
         return output
 
-    def reset_state(self, module: nn.Module) -> nn.Module:
+    def on_reset(self) -> None:
         self.engine.forget()  # keep the counters: stats() after pipe(...) should still tell
-        return module
 
 
-class _BlockHook(ModelHook):
+class _BlockHook(Hook):
     def __init__(self, engine: StepCacheEngine, index: int):
         super().__init__()
         self.engine = engine
@@ -164,7 +181,7 @@ class _BlockHook(ModelHook):
     def new_forward(self, module: nn.Module, *args, **kwargs):
         engine, i, call = self.engine, self.index, self.call
         if engine.current is None:  # called outside the transformer's forward
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return self.original(*args, **kwargs)
         step, branch = engine.current
         segment = engine.segment_of[i]
         start, end = engine.edges[segment], engine.edges[segment + 1]
@@ -178,12 +195,15 @@ class _BlockHook(ModelHook):
             if action is Action.COMPUTE:
                 branch.segment_input = x
             else:
-                engine.counts["blocks_reused" if action is Action.REUSE else "blocks_forecast"] += end - start
+                if action is Action.REUSE:
+                    engine.counts.blocks_reused += end - start
+                else:
+                    engine.counts.blocks_forecast += end - start
                 return call.pack(add(x, engine.policy.approximate(step, segment, action, branch)))
         elif branch.actions[segment] is not Action.COMPUTE:
             return call.pack(call.state_in(args, kwargs))  # the segment's output was already given at its start
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        engine.counts["blocks_computed"] += 1
+        output = self.original(*args, **kwargs)
+        engine.counts.blocks_computed += 1
         if call.output_order == "infer":  # generic fallback: learn this block's output layout before it is ever skipped
             call.state_out(output, args, kwargs)
         if i == end - 1:
@@ -197,50 +217,41 @@ class _BlockHook(ModelHook):
         return output
 
 
-def _transformer_of(obj: Any) -> tuple[nn.Module, Any]:
-    transformer = getattr(obj, "transformer", None)
-    if isinstance(transformer, nn.Module):
-        return transformer, obj
-    if isinstance(obj, nn.Module):
-        return obj, None
-    raise TypeError(f"expected a diffusers pipeline (with a .transformer) or a transformer module, got {type(obj).__name__}")
-
-
-def enable(pipe_or_transformer: Any, config: Any) -> StepCacheEngine:
+def enable(pipe_or_transformer: Any, config: StepCacheConfig) -> StepCacheEngine:
     """Turn on step caching with `config` (a policy config, e.g. `FirstBlockCache(threshold=0.1)`)."""
-    transformer, pipe = _transformer_of(pipe_or_transformer)
-    if not hasattr(config, "make_policy"):
-        raise TypeError(f"config must be a tempocache step-cache config (e.g. tempocache.Auto(budget=0.33)), got {type(config).__name__}")
-    if getattr(transformer, "_tempocache_step_cache", None) is not None:
+    transformer, pipe = transformer_of(pipe_or_transformer)
+    if not isinstance(config, StepCacheConfig):
+        raise TypeError(f"config must be a tempocache step-cache config (e.g. tempocache.Auto(budget=0.33)), "
+                        f"got {type(config).__name__}")
+    if (existing := attached(transformer, STEP_CACHE)) is not None:
         raise RuntimeError(f"step caching is already enabled on this {type(transformer).__name__} "
-                           f"({type(transformer._tempocache_step_cache.config).__name__}); call tempocache.disable() first")
+                           f"({type(existing.config).__name__}); call tempocache.disable() first")
     if getattr(transformer, "is_cache_enabled", False):
         raise RuntimeError(f"a diffusers cache is enabled on this {type(transformer).__name__}; call transformer.disable_cache() first")
     engine = StepCacheEngine(transformer, config, pipe)
-    transformer._tempocache_step_cache = engine
+    attach(transformer, STEP_CACHE, engine)
     return engine
 
 
-def attached(pipe_or_transformer: Any, attribute: str, missing: str) -> Any:
-    """What tempocache attached to the transformer as `attribute`; if nothing, a RuntimeError saying `missing`
-    (its {name} is the transformer's class name)."""
-    transformer, _ = _transformer_of(pipe_or_transformer)
-    found = getattr(transformer, attribute, None)
-    if found is None:
-        raise RuntimeError(missing.format(name=type(transformer).__name__))
-    return found
+@contextlib.contextmanager
+def enabled(pipe_or_transformer: Any, config: StepCacheConfig) -> Iterator[StepCacheEngine]:
+    """Step caching with `config` inside a `with` block, disabled when it ends (also on an error)."""
+    engine = enable(pipe_or_transformer, config)
+    try:
+        yield engine
+    finally:
+        disable(pipe_or_transformer)
 
 
 def engine_of(pipe_or_transformer: Any) -> StepCacheEngine:
-    return attached(pipe_or_transformer, "_tempocache_step_cache",
-                    "step caching is not enabled on this {name}; call tempocache.enable() first")
+    return require_attached(pipe_or_transformer, STEP_CACHE, "step caching is not enabled on this {name}; call tempocache.enable() first")
 
 
 def disable(pipe_or_transformer: Any) -> None:
     """Remove step caching; the model is exactly as it was."""
     engine = engine_of(pipe_or_transformer)
     engine.remove()
-    del engine.transformer._tempocache_step_cache
+    detach(engine.transformer, STEP_CACHE)
 
 
 def stats(pipe_or_transformer: Any) -> dict:

@@ -1,4 +1,5 @@
-"""What every step-cache policy shares: the actions, what it knows about a step, what it remembers.
+"""What every step-cache policy shares: its config's base type, the actions, what it knows about a step,
+what it remembers.
 
 A policy splits the block stack into contiguous *segments* and, at every step, for
 every segment, decides to compute it, reuse its cached residual (output minus input),
@@ -7,13 +8,15 @@ or forecast the residual from the last computed ones. The engine does the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-from .adapters import State
+from ..models import State
 
 
 class Action(enum.Enum):
@@ -47,11 +50,16 @@ class SegmentMemory:
 
 
 @dataclass
+class NoState:
+    """The per-branch state of a policy that keeps none."""
+
+
+@dataclass
 class BranchMemory:
-    """Everything remembered for one CFG branch of one generation."""
+    """Everything remembered for one CFG branch of one generation: the engine's segments, the policy's state."""
 
     segments: list[SegmentMemory]
-    scratch: dict = field(default_factory=dict)  # the policy's own values
+    state: object = field(default_factory=NoState)  # the policy's own, from Policy.new_state()
     actions: dict[int, Action] = field(default_factory=dict)  # this step's decision per segment
     segment_input: State | None = None  # input of the segment being computed
     temb: torch.Tensor | None = None  # the timestep embedding the first block got at this step
@@ -62,8 +70,21 @@ class BranchMemory:
     def nbytes(self) -> int:
         tensors = [t for m in self.segments for _, r in m.history for t in r]
         tensors += [t for m in self.segments if m.input for t in m.input]
-        tensors += [t for v in self.scratch.values() for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)]
+        tensors += _tensors([getattr(self.state, f.name) for f in dataclasses.fields(self.state)])
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _tensors(values) -> list[torch.Tensor]:
+    """The tensors among `values`, looking inside tuples, lists and transformer outputs."""
+    found = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, (tuple, list)):
+            found += _tensors(v)
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            found += _tensors(getattr(v, f.name) for f in dataclasses.fields(v))
+    return found
 
 
 def add(a: State, b: State) -> State:
@@ -105,6 +126,11 @@ class Policy:
     history = 1  # residuals kept per segment
     order = 1  # of forecasts
     keeps_inputs = False  # whether segment inputs are kept too
+    num_steps: int | None = None  # steps per generation, for pipelines that do not tell
+
+    def new_state(self) -> object:
+        """This policy's state for one CFG branch of one generation: a dataclass instance."""
+        return NoState()
 
     def boundaries(self, num_blocks: int) -> list[int]:
         """Segment edges, from 0 to num_blocks."""
@@ -134,6 +160,14 @@ class Policy:
 
     def call_done(self, step: Step, branches: dict[str, BranchMemory], output) -> None:
         """Called after a transformer call ran."""
+
+
+@dataclass(frozen=True)
+class StepCacheConfig:
+    """Base of every step-cache config: frozen settings, checked when made, and the policy that enacts them."""
+
+    def make_policy(self, transformer: nn.Module) -> Policy:
+        raise NotImplementedError(f"{type(self).__name__} must define make_policy(transformer)")
 
 
 def check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:

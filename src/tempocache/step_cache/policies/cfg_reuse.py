@@ -9,16 +9,18 @@ the conditional one first, as diffusers' pipelines do.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
-from ..adapters import output_tensor
-from ..policy import BranchMemory, Policy, Step, check_int
+from ...models import output_tensor, with_output_tensor
+from ..policy import BranchMemory, Policy, Step, StepCacheConfig, check_int
 
 
 @dataclass(frozen=True)
-class CFGReuse:
+class CFGReuse(StepCacheConfig):
     interval: int = 2  # the unconditional branch is computed every `interval` steps; 1: always
     warmup: int = 2
 
@@ -26,34 +28,42 @@ class CFGReuse:
         check_int("interval", self.interval, 1)
         check_int("warmup", self.warmup, 1)
 
-    def make_policy(self, transformer=None) -> Policy:
+    def make_policy(self, transformer: nn.Module | None = None) -> Policy:
         return CFGReusePolicy(self)
 
 
-def _with_sample(output, sample: torch.Tensor):
-    return (sample, *output[1:]) if isinstance(output, tuple) else replace(output, sample=sample)
+@dataclass
+class BranchOutputs:
+    output: Any = None  # cond: its last call's output
+    output_step: int | None = None  # cond: the step of that output
+    difference: torch.Tensor | None = None  # uncond: its output minus cond's, at the last step both ran
 
 
 class CFGReusePolicy(Policy):
     def __init__(self, config: CFGReuse):
         self.config = config
 
+    def new_state(self) -> BranchOutputs:
+        return BranchOutputs()
+
     def call_output(self, step: Step, branches: dict[str, BranchMemory]):
         if step.branch not in ("cond", "uncond"):
-            raise ValueError(f"CFGReuse needs the CFG calls named with transformer.cache_context('cond' / 'uncond'), got a call named {step.branch!r}")
+            raise ValueError(f"CFGReuse needs the CFG calls named with transformer.cache_context('cond' / 'uncond'), "
+                             f"got a call named {step.branch!r}")
         c = self.config
         if step.branch != "uncond" or step.index < c.warmup or (step.index - c.warmup) % c.interval == 0:
             return None
         cond = branches.get("cond")
-        uncond = branches[step.branch]
-        if cond is None or cond.scratch.get("output_step") != step.index or "difference" not in uncond.scratch:
+        uncond: BranchOutputs = branches[step.branch].state
+        if cond is None or cond.state.output_step != step.index or uncond.difference is None:
             return None
-        output = cond.scratch["output"]
-        return _with_sample(output, output_tensor(output) + uncond.scratch["difference"])
+        output = cond.state.output
+        return with_output_tensor(output, output_tensor(output) + uncond.difference)
 
     def call_done(self, step: Step, branches: dict[str, BranchMemory], output) -> None:
-        memory = branches[step.branch]
+        state: BranchOutputs = branches[step.branch].state
+        cond = branches.get("cond")
         if step.branch == "cond":
-            memory.scratch["output"], memory.scratch["output_step"] = output, step.index
-        elif branches.get("cond") is not None and branches["cond"].scratch.get("output_step") == step.index:
-            memory.scratch["difference"] = output_tensor(output) - output_tensor(branches["cond"].scratch["output"])
+            state.output, state.output_step = output, step.index
+        elif cond is not None and cond.state.output_step == step.index:
+            state.difference = output_tensor(output) - output_tensor(cond.state.output)

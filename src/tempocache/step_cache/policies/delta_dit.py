@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..policy import Action, BranchMemory, Policy, State, Step, check_int, check_range
+from torch import nn
+
+from ..policy import Action, BranchMemory, Policy, State, Step, StepCacheConfig, check_int, check_range
 
 
 @dataclass(frozen=True)
-class DeltaDiT:
+class DeltaDiT(StepCacheConfig):
     interval: int = 2  # 1 computes every step
     boundary: float = 0.5  # fraction of the steps during which the rear blocks are cached
     split: int | None = None  # first rear block; None: the middle of the stack
@@ -27,13 +29,14 @@ class DeltaDiT:
         if self.split is not None:
             check_int("split", self.split, 1)
 
-    def make_policy(self, transformer=None) -> Policy:
+    def make_policy(self, transformer: nn.Module | None = None) -> Policy:
         return DeltaDiTPolicy(self)
 
 
 class DeltaDiTPolicy(Policy):
     def __init__(self, config: DeltaDiT):
         self.config = config
+        self.num_steps = config.num_steps
 
     def check(self, num_blocks: int) -> None:
         if self.config.split is not None and self.config.split >= num_blocks:

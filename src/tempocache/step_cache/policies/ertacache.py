@@ -14,15 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from torch import nn
 
-from ..policy import Action, BranchMemory, Policy, State, Step, check_int, check_range
-from ..profile import Profile, load_profile
+from ..policy import Action, BranchMemory, Policy, State, Step, StepCacheConfig, check_int, check_range
+from ..profile import Profile, ProfileArg, require_profile
 
 
 @dataclass(frozen=True)
-class ERTACache:
+class ERTACache(StepCacheConfig):
     budget: float = 0.5  # fraction of the steps computed; 1.0 computes every step
-    profile: str | Profile | None = None  # None: the shipped profile of a reference model
+    profile: ProfileArg = None  # None: the registered profile of this model
     warmup: int = 2
     correct: bool = True  # apply the linear correction
 
@@ -30,8 +31,8 @@ class ERTACache:
         check_range("budget", self.budget, 0.0, 1.0, low_open=True)
         check_int("warmup", self.warmup, 1)
 
-    def make_policy(self, transformer=None) -> Policy:
-        profile = load_profile(self.profile, transformer)
+    def make_policy(self, transformer: nn.Module | None = None) -> Policy:
+        profile = require_profile(self.profile, transformer, "ERTACache")
         return ERTAPolicy(self, profile, reuse_steps(profile, self.budget, self.warmup))
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..policy import Action, BranchMemory, Policy, State, Step, check_int
+from torch import nn
+
+from ..policy import Action, BranchMemory, Policy, State, Step, StepCacheConfig, check_int
 
 
 @dataclass(frozen=True)
-class StaticCache:
+class StaticCache(StepCacheConfig):
     interval: int = 2  # 1 computes every step
     warmup: int = 1
 
@@ -20,7 +22,7 @@ class StaticCache:
         check_int("interval", self.interval, 1)
         check_int("warmup", self.warmup, 1)
 
-    def make_policy(self, transformer=None) -> Policy:
+    def make_policy(self, transformer: nn.Module | None = None) -> Policy:
         return StaticPolicy(self)
 
 

@@ -12,7 +12,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..policy import Action, BranchMemory, Policy, State, Step, check_int, check_range, relative_change, taylor_forecast
+from torch import nn
+
+from ..policy import (
+    Action,
+    BranchMemory,
+    Policy,
+    State,
+    Step,
+    StepCacheConfig,
+    check_int,
+    check_range,
+    relative_change,
+    taylor_forecast,
+)
 
 
 def _check_order(order: int) -> None:
@@ -21,7 +34,7 @@ def _check_order(order: int) -> None:
 
 
 @dataclass(frozen=True)
-class TaylorSeer:
+class TaylorSeer(StepCacheConfig):
     order: int = 1
     interval: int = 3  # 1 computes every step
     warmup: int = 2
@@ -31,7 +44,7 @@ class TaylorSeer:
         check_int("interval", self.interval, 1)
         check_int("warmup", self.warmup, 1)
 
-    def make_policy(self, transformer=None) -> Policy:
+    def make_policy(self, transformer: nn.Module | None = None) -> Policy:
         return TaylorSeerPolicy(self)
 
 
@@ -47,7 +60,7 @@ class TaylorSeerPolicy(Policy):
 
 
 @dataclass(frozen=True)
-class GatedTaylorSeer:
+class GatedTaylorSeer(StepCacheConfig):
     order: int = 1
     threshold: float = 0.05  # first-block forecast error (relative L1) under which the stack is forecast; 0: never
     max_interval: int = 4  # at most this many steps between computations of the stack
@@ -59,7 +72,7 @@ class GatedTaylorSeer:
         check_int("max_interval", self.max_interval, 1)
         check_int("warmup", self.warmup, 1)
 
-    def make_policy(self, transformer=None) -> Policy:
+    def make_policy(self, transformer: nn.Module | None = None) -> Policy:
         return GatedTaylorSeerPolicy(self)
 
 

@@ -14,27 +14,45 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch import nn
 
-from ..policy import Action, BranchMemory, Policy, State, Step, check_int, check_range
-from ..profile import Profile, load_profile, teacache_signal
+from ..policy import Action, BranchMemory, Policy, State, Step, StepCacheConfig, check_int, check_range, relative_change
+from ..profile import ProfileArg, require_profile
+
+
+def teacache_signal(x: State, temb: torch.Tensor | None, previous: tuple | None) -> float | None:
+    """TeaCache's input signal: the relative change of the first block's input and of its timestep embedding."""
+    if previous is None:
+        return None
+    signal = relative_change(x[0], previous[0])
+    if temb is not None and previous[1] is not None:
+        signal += relative_change(temb, previous[1])
+    return signal
 
 
 @dataclass(frozen=True)
-class TeaCache:
+class TeaCache(StepCacheConfig):
     threshold: float = 0.1  # 0 computes every step
     coefficients: tuple[float, ...] | None = None  # highest power first; None: from the profile
-    profile: str | Profile | None = None  # None: the shipped profile of a reference model
+    profile: ProfileArg = None  # None: the registered profile of this model
     warmup: int = 1
 
     def __post_init__(self):
         check_range("threshold", self.threshold, 0.0, 100.0)
         check_int("warmup", self.warmup, 1)
 
-    def make_policy(self, transformer=None) -> Policy:
+    def make_policy(self, transformer: nn.Module | None = None) -> Policy:
         coefficients = self.coefficients
         if coefficients is None:
-            coefficients = load_profile(self.profile, transformer).teacache_coefficients
+            coefficients = require_profile(self.profile, transformer, "TeaCache").teacache_coefficients
         return TeaCachePolicy(self, np.poly1d(coefficients))
+
+
+@dataclass
+class TeaCacheState:
+    previous: tuple | None = None  # (the first block's input, its timestep embedding) at the last step
+    accumulated: float = 0.0  # predicted change since the stack was last computed
 
 
 class TeaCachePolicy(Policy):
@@ -42,18 +60,22 @@ class TeaCachePolicy(Policy):
         self.config = config
         self.polynomial = polynomial
 
+    def new_state(self) -> TeaCacheState:
+        return TeaCacheState()
+
     def decide(self, step: Step, segment: int, x: State, memory: BranchMemory) -> Action:
-        signal = teacache_signal(x, memory.temb, memory.scratch.get("previous"))
-        memory.scratch["previous"] = (x[0], memory.temb)
+        state: TeaCacheState = memory.state
+        signal = teacache_signal(x, memory.temb, state.previous)
+        state.previous = (x[0], memory.temb)
         if step.index < self.config.warmup or signal is None:
             return Action.COMPUTE
-        accumulated = memory.scratch.get("accumulated", 0.0) + max(0.0, float(self.polynomial(signal)))  # a fit can dip below 0
+        accumulated = state.accumulated + max(0.0, float(self.polynomial(signal)))  # a fit can dip below 0
         if accumulated < self.config.threshold:
-            memory.scratch["accumulated"] = accumulated
+            state.accumulated = accumulated
             return Action.REUSE
-        memory.scratch["accumulated"] = 0.0
+        state.accumulated = 0.0
         return Action.COMPUTE
 
     def computed(self, step: Step, segment: int, x_in: State, x_out: State, memory: BranchMemory) -> None:
         if step.index == 0:  # decide() is not asked at the first step; start the signal here
-            memory.scratch["previous"] = (x_in[0], memory.temb)
+            memory.state.previous = (x_in[0], memory.temb)

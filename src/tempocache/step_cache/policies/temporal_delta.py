@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..policy import Action, BranchMemory, Policy, State, Step, check_int, check_range, relative_change
+from torch import nn
+
+from ..policy import Action, BranchMemory, Policy, State, Step, StepCacheConfig, check_int, check_range, relative_change
 
 
 @dataclass(frozen=True)
-class TemporalDeltaCache:
+class TemporalDeltaCache(StepCacheConfig):
     threshold: float = 0.05  # 0 computes every block
     warmup: int = 1
     max_cached_steps: int | None = None  # cap on consecutive cached steps per block
@@ -25,7 +27,7 @@ class TemporalDeltaCache:
         if self.max_cached_steps is not None:
             check_int("max_cached_steps", self.max_cached_steps, 1)
 
-    def make_policy(self, transformer=None) -> Policy:
+    def make_policy(self, transformer: nn.Module | None = None) -> Policy:
         return TemporalDeltaPolicy(self)
 
 

@@ -1,0 +1,38 @@
+"""What a transformer call carries: its timestep, its hidden states, its output sample."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+from torch import nn
+
+
+def _argument(module: nn.Module, name: str, args: tuple, kwargs: dict):
+    if name in kwargs:
+        return kwargs[name]
+    names = list(inspect.signature(type(module).forward).parameters)[1:]
+    return args[names.index(name)] if name in names and names.index(name) < len(args) else None
+
+
+def timestep_of(transformer: nn.Module, args: tuple, kwargs: dict) -> float | None:
+    """The (first) timestep value a transformer was called with, or None if it takes none."""
+    t = _argument(transformer, "timestep", args, kwargs)
+    if t is None:
+        return None
+    return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+
+
+def hidden_states_of(transformer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def output_tensor(output) -> torch.Tensor:
+    """A transformer call's sample: the first element of a tuple (return_dict=False), else `.sample`."""
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def with_output_tensor(output, sample: torch.Tensor):
+    """`output` with its sample replaced, in the same form (tuple or output dataclass)."""
+    return (sample, *output[1:]) if isinstance(output, tuple) else dataclasses.replace(output, sample=sample)

@@ -1,0 +1,131 @@
+"""The one place tempocache touches diffusers' hook internals.
+
+tempocache installs its behaviour as diffusers `ModelHook`s, as diffusers' own caches do, and
+relies on four things diffusers does not document as public:
+- `HookRegistry.check_if_exists_or_initialize(module)`, its `register_hook` and `remove_hook`;
+- a hook's `fn_ref.original_forward`, the forward it wraps;
+- pipelines' `transformer.cache_context(name, step_index=..., ...)` reaching, through
+  `_set_cache_context`, every `StateManager` attribute of a hook whose `_is_stateful` is set;
+- `_reset_stateful_cache()` (what `DiffusionPipeline.maybe_free_model_hooks` calls) reaching
+  such a hook's `reset_state`.
+`check_internals` exercises all four on a throwaway module before the first hook is installed,
+and raises, naming the diffusers version, if any of them changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator
+
+import diffusers
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager, _set_cache_context
+from torch import nn
+
+TESTED_WITH = "0.42.1"
+
+
+class Hook(ModelHook):
+    """A diffusers ModelHook; `original(...)` runs the forward it wraps."""
+
+    def original(self, *args, **kwargs):
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+class _ContextReceiver(StateManager):
+    """diffusers hands the pipeline's cache context to stateful hooks' StateManagers: this one just keeps it."""
+
+    def __init__(self):
+        super().__init__(BaseState)
+        self.current: CacheContext | None = None
+
+    def set_context(self, context: CacheContext | None) -> None:
+        self.current = context
+
+
+class ContextHook(Hook):
+    """A hook that sees the pipeline's `cache_context(...)` as `self.cache_context`, and whose `on_reset` runs when
+    the pipeline frees its stateful hooks at the end of a generation."""
+
+    _is_stateful = True
+
+    def __init__(self):
+        super().__init__()
+        self._receiver = _ContextReceiver()
+
+    @property
+    def cache_context(self) -> CacheContext | None:
+        return self._receiver.current
+
+    def on_reset(self) -> None:
+        """Called when diffusers resets stateful hooks."""
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.on_reset()
+        return module
+
+
+def add_hook(module: nn.Module, hook: ModelHook, name: str) -> None:
+    check_internals()
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+
+
+def remove_hook(module: nn.Module, name: str, recurse: bool = False) -> None:
+    HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=recurse)
+
+
+@contextlib.contextmanager
+def cache_context(transformer: nn.Module, name: str, **where) -> Iterator[None]:
+    """`transformer.cache_context(name, ...)`, also for models without diffusers' CacheMixin (PixArt, DiT)."""
+    if hasattr(transformer, "cache_context"):
+        with transformer.cache_context(name, **where):
+            yield
+        return
+    _set_cache_context(transformer, CacheContext(name, **where))
+    try:
+        yield
+    finally:
+        _set_cache_context(transformer, None)
+
+
+@functools.cache
+def check_internals() -> None:
+    """Raise RuntimeError if diffusers' hook internals no longer behave as this module expects."""
+    try:
+        _exercise_internals()
+    except Exception as error:
+        raise RuntimeError(
+            f"tempocache relies on diffusers' hook internals (see tempocache/models/hooks.py) and was tested with "
+            f"diffusers {TESTED_WITH}; with diffusers {diffusers.__version__} they changed: {error}"
+        ) from error
+
+
+def _exercise_internals() -> None:
+    seen = {"resets": 0, "forwards": 0}
+
+    class Probe(ContextHook):
+        def new_forward(self, module, *args, **kwargs):
+            seen["forwards"] += 1
+            seen["context"] = self.cache_context
+            return self.original(*args, **kwargs)
+
+        def on_reset(self):
+            seen["resets"] += 1
+
+    module, probe = nn.Linear(1, 1), Probe()
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(probe, "probe")
+    _set_cache_context(module, CacheContext("cond", step_index=3, num_inference_steps=7))
+    module(torch.zeros(1, 1))
+    context = seen.get("context")
+    if context is None or (context.name, context.step_index, context.num_inference_steps) != ("cond", 3, 7):
+        raise AssertionError(f"_set_cache_context did not reach a stateful hook's StateManager (it saw {context!r})")
+    _set_cache_context(module, None)
+    HookRegistry.check_if_exists_or_initialize(module).reset_stateful_hooks()
+    if seen["resets"] != 1:
+        raise AssertionError("HookRegistry.reset_stateful_hooks did not call the stateful hook's reset_state")
+    HookRegistry.check_if_exists_or_initialize(module).remove_hook("probe", recurse=False)
+    module(torch.zeros(1, 1))
+    if seen["forwards"] != 1:
+        raise AssertionError("remove_hook left the hook in place")
