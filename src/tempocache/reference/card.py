@@ -1,13 +1,15 @@
 """Model cards for the shipped models and the evaluator: `python -m tempocache.reference.card`.
 
-Reads each model's `training.json` and the evaluation in
-`benchmarks/results/reference_eval.json`, draws the loss curve and a grid of samples
-on held-out captions, and writes README.md next to the weights.
+Reads each model's `training.json`, the evaluation in
+`benchmarks/results/reference_eval.json` and any at other clip lengths
+(`reference_eval_<model>_<N>frames.json` beside it), draws the loss curve and a grid of
+samples on held-out captions, and writes README.md next to the weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -53,11 +55,41 @@ def plot_samples(spec: ReferenceSpec, path: Path, device: str) -> None:
     plt.close(fig)
 
 
-def _accuracy_rows(accuracy: dict) -> str:
-    return "\n".join(f"| {k} | {v:.3f} |" for k, v in accuracy.items())
+def _quality_lines(spec: ReferenceSpec, evaluations: list[dict]) -> list[str]:
+    """The accuracy table, one column per evaluated clip length."""
+    first = evaluations[0]
+    lengths = [e.get("frames", spec.num_frames) for e in evaluations]
+    columns = [f"{n} frames" for n in lengths] if spec.is_video else ["semantic accuracy"]
+    lines = [
+        f"{first['captions']} held-out captions ({first['two_object_captions']} with two objects), "
+        f"{first['samples_per_caption']} samples each, {first['steps']} steps, guidance {first['guidance']}, "
+        f"seed {first['seed']}, on {first['device']} ({first['date']}); `tempocache eval-reference --model {spec.name}"
+        + (" --frames N`." if spec.is_video else "`."),
+        "",
+        "| attribute | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    lines += [f"| {key} | " + " | ".join(f"{e['semantic_accuracy'][key]:.3f}" for e in evaluations) + " |"
+              for key in first["semantic_accuracy"]]
+    distances = ", ".join(f"{e['frechet_distance']:.2f} (real vs real {e['frechet_distance_real_vs_real']:.2f})"
+                          + (f" at {n} frames" if spec.is_video else "") for n, e in zip(lengths, evaluations))
+    return [*lines, "", f"Fréchet distance to real clips of the same captions (evaluator features): {distances}."]
 
 
-def write_model_card(spec: ReferenceSpec, evaluation: dict | None, device: str) -> Path:
+def _clip_lengths(state: dict, spec: ReferenceSpec) -> str:
+    """The clip lengths trained on, per run of runs with the same lengths."""
+    runs = [tuple(s.get("frames", [spec.num_frames])) for s in state["sessions"]]
+    parts, first = [], 1
+    for lengths, group in itertools.groupby(runs):
+        last = first + len(list(group)) - 1
+        span = f"runs {first}-{last}" if last > first else f"run {first}"
+        parts.append(f"{'/'.join(map(str, lengths))} frames in {span}")
+        first = last + 1
+    return "; ".join(parts)
+
+
+def write_model_card(spec: ReferenceSpec, evaluations: list[dict], device: str) -> Path:
+    """Write `spec`'s README.md; `evaluations`: its full-compute evaluations, the default clip length first."""
     directory = spec.directory
     state = json.loads((directory / "training.json").read_text())
     config = json.loads((directory / "transformer" / "config.json").read_text())
@@ -73,7 +105,7 @@ def write_model_card(spec: ReferenceSpec, evaluation: dict | None, device: str) 
         f"# {spec.name}",
         "",
         f"A {kind} reference model for tempocache: diffusers' `{config['_class_name']}` in pixel space, "
-        f"trained from scratch on ShapesWorld ({'8-frame ' if spec.is_video else 'single-frame '}32x32 RGB).",
+        f"trained from scratch on ShapesWorld ({'video' if spec.is_video else 'single-frame'} 32x32 RGB).",
         "",
         "## Architecture",
         f"- transformer: `{config['_class_name']}`, {n_transformer / 1e6:.2f}M parameters, config: `{json.dumps(arch)}`",
@@ -85,33 +117,26 @@ def write_model_card(spec: ReferenceSpec, evaluation: dict | None, device: str) 
         "",
         "## Training",
         "- data: ShapesWorld train split (captions whose object combinations are not held out), fresh clips every step, "
-        "10% of captions dropped for guidance",
+        "10% of captions dropped for guidance"
+        + (f"; clip lengths (each batch one, drawn uniformly from the list): {_clip_lengths(state, spec)}"
+           if spec.is_video else ""),
         "- objective: flow matching (velocity noise - x0, logit-normal noise levels), AdamW, "
-        f"lr {state['lr']}, batch size per run {', '.join(str(r.get('batch_size', state['batch_size'])) for r in state['sessions'])}, "
+        f"lr per run {', '.join(str(r.get('lr', state['lr'])) for r in state['sessions'])}, "
+        f"batch size per run {', '.join(str(r.get('batch_size', state['batch_size'])) for r in state['sessions'])}, "
         + ("bf16 autocast" if spec.is_video else "fp32 with TF32 matmuls"),
         f"- steps: {state['steps']}, time: {state['seconds'] / 60:.1f} min on {', '.join(devices)} "
         f"in {len(state['sessions'])} runs, seed {state['seed']}",
         f"- final loss (mean of the last 100 steps): {state['losses'][-1][1]:.4f}",
-        f"- command (repeated, each run resuming the last): `bash scripts/device_train.sh 8.3 {spec.name}` on the GPU "
+        f"- command (repeated, each run resuming the last): `bash scripts/device_train.sh MINUTES {spec.name}` on the GPU, "
+        "`TRAIN_ARGS` giving a run's lr, batch size and clip lengths "
         "(or `tempocache train-reference --model " + spec.name + " --out DIR --minutes M --resume DIR`)",
         "",
         "![loss](loss.png)",
         "",
         "## Quality (full compute, held-out captions)",
     ]
-    if evaluation:
-        lines += [
-            f"{evaluation['captions']} held-out captions ({evaluation['two_object_captions']} with two objects), "
-            f"{evaluation['steps']} steps, guidance {evaluation['guidance']}, seed {evaluation['seed']}, "
-            f"on {evaluation['device']} ({evaluation['date']}); `tempocache eval-reference --model {spec.name}`.",
-            "",
-            "| attribute | semantic accuracy |",
-            "|---|---|",
-            _accuracy_rows(evaluation["semantic_accuracy"]),
-            "",
-            f"Fréchet distance to real clips of the same captions (evaluator features): {evaluation['frechet_distance']:.2f} "
-            f"(two sets of real clips: {evaluation['frechet_distance_real_vs_real']:.2f}).",
-        ]
+    if evaluations:
+        lines += _quality_lines(spec, evaluations)
     else:
         lines.append("Not evaluated yet: run `tempocache eval-reference`.")
     lines += ["", "## Samples", "", "![samples](samples.png)", ""]
@@ -150,11 +175,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/reference_eval.json"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cards", nargs="+", choices=[*SPECS, "evaluator"], default=[*SPECS, "evaluator"],
+                        help="which cards to write (default: all)")
     args = parser.parse_args()
-    evaluations = json.loads(args.results.read_text()) if args.results.exists() else {}
-    for spec in SPECS.values():
-        print(f"wrote {write_model_card(spec, evaluations.get(spec.name), args.device)}")
-    print(f"wrote {write_evaluator_card(evaluate_evaluator(device=args.device))}")
+    defaults = json.loads(args.results.read_text()) if args.results.exists() else {}
+    for name in args.cards:
+        if name == "evaluator":
+            print(f"wrote {write_evaluator_card(evaluate_evaluator(device=args.device))}")
+            continue
+        spec = SPECS[name]
+        evaluations = [defaults[name]] if name in defaults else []
+        others = args.results.parent.glob(f"reference_eval_{name}_*frames.json")
+        others = sorted((json.loads(path.read_text())[name] for path in others), key=lambda e: e["frames"])
+        evaluations += [e for e in others if e["frames"] != spec.num_frames]
+        print(f"wrote {write_model_card(spec, evaluations, args.device)}")
 
 
 if __name__ == "__main__":
