@@ -5,15 +5,15 @@ profiles measured on it, and the diffusers hooks everything is installed with.""
 from .attach import QUANT, STEP_CACHE, attach, attached, detach, require_attached, transformer_of
 from .calls import hidden_states_of, output_tensor, timestep_of, with_output_tensor
 from .families import (
-                       FAMILIES,
-                       BlockCall,
-                       Blocks,
-                       Family,
-                       State,
-                       attention_modules,
-                       find_blocks,
-                       modulation_modules,
-                       register_family,
+    FAMILIES,
+    BlockCall,
+    Blocks,
+    Family,
+    State,
+    attention_modules,
+    find_blocks,
+    modulation_modules,
+    register_family,
 )
 from .hooks import ContextHook, Hook, add_hook, cache_context, remove_hook
 from .profiles import find_profile, fingerprint, register_profile, registered_profiles

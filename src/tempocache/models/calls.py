@@ -9,16 +9,22 @@ import torch
 from torch import nn
 
 
-def _argument(module: nn.Module, name: str, args: tuple, kwargs: dict):
+def forward_parameters(module: nn.Module) -> list[str]:
+    """The names of a module's forward arguments, `self` left out."""
+    return list(inspect.signature(type(module).forward).parameters)[1:]
+
+
+def call_argument(names: list[str], name: str, args: tuple, kwargs: dict):
+    """Argument `name` of a call (`args`, `kwargs`) to a forward taking `names`, or None if the call gave none."""
     if name in kwargs:
         return kwargs[name]
-    names = list(inspect.signature(type(module).forward).parameters)[1:]
-    return args[names.index(name)] if name in names and names.index(name) < len(args) else None
+    index = names.index(name) if name in names else len(args)
+    return args[index] if index < len(args) else None
 
 
 def timestep_of(transformer: nn.Module, args: tuple, kwargs: dict) -> float | None:
     """The (first) timestep value a transformer was called with, or None if it takes none."""
-    t = _argument(transformer, "timestep", args, kwargs)
+    t = call_argument(forward_parameters(transformer), "timestep", args, kwargs)
     if t is None:
         return None
     return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)

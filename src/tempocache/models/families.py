@@ -9,11 +9,12 @@ search for its block lists, and a clear error when there are none.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .calls import call_argument, forward_parameters
 
 State = tuple  # (hidden_states,) or (hidden_states, encoder_hidden_states); an entry may be None
 OutputOrder = tuple[int, int] | None  # where a block's output puts (hidden_states, encoder_hidden_states); None: one tensor
@@ -71,16 +72,13 @@ class BlockCall:
     """Reads a block's state from its call arguments and writes a state back in its output layout."""
 
     def __init__(self, block: nn.Module, output_order: OutputOrder | str):
-        self.names = list(inspect.signature(type(block).forward).parameters)[1:]
+        self.names = forward_parameters(block)
         self.output_order = output_order  # "infer" until the first call shows it (generic fallback)
         self.returns_encoder = output_order is not None
         self.temb_name = next((n for n in ("temb", "timestep", "emb") if n in self.names), None)
 
     def argument(self, name: str, args: tuple, kwargs: dict):
-        if name in kwargs:
-            return kwargs[name]
-        index = self.names.index(name) if name in self.names else len(args)
-        return args[index] if index < len(args) else None
+        return call_argument(self.names, name, args, kwargs)
 
     def state_in(self, args: tuple, kwargs: dict) -> State:
         named = "hidden_states" in self.names or "hidden_states" in kwargs
@@ -160,7 +158,7 @@ def _looks_like_blocks(modules: nn.ModuleList) -> bool:
     if len(modules) < 2 or len({type(m) for m in modules}) != 1:
         return False
     has_attention = any("attn" in name.lower() or "attention" in name.lower() for name, _ in modules[0].named_children())
-    return has_attention and "hidden_states" in inspect.signature(type(modules[0]).forward).parameters
+    return has_attention and "hidden_states" in forward_parameters(modules[0])
 
 
 def attention_modules(blocks: Blocks) -> list[nn.Module]:

@@ -39,7 +39,7 @@ import contextlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -328,27 +328,20 @@ class QuantCalibration:
             restore_linears(self.transformer, originals)
         return profile
 
-    @contextlib.contextmanager
-    def precision(self, all_low_at: float | None) -> Iterator[None]:
+    def precision(self, all_low_at: float | None) -> ContextManager[None]:
         """Every linear in W8A8 at the calls of timestep `all_low_at`, W8A16 at the others."""
-        def pick(module, args, kwargs):
+        def pick(t: float | None) -> None:
             for layer in self.layers.values():
-                layer.low_precision = timestep_of(module, args, kwargs) == all_low_at
-        hook = self.transformer.register_forward_pre_hook(pick, with_kwargs=True)
-        try:
-            yield
-        finally:
-            hook.remove()
+                layer.low_precision = t == all_low_at
+        return _before_each_call(self.transformer, pick)
 
     @contextlib.contextmanager
     def controlled(self, profile: QuantProfile, budget: float, mix: tuple[float, str]) -> Iterator[None]:
         controller = _Controller(profile, budget, mix, self.layers, self.transformer)
-        hook = self.transformer.register_forward_pre_hook(
-            lambda module, args, kwargs: controller.decide(timestep_of(module, args, kwargs)), with_kwargs=True)
         try:
-            yield
+            with _before_each_call(self.transformer, controller.decide):
+                yield
         finally:
-            hook.remove()
             controller.remove()
 
     def record_layer_errors(self) -> None:
@@ -414,3 +407,14 @@ class QuantCalibration:
             initial_change=[float(np.mean(changes)) for changes in self.initial], call_changes=self.call_changes,
             call_timesteps=self.call_timesteps, step_timesteps=steps, step_sensitivity=[float(s) for s in sensitivity],
             prompts=[str(p) for p in self.loop.prompts])
+
+
+@contextlib.contextmanager
+def _before_each_call(transformer: nn.Module, decide: Callable[[float | None], None]) -> Iterator[None]:
+    """`decide(timestep)` before each transformer call, inside the `with` block."""
+    hook = transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: decide(timestep_of(module, args, kwargs)), with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()

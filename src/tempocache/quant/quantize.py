@@ -20,6 +20,7 @@ from torch import nn
 
 from ..models import (
     QUANT,
+    Blocks,
     Hook,
     add_hook,
     attach,
@@ -90,15 +91,15 @@ def resolve_format(fmt: str, device: torch.device) -> str:
     return fmt
 
 
-def default_filter(transformer: nn.Module) -> FilterFn:
+def default_filter(blocks: Blocks) -> FilterFn:
     """Every linear inside the blocks but the modulation's."""
-    modulation = modulation_modules(find_blocks(transformer))
+    modulation = modulation_modules(blocks)
     return lambda module, name: id(module) not in modulation
 
 
 def _block_linears(transformer: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, int, nn.Module]]:
     blocks = find_blocks(transformer)
-    keep = filter_fn or default_filter(transformer)
+    keep = filter_fn or default_filter(blocks)
     names = {id(m): n for n, m in transformer.named_modules()}
     found = []
     for index, block in enumerate(blocks.modules):

@@ -34,8 +34,12 @@ Schedule = list[list[Action]]  # [segment][step]
 def auto_plan(profile: Profile, budget: float, variant: Variant) -> tuple[list[int], Schedule]:
     """Segment edges and the planned [segment][step] actions for one planner variant."""
     penalty, whole_stack, sensitive = variant
-    edges = [0, profile.edges[-1]] if whole_stack else list(profile.edges)
-    return edges, plan(profile, budget, penalty, whole_stack, sensitive)
+    return plan_edges(profile, whole_stack), plan(profile, budget, penalty, whole_stack, sensitive)
+
+
+def plan_edges(profile: Profile, whole_stack: bool) -> list[int]:
+    """The segment edges a plan decides on: the profile's, or the whole stack as one."""
+    return [0, profile.edges[-1]] if whole_stack else list(profile.edges)
 
 
 def plan(profile: Profile, budget: float, forecast_penalty: float = 1.0, whole_stack: bool = False,
@@ -47,7 +51,7 @@ def plan(profile: Profile, budget: float, forecast_penalty: float = 1.0, whole_s
     closed-loop sensitivity as well as by the sampler's step size.
     """
     steps = profile.num_steps
-    edges = [0, profile.edges[-1]] if whole_stack else profile.edges
+    edges = plan_edges(profile, whole_stack)
     reuse = [profile.stack_reuse_error] if whole_stack else profile.reuse_error
     forecast = [profile.stack_forecast_error] if whole_stack else profile.forecast_error
     sizes = np.diff(edges)
