@@ -7,6 +7,7 @@ and on a GPU by the same test on the device.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import weakref
@@ -223,6 +224,17 @@ def test_drift_is_the_geometric_mean_over_samples_of_each_final_error():
     halved_small[1] /= 2  # halving the small error lowers the drift as much as halving the large one
     halved_large[0] /= 2
     assert closed_loop.drift(halved_small, exact) == pytest.approx(closed_loop.drift(halved_large, exact))
+
+
+def test_half_drifts_score_the_even_and_the_odd_samples_apart():
+    errors = torch.tensor([1.0, 0.5, 0.25, 2.0])  # each sample's RMS error: even samples 1 and 0.25, odd 0.5 and 2
+    batches = [torch.zeros(4, 3), errors[:, None].expand(4, 3)]
+    loop = closed_loop.ClosedLoop(None, ["batch"], run=lambda pipe, prompt: batches.pop(0))
+    loop.exact = loop.generate()
+    assert loop.half_drifts(contextlib.nullcontext()) == pytest.approx((0.5, 1.0))
+    single = closed_loop.ClosedLoop(None, ["one"], run=lambda pipe, prompt: torch.full((1, 3), float(len(prompt))))
+    single.exact = torch.zeros(1, 3)
+    assert single.half_drifts(contextlib.nullcontext()) == pytest.approx((3.0, 3.0))
 
 
 def test_calibration_measures_the_generated_samples():

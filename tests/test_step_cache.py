@@ -328,21 +328,26 @@ def test_auto_and_ertacache_keep_to_their_budget(name):
     assert torch.equal(denoise(fam), via_context)
 
 
-def test_refine_schedule_follows_the_closed_loop_within_its_runs():
+def test_refine_schedule_follows_the_closed_loop_within_its_runs_and_keeps_only_what_helps_both_halves():
     from tempocache.step_cache.planner import refine_schedule
 
     C, R, F = Action.COMPUTE, Action.REUSE, Action.FORECAST
     start = [[C, C, R, R, R, R]]
 
-    def drift(schedule):  # this "closed loop" wants the second computed step at 4 and no reuse
+    def drift(schedule):  # both halves of this "closed loop" want the second computed step at 4 and no reuse
         computed = [s for s, a in enumerate(schedule[0]) if a is C]
-        return abs(computed[1] - 4) + sum(a is R for a in schedule[0])
+        return (abs(computed[1] - 4) + sum(a is R for a in schedule[0]),) * 2
 
-    refined, error = refine_schedule(drift, start, drift(start), runs=50)
-    assert refined == [[C, F, F, F, C, F]] and error == 0
+    assert refine_schedule(drift, start, runs=50) == [[C, F, F, F, C, F]]
+
+    def one_half_only(schedule):  # the second half is hurt by every change the first one likes
+        first = drift(schedule)[0]
+        return first, -first
+
+    assert refine_schedule(one_half_only, start, runs=50) == start
     calls = []
-    assert refine_schedule(lambda s: calls.append(s) or 1.0, start, 0.5, runs=1) == (start, 0.5) and len(calls) == 1
-    assert refine_schedule(lambda s: calls.append(s) or 0.0, start, 0.5, runs=0) == (start, 0.5) and len(calls) == 1
+    assert refine_schedule(lambda s: calls.append(s) or (1.0, 1.0), start, runs=1) == start and len(calls) == 2
+    assert refine_schedule(lambda s: calls.append(s) or (0.0, 0.0), start, runs=0) == start and len(calls) == 3
 
 
 def _schedule_error(profile, edges, schedule, weights) -> float:
@@ -417,7 +422,7 @@ def test_zero_shot_auto_plans_for_each_generations_step_count_and_never_from_its
 
     fam = tiny("wan")
     own = dataclasses.replace(profile_for("wan"), fingerprint=tempocache.models.fingerprint(fam.transformer))
-    other = dataclasses.replace(profile_for("flux"), fingerprint="another model")
+    other = dataclasses.replace(profile_for("flux"), fingerprint="another model", auto_schedules={})  # tables only
     seen = []
     monkeypatch.setattr(auto, "registered_profiles", lambda kind: ["own", "other"])
     monkeypatch.setattr(auto.Profile, "load", staticmethod(lambda path: own if path == "own" else other))
@@ -435,6 +440,42 @@ def test_zero_shot_auto_plans_for_each_generations_step_count_and_never_from_its
     assert tempocache.stats(fam.transformer)["blocks_computed"] == 0
     with pytest.raises(ValueError, match="profile or zero_shot"):
         tempocache.Auto(budget=0.5, profile=own, zero_shot=True)
+
+
+def test_zero_shot_auto_carries_the_sources_refined_schedules_to_any_step_count(monkeypatch):
+    from tempocache.step_cache.planner import VARIANTS
+    from tempocache.step_cache.policies import auto
+    from tempocache.step_cache.prior import prior_schedule, segment_edges
+
+    C, R, F = Action.COMPUTE, Action.REUSE, Action.FORECAST
+    refined = [C, C, R, C, F, F]  # 3 of 6 steps, the last at 3/5 of the trajectory, forecast after it
+
+    def source(schedule, edges=(0, 4)):
+        return dataclasses.replace(profile_for("flux"), fingerprint="another model", auto_schedules={
+            "0.5": {"edges": list(edges), "schedule": [[a.value for a in schedule]], "drift": 0.0}})
+
+    assert prior_schedule([source(refined)], 0.5, N) == [refined]
+    for steps in (4, 12, 31):
+        (warped,) = prior_schedule([source(refined)], 0.5, steps)
+        computed = [s for s, a in enumerate(warped) if a is C]
+        assert len(computed) == steps // 2 and computed[0] == 0 and computed == sorted(set(computed))
+        assert computed[-1] == round(3 / 5 * (steps - 1))
+        assert all(a is F for a in warped[computed[-1] + 1:])
+    assert prior_schedule([source(refined, edges=(0, 2, 4))], 0.5, N) is None  # a segment schedule is not carried
+    assert prior_schedule([source(refined)], 0.1, N) is None  # below one step
+    disagreeing = source([C, C, R, C, R, R])
+    assert prior_schedule([source(refined), disagreeing], 0.5, N) == [[C, C, R, C, R, R]]  # a tie reuses
+    assert prior_schedule([source(refined)] * 2 + [disagreeing], 0.5, N) == [refined]  # the majority
+
+    fam = tiny("wan")
+    monkeypatch.setattr(auto, "registered_profiles", lambda kind: ["other"])
+    monkeypatch.setattr(auto.Profile, "load", staticmethod(lambda path: source(refined)))
+    carried = tempocache.Auto(budget=0.5, zero_shot=True).make_policy(fam.transformer)
+    carried.check_step(Step(0, N, STEPS[0], "cond"))
+    assert carried.edges == [0, num_blocks(fam)] and carried.schedule == [refined]
+    planned = tempocache.Auto(budget=0.5, zero_shot=True, variant=VARIANTS[2]).make_policy(fam.transformer)
+    planned.check_step(Step(0, N, STEPS[0], "cond"))
+    assert planned.edges == segment_edges(num_blocks(fam)) and len(planned.schedule) == len(planned.edges) - 1
 
 
 def test_policies_keep_their_state_in_typed_per_branch_objects():

@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="profile a shipped model at full compute (for Auto, TeaCache, ERTACache)")
     p.add_argument("--model", default="shapes-t2v", help=f"one of: {', '.join(SPECS)}")
-    p.add_argument("--prompts", type=int, default=8, help="training captions to profile on")
+    p.add_argument("--prompts", type=int, default=16,
+                   help="training captions to profile on (Auto's refinement keeps what helps both halves of them)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--segments", type=int, default=4, help="block ranges Auto decides on")

@@ -56,6 +56,14 @@ class ClosedLoop:
     def drift(self, setting: ContextManager) -> float:
         return drift(self.generate(setting), self.exact)
 
+    def half_drifts(self, setting: ContextManager) -> tuple[float, float]:
+        """The drift of the even and of the odd samples (of all, if there is one): a search that keeps only what
+        lowers both does not fit its choices to a few prompts."""
+        samples = self.generate(setting)
+        if len(samples) < 2:
+            return (drift(samples, self.exact),) * 2
+        return drift(samples[0::2], self.exact[0::2]), drift(samples[1::2], self.exact[1::2])
+
     def sensitivities(self, steps: Sequence[T], perturbed_at: Callable[[T], ContextManager],
                       predicted: Sequence[float]) -> list[float]:
         """Per step: the drift when `perturbed_at(step)` perturbs that step alone, per unit of the error `predicted`

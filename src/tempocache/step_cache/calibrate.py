@@ -68,9 +68,10 @@ def calibrate(pipe: Any, prompts: Sequence, run: Run | None = None, segments: in
         profile.auto_drift[str(budget)] = drifts
         if refine_runs:
             edges, schedule = auto_plan(profile, budget, best)
-            schedule, error = refine_schedule(lambda s: loop.drift(scheduled(edges, s)), schedule, min(drifts), refine_runs)
+            schedule = refine_schedule(lambda s: loop.half_drifts(scheduled(edges, s)), schedule, refine_runs)
             profile.auto_schedules[str(budget)] = {
-                "edges": edges, "schedule": [[a.value for a in segment] for segment in schedule], "drift": error}
+                "edges": edges, "schedule": [[a.value for a in segment] for segment in schedule],
+                "drift": loop.drift(scheduled(edges, schedule))}
     return profile
 
 

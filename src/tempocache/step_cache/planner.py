@@ -9,7 +9,8 @@ closed-loop sensitivity of that step). The plan is exact for the profile's table
 2. across segments, the counts that minimise the total error within the budget (a
    knapsack over block-steps).
 Open-loop tables cannot see how errors compound, so `refine_schedule` searches nearby
-schedules closed-loop (calibrate runs it, with the drift of the generated samples).
+schedules closed-loop (calibrate runs it, with the drift of the generated samples on each
+half of its prompts).
 """
 
 from __future__ import annotations
@@ -128,15 +129,18 @@ def _allocate(curves: list[np.ndarray], sizes: np.ndarray, capacity: int) -> lis
     return min(best.values(), key=lambda v: v[0])[1]
 
 
-def refine_schedule(drift: Callable[[Schedule], float], schedule: Schedule, error: float, runs: int) -> tuple[Schedule, float]:
+def refine_schedule(drift: Callable[[Schedule], tuple[float, ...]], schedule: Schedule, runs: int) -> Schedule:
     """Greedy closed-loop search among schedules of the same compute, within `runs` evaluations.
 
     The planner's error tables are open-loop; the closed loop can prefer other steps (an
     early reuse that looks cheap may steer the whole trajectory off). Each sweep tries, on
     the current schedule, moving one computed step of a segment a step earlier or later
     and switching a run of skipped steps between reuse and forecast, keeping every change
-    that lowers `drift`. Step 0 is always computed.
+    that lowers every component of `drift` (calibrate's: the drift of each half of its
+    samples, so that a change that suits a few prompts only is not kept). Step 0 is always
+    computed. `runs` counts the candidates; the start is evaluated once more.
     """
+    error = drift(schedule)
     improved = True
     while improved and runs > 0:
         improved = False
@@ -150,9 +154,9 @@ def refine_schedule(drift: Callable[[Schedule], float], schedule: Schedule, erro
                 continue
             runs -= 1
             candidate_error = drift(candidate)
-            if candidate_error < error:
+            if all(c < e for c, e in zip(candidate_error, error)):
                 schedule, error, improved = candidate, candidate_error, True
-    return schedule, error
+    return schedule
 
 
 def _moved(schedule: Schedule, k: int, s: int, d: int) -> Schedule | None:

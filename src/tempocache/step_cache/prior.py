@@ -7,8 +7,15 @@ keeps those shapes and drops everything model-specific: each source profile is p
 target's grid (steps by their fraction of the trajectory, interpolated; segments by their
 share of the depth), scaled by its own typical error, and the sources are averaged. The
 closed-loop choices (step sensitivities, the planner variant per budget) are carried over
-the same way. A profile never informs the prior of its own model: a model that has a
-profile and is planned zero-shot sees only the others.
+the same way.
+
+The sources' closed-loop-refined schedules carry more than their tables do (open-loop
+tables cannot see how errors compound), so where sources have refined a whole-stack
+schedule, `prior_schedule` carries those over instead of planning from the averaged
+tables: the k-th computed step goes where the sources put their k-th, by its fraction of
+the trajectory, and each skipped step reuses or forecasts as most sources do there.
+A profile never informs the prior of its own model: a model that has a profile and is
+planned zero-shot sees only the others.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from collections import Counter
 import numpy as np
 from scipy.interpolate import RegularGridInterpolator
 
+from .policy import Action
 from .profile import Profile
 
 SEGMENTS = 4
@@ -55,6 +63,52 @@ def prior_profile(sources: list[Profile], num_blocks: int, num_steps: int) -> Pr
         sensitivity=mean["sensitivity"].tolist() if all(p.sensitivity for p in sources) else [],
         auto_variants=prior_variants(sources),
     )
+
+
+def prior_schedule(sources: list[Profile], budget: float, num_steps: int) -> list[list[Action]] | None:
+    """A whole-stack schedule for `num_steps` steps computing floor(budget x num_steps) of them, from the sources'
+    refined whole-stack schedules at the budgets nearest `budget`; None if no source refined one (or budget is
+    below one step)."""
+    refined = [schedule for schedule in (whole_stack_schedule(p, budget) for p in sources) if schedule]
+    computed_count = int(np.floor(budget * num_steps + 1e-9))
+    if not refined or computed_count < 1:
+        return None
+    places = []  # [source][k]: where the source computes its k-th step (ranks stretched), as a fraction of its steps
+    for schedule in refined:
+        steps = [s for s, a in enumerate(schedule) if a is Action.COMPUTE]
+        ranks = np.interp(np.linspace(0, 1, computed_count), np.linspace(0, 1, len(steps)), steps)
+        places.append(ranks / max(len(schedule) - 1, 1))
+    steps = np.round(np.mean(places, axis=0) * (num_steps - 1)).astype(int)
+    for k in range(1, computed_count):  # distinct steps, in order, within the trajectory
+        steps[k] = max(steps[k], steps[k - 1] + 1)
+    for k in reversed(range(computed_count)):
+        steps[k] = min(steps[k], num_steps - computed_count + k)
+    computed = set(steps.tolist())
+    actions, seen = [], 0
+    for step in range(num_steps):
+        if step in computed:
+            actions.append(Action.COMPUTE)
+            seen += 1
+            continue
+        votes = [_skipped_near(schedule, step / max(num_steps - 1, 1)) for schedule in refined]
+        forecast = votes.count(Action.FORECAST) > len(votes) / 2 and seen >= 2  # a forecast needs two computed steps
+        actions.append(Action.FORECAST if forecast else Action.REUSE)
+    return [actions]
+
+
+def _skipped_near(schedule: list[Action], fraction: float) -> Action:
+    """The action of the schedule's skipped step nearest `fraction` of its trajectory (the later one on a tie)."""
+    place = fraction * (len(schedule) - 1)
+    skipped = [s for s, a in enumerate(schedule) if a is not Action.COMPUTE] or [0]
+    return schedule[min(skipped, key=lambda s: (abs(s - place), -s))]
+
+
+def whole_stack_schedule(profile: Profile, budget: float) -> list[Action] | None:
+    """The profile's refined whole-stack schedule at the budget nearest `budget` among those it has one for."""
+    whole = {float(b): stored["schedule"][0] for b, stored in profile.auto_schedules.items() if len(stored["edges"]) == 2}
+    if not whole:
+        return None
+    return [Action(a) for a in whole[min(whole, key=lambda b: abs(b - budget))]]
 
 
 def _on_grid(profile: Profile, num_steps: int, depths: np.ndarray) -> dict[str, np.ndarray]:

@@ -11,7 +11,8 @@ compute, and refines its plan closed-loop; Auto uses that refined schedule at a
 calibrated budget, and plans with the nearest calibrated budget's variant at any other.
 
 A model without a profile is planned zero-shot, from the prior that other models'
-profiles make (`prior.py`), for the step count of each generation as it starts: no
+profiles make (`prior.py`: their refined schedules where they have them, else a plan from
+their averaged tables), for the step count of each generation as it starts: no
 calibration is needed, and Auto warns that calibrating would do better.
 """
 
@@ -26,7 +27,8 @@ from torch import nn
 from ...models import find_blocks, fingerprint, registered_profiles
 from ..planner import VARIANTS, Schedule, Variant, auto_plan
 from ..policy import Action, BranchMemory, Policy, State, Step, StepCacheConfig, check_range
-from ..prior import check_sources, prior_profile, prior_variants, segment_edges
+from ..prior import (check_sources, prior_profile, prior_schedule, prior_variants, segment_edges,
+                     whole_stack_schedule)
 from ..profile import Profile, ProfileArg, load_profile, nearest_variant
 
 
@@ -65,13 +67,16 @@ class Auto(StepCacheConfig):
         sources = [p for p in map(Profile.load, registered_profiles("step_cache")) if p.fingerprint != own]
         check_sources(sources)
         num_blocks = len(find_blocks(transformer))
+        # the sources' refined schedules where they have them, unless a planner variant is asked for
+        carried = self.variant is None and any(whole_stack_schedule(p, self.budget) for p in sources)
         variant = self.variant or nearest_variant(prior_variants(sources), self.budget) or VARIANTS[0]
-        edges = [0, num_blocks] if variant[1] else segment_edges(num_blocks)
+        edges = [0, num_blocks] if carried or variant[1] else segment_edges(num_blocks)
         plans: dict[int, Schedule] = {}
 
         def planned(num_steps: int) -> Schedule:
             if num_steps not in plans:
-                plans[num_steps] = auto_plan(prior_profile(sources, num_blocks, num_steps), self.budget, variant)[1]
+                schedule = prior_schedule(sources, self.budget, num_steps) if carried else None
+                plans[num_steps] = schedule or auto_plan(prior_profile(sources, num_blocks, num_steps), self.budget, variant)[1]
             return plans[num_steps]
 
         return AutoPolicy(edges, planned, default_steps=None)
