@@ -196,3 +196,15 @@ def test_quantized_settings_run_on_a_copy_and_leave_the_pipeline_as_it_was():
     assert np.array_equal(pipe(T2I_CAPTIONS, num_inference_steps=4, seed=0).frames, before)
     with pytest.raises(ValueError, match="compute capability 8.9"):
         select(["torchao.Float8DynamicActivation"])[0].build(pipe, 4, 2.0)
+
+
+def test_settings_that_cannot_run_at_the_step_count_are_said_before_any_sampling(monkeypatch):
+    import tempocache.reference.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "predict_velocity", lambda *a: pytest.fail("sampling started"))
+    pipe = load_pipeline("shapes-t2i")
+    (calibrated,) = select(["tempocache.Auto"])
+    refused = calibrated.build(pipe, 4, 2.0)  # the shipped profile is for 20 steps
+    assert refused and all(isinstance(r, str) and "made for 20 steps, this generation has 4" in r for r in refused)
+    (zero_shot,) = select(["tempocache.Auto-zero-shot"])
+    assert not any(isinstance(s, str) for s in zero_shot.build(pipe, 4, 2.0))  # planned for 4 steps

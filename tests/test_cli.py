@@ -16,13 +16,18 @@ CAPTION = "a red circle moves left on a black background"
         ([CAPTION.replace("red", "purple")], "unknown word(s) 'purple'"),
         ([CAPTION.replace("red", "purple")], "the vocabulary is: a and background black"),
         ([CAPTION, "--model", "sdxl"], "unknown model 'sdxl'; the shipped models are: shapes-t2v, shapes-t2i"),
-        ([CAPTION, "--steps", "0"], "steps must be a positive integer, got 0"),
-        ([CAPTION, "--frames", "0"], "shapes-t2v makes 1 to 64 frames, got num_frames=0"),
+        ([CAPTION, "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+        ([CAPTION, "--frames", "0"], "argument --frames: must be a positive integer, got 0"),
         ([CAPTION, "--frames", "500"], "shapes-t2v makes 1 to 64 frames"),
         (["a red circle on a black background", "--model", "shapes-t2i", "--frames", "8"], "num_frames must be 1"),
         ([CAPTION, "--guidance", "0.5"], "guidance must be at least 1.0"),
         ([CAPTION, "-o", "clip.avi"], "must end in one of: .gif, .png"),
         ([CAPTION, "-o", "no/such/folder/clip.gif"], "does not exist"),
+        (["red"], "must end with 'on a <colour> background'"),
+        (["circle circle circle circle"], "must end with 'on a <colour> background'"),
+        ([""], "must end with 'on a <colour> background'"),
+        (["a red circle on a black background"], "give every shape a motion); e.g. 'a red circle stays still on"),
+        (["a red circle grows on a black background", "--model", "shapes-t2i"], "shapes have no motion"),
     ],
 )
 def test_bad_input_is_refused_before_any_compute(args, message, capsys, tmp_path, monkeypatch):
@@ -30,9 +35,43 @@ def test_bad_input_is_refused_before_any_compute(args, message, capsys, tmp_path
     import tempocache.reference.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "predict_velocity", lambda *a: pytest.fail("sampling started"))
-    assert main(["generate", *args]) == 2
+    assert exit_code(["generate", *args]) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [], "nothing is written"
+
+
+def exit_code(args: list[str]) -> int:
+    """main's exit status, whether the command refused the input or argparse did."""
+    try:
+        return main(args)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+@pytest.mark.parametrize("args, message", [
+    (["calibrate", "--steps", "0"], "must be a positive integer, got 0"),
+    (["calibrate", "--guidance", "0"], "guidance must be at least 1.0"),
+    (["calibrate", "--auto-budgets", "1.5"], "a budget is a fraction of block compute in (0, 1], got 1.5"),
+    (["calibrate", "--segments", "0"], "must be a positive integer, got 0"),
+    (["calibrate", "--out", "a-file/profile.json"], "is not a writable folder"),
+    (["calibrate", "--device", "banana"], "device 'banana' is not a torch device"),
+    (["cache-quality", "--captions", "0"], "must be a positive integer, got 0"),
+    (["cache-quality", "--save", "a-file/quality.json"], "is not a writable folder"),
+    (["bench", "--repeats", "0"], "must be a positive integer, got 0"),
+    (["generate", CAPTION, "-o", "a-folder"], "is a folder"),
+    (["generate", CAPTION, "--device", "cuda:7"], "cuda:7"),
+])
+def test_bad_arguments_of_every_command_are_refused_before_any_compute(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-folder.gif").mkdir()
+    args = [a.replace("a-folder", "a-folder.gif") for a in args]
+    import tempocache.reference.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "predict_velocity", lambda *a: pytest.fail("sampling started"))
+    assert exit_code(args) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder.gif"], "nothing is written"
 
 
 def test_generate_writes_a_gif_and_a_png(tmp_path, capsys):

@@ -327,6 +327,10 @@ def test_bad_input_is_refused_before_anything_changes():
         tempocache.quantize(fam.transformer, tempocache.TimestepAdaptive(format="int8", profile=profile_for("wan")))
     with pytest.raises(TypeError, match="W8A8"):
         tempocache.quantize(fam.transformer, tempocache.StaticCache())
+    with pytest.raises(TypeError, match=r"got the class W8A8: pass W8A8\(...\)"):
+        tempocache.quantize(fam.transformer, tempocache.W8A8)
+    with pytest.raises(ValueError, match="attention must be True or False, got 'yes'"):
+        tempocache.quantize(fam.transformer, tempocache.W8A8(attention="yes"))
     assert not any(isinstance(m, QuantLinear) for m in fam.transformer.modules())
     tempocache.quantize(fam.transformer)
     with pytest.raises(RuntimeError, match="already quantized"):
@@ -350,8 +354,11 @@ def test_linears_the_kernels_cannot_take_stay_exact_and_are_reported():
     fam = families.tiny("wan")
     odd = fam.transformer.__class__.from_config({**fam.transformer.config, "ffn_dim": 40})  # 40: not a multiple of 16
     baseline = odd(**fam.inputs(), return_dict=False)[0]
-    with pytest.warns(UserWarning, match="keeps 8 block linears exact"):
+    with pytest.warns(UserWarning, match="keeps 8 block linears exact") as warned:
         state = tempocache.quantize(odd, tempocache.W8A8("int8"))
+    assert str(warned[0].message).splitlines()[1:] == [  # one line per reason, not one per layer
+        "  4 linear(s) of 32 x 40: 8-bit kernels need multiples of 16 (e.g. blocks.0.ffn.net.0.proj)",
+        "  4 linear(s) of 40 x 32: 8-bit kernels need multiples of 16 (e.g. blocks.0.ffn.net.2)"]
     kept = state.stats()["kept_exact"]
     assert sorted(kept) == sorted(f"blocks.{i}.ffn.net.{n}" for i in range(4) for n in ("0.proj", "2"))
     assert kept["blocks.0.ffn.net.2"] == "40 x 32: 8-bit kernels need multiples of 16"

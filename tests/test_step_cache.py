@@ -69,8 +69,11 @@ def call(fam, kwargs: dict, name: str | None = None, step: int | None = None, st
         return fam.transformer(**kwargs, return_dict=False)[0]
 
 
-def denoise(fam, batch: int = 1, size: int = 8, seed: int = 0, steps=STEPS, context: str | None = None, record=None):
-    """The toy sampler: x <- x - 0.1 * model(x, t) over `steps`."""
+def denoise(fam, batch: int = 1, size: int = 8, seed: int = 0, steps=STEPS, context: str | None = None, record=None,
+            pipe=None):
+    """The toy sampler: x <- x - 0.1 * model(x, t) over `steps` (setting `pipe`'s timesteps first, as pipelines do)."""
+    if pipe is not None:
+        pipe.scheduler.set_timesteps(steps)
     x = fam.inputs(batch, size, steps[0], seed)["hidden_states"]
     for i, t in enumerate(steps):
         kwargs = fam.inputs(batch, size, t, seed)
@@ -96,9 +99,19 @@ def branch_loop(fam, seeds: dict[str, int], named: bool, record: dict | None = N
     return xs
 
 
-def fake_pipe(fam, steps=STEPS):
-    """What the engine reads from a pipeline: `.transformer`, and `.scheduler.timesteps` for the step count."""
-    return types.SimpleNamespace(transformer=fam.transformer, scheduler=types.SimpleNamespace(timesteps=torch.tensor(steps)))
+class FakeScheduler:
+    """What the engine reads from a scheduler: `timesteps`, a new tensor each time a generation sets them."""
+
+    def __init__(self):
+        self.timesteps = torch.tensor([1000.0])
+
+    def set_timesteps(self, steps):
+        self.timesteps = torch.tensor(steps)
+
+
+def fake_pipe(fam):
+    """What the engine reads from a pipeline: `.transformer`, and its `.scheduler` for the step count."""
+    return types.SimpleNamespace(transformer=fam.transformer, scheduler=FakeScheduler())
 
 
 _PROFILES: dict[str, tempocache.Profile] = {}
@@ -282,7 +295,7 @@ def test_every_policy_at_zero_budget_is_bit_identical(name, policy):
     reference = denoise(fam)
     pipe = fake_pipe(fam)  # the step count comes from the "scheduler" (Auto and ERTACache need it)
     tempocache.enable(pipe, ZERO_BUDGET[policy](profile))
-    out = denoise(fam)
+    out = denoise(fam, pipe=pipe)
     stats = tempocache.stats(pipe)
     tempocache.disable(pipe)
     assert torch.equal(out, reference)
@@ -311,7 +324,7 @@ def test_auto_and_ertacache_keep_to_their_budget(name):
     for config in (tempocache.Auto(budget=0.5, profile=profile), tempocache.ERTACache(budget=0.5, profile=profile)):
         pipe = fake_pipe(fam)
         tempocache.enable(pipe, config)
-        out = denoise(fam)
+        out = denoise(fam, pipe=pipe)
         stats = tempocache.stats(pipe)
         tempocache.disable(pipe)
         assert stats["compute_fraction"] <= 0.5 + 1e-9, config
@@ -325,7 +338,7 @@ def test_auto_and_ertacache_keep_to_their_budget(name):
     tempocache.disable(fam.transformer)
     pipe = fake_pipe(fam)
     tempocache.enable(pipe, tempocache.Auto(budget=0.5, profile=profile))
-    assert torch.equal(denoise(fam), via_context)
+    assert torch.equal(denoise(fam, pipe=pipe), via_context)
 
 
 def test_refine_schedule_follows_the_closed_loop_within_its_runs_and_keeps_only_what_helps_both_halves():
@@ -409,7 +422,7 @@ def test_zero_shot_auto_keeps_to_its_budget_on_every_family(name):
         with pytest.warns(UserWarning, match="no profile for .*zero-shot.*calibrate") as warned:
             tempocache.enable(pipe, tempocache.Auto(budget=budget))
         assert len(warned) == 1
-        out = denoise(fam)
+        out = denoise(fam, pipe=pipe)
         stats = tempocache.stats(pipe)
         tempocache.disable(pipe)
         assert 0 < stats["compute_fraction"] <= budget + 1e-9 and stats["blocks_forecast"] + stats["blocks_reused"] > 0
@@ -611,6 +624,11 @@ def test_unknown_config_field_is_a_type_error(make):
     (lambda: tempocache.DBCache(fn=0), "fn"),
     (lambda: tempocache.DeltaDiT(boundary=2.0), "boundary"),
     (lambda: tempocache.CFGReuse(warmup=0), "warmup"),
+    (lambda: tempocache.DeltaDiT(num_steps=0), "num_steps"),
+    (lambda: tempocache.TeaCache(coefficients="abc"), "coefficients"),
+    (lambda: tempocache.TeaCache(coefficients=()), "coefficients"),
+    (lambda: tempocache.TeaCache(coefficients=(float("nan"),)), "coefficients"),
+    (lambda: tempocache.Auto(variant=(1, 2)), "variant must be one of"),
 ])
 def test_out_of_range_settings_are_value_errors(make, field):
     with pytest.raises(ValueError, match=field):
@@ -627,6 +645,38 @@ def test_dbcache_needs_a_block_to_cache_and_leaves_the_model_untouched():
     assert torch.equal(denoise(fam), reference)
     tempocache.enable(fam.transformer, tempocache.DBCache(fn=2, bn=1, threshold=0))  # 1 block left to cache: fine
     assert torch.equal(denoise(fam), reference)
+
+
+def test_a_config_class_or_a_wrong_profile_is_refused_naming_what_to_pass(tmp_path):
+    fam = tiny("wan")
+    with pytest.raises(TypeError, match=r"got the class StaticCache: pass StaticCache\(\)"):
+        tempocache.enable(fam.transformer, tempocache.StaticCache)
+    not_json = tmp_path / "notes.json"
+    not_json.write_text("my notes")
+    with pytest.raises(ValueError, match="notes.json' is not a step-cache profile"):
+        tempocache.enable(fam.transformer, tempocache.Auto(budget=0.5, profile=not_json))
+    with pytest.raises(FileNotFoundError, match="no step-cache profile at"):
+        tempocache.enable(fam.transformer, tempocache.Auto(budget=0.5, profile=tmp_path / "missing.json"))
+    with pytest.raises(TypeError, match="Profile or the path of its JSON, got dict"):
+        tempocache.enable(fam.transformer, tempocache.Auto(budget=0.5, profile={"budget": 0.5}))
+    with pytest.raises(ValueError, match="measured on another model .*tempocache.calibrate"):
+        tempocache.enable(fam.transformer, tempocache.Auto(budget=0.5, profile=profile_for("flux")))
+    assert not hasattr(fam.transformer, "_tempocache_step_cache")
+
+
+def test_calibrate_refuses_a_string_of_prompts_and_runs_that_do_not_repeat():
+    fam = tiny("wan")
+    pipe = types.SimpleNamespace(transformer=fam.transformer)
+    with pytest.raises(TypeError, match=r"pass \['a red cat'\]"):
+        tempocache.calibrate(pipe, "a red cat", run=lambda p, prompt: denoise(fam))
+    seeds = iter(range(100))
+    with pytest.raises(ValueError, match="deterministic runs"):
+        tempocache.calibrate(pipe, [0], run=lambda p, prompt: denoise(fam, seed=next(seeds)), auto_budgets=())
+    for bad in ({"segments": 0}, {"auto_budgets": (1.5,)}, {"refine_runs": -1}):
+        runs = []
+        with pytest.raises(ValueError, match=next(iter(bad))[:-1]):
+            tempocache.calibrate(pipe, [0], run=lambda p, prompt: runs.append(prompt) or denoise(fam), **bad)
+        assert runs == []  # before any compute
 
 
 def test_enable_twice_and_not_enabled_are_runtime_errors():

@@ -9,7 +9,7 @@ import importlib
 
 _STEP_CACHE = ("Auto", "CFGReuse", "DBCache", "DeltaDiT", "ERTACache", "FirstBlockCache", "GatedTaylorSeer", "Profile",
                "StaticCache", "Stats", "StepCacheConfig", "TaylorSeer", "TeaCache", "TemporalDeltaCache", "calibrate",
-               "disable", "enable", "enabled", "reset", "stats")
+               "check_config", "disable", "enable", "enabled", "reset", "stats")
 _QUANT = ("QuantConfig", "QuantProfile", "TimestepAdaptive", "W8A8", "calibrate_quant", "quant_stats", "quantize")
 _HOME = {
     **dict.fromkeys(("generate", "load_pipeline", "save_clips"), "generation"),

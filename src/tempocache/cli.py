@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,17 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {save_clips(clips, args.output, fps=args.fps, scale=args.scale).resolve()}")
 
 
+def check_writable(path: Path) -> None:
+    """Refuse, before any compute, an output file that could not be written."""
+    folder = path.parent.resolve()
+    while not folder.exists():
+        folder = folder.parent
+    if path.is_dir():
+        raise ValueError(f"output {str(path)!r} is a folder; give a file name")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {str(path)!r}: {str(folder)!r} is not a writable folder")
+
+
 def _save_json(path: Path | None, result: dict) -> None:
     """Write `result` as JSON to `path` (a --save argument), if one was given."""
     if path:
@@ -35,6 +47,8 @@ def _save_json(path: Path | None, result: dict) -> None:
 def _eval_reference(args: argparse.Namespace) -> None:
     from .eval.reference_eval import evaluate_reference, format_table
 
+    if args.save:
+        check_writable(args.save)
     results = {name: evaluate_reference(name, args.captions, args.steps, args.guidance, args.device, args.batch_size,
                                         samples_per_caption=args.samples_per_caption, num_frames=args.frames)
                for name in args.model}
@@ -79,18 +93,19 @@ def _calibrate(args: argparse.Namespace) -> None:
     spec = get_spec(args.model)
     rng = np.random.default_rng(args.seed)
     prompts = [shapesworld.sample_scene(rng, "train", spec.is_video).caption(spec.is_video) for _ in range(args.prompts)]
+    out = args.out or Path(f"{args.model}-{args.quant_predictor or f'{args.steps or spec.default_steps}steps'}.json")
+    check_writable(out)
     pipe = load_pipeline(args.model, args.device)
-    settings = dict(num_inference_steps=args.steps or spec.default_steps, guidance_scale=args.guidance or spec.default_guidance)
+    settings = dict(num_inference_steps=spec.default_steps if args.steps is None else args.steps,
+                    guidance_scale=spec.default_guidance if args.guidance is None else args.guidance)
     pipe.check_inputs(prompts, settings["num_inference_steps"], settings["guidance_scale"], spec.num_frames, spec.size, spec.size)
     run = lambda p, batch: p(batch, seed=args.seed, **settings)  # noqa: E731
     if args.quant_predictor:
-        out = args.out or Path(f"{args.model}-{args.quant_predictor}.json")
         quant_profile = calibrate_quant(pipe, [prompts], run=run, format=args.quant_predictor)
         print(f"wrote {quant_profile.save(out)} ({len(quant_profile.layers)} layers, {args.quant_predictor})")
         return
     if args.quantized:
         quantize(pipe, W8A8(args.quantized))
-    out = args.out or Path(f"{args.model}-{settings['num_inference_steps']}steps.json")
     profile = calibrate(pipe, [prompts], run=run, segments=args.segments,
                         auto_budgets=tuple(args.auto_budgets), refine_runs=args.refine_runs)
     print(f"wrote {profile.save(out)} ({profile.num_steps} steps, segments at blocks {profile.edges}; "
@@ -100,6 +115,8 @@ def _calibrate(args: argparse.Namespace) -> None:
 def _cache_quality(args: argparse.Namespace) -> None:
     from .eval.cache_quality import auto_comparison, cache_quality, format_frontier, format_table
 
+    if args.save:
+        check_writable(args.save)
     result = cache_quality(args.model, args.captions, args.steps, args.guidance, args.device, args.batch_size, args.seed, args.policies)
     result["auto_comparison"] = comparison = auto_comparison(result)
     _save_json(args.save, result)
@@ -114,6 +131,8 @@ def _cache_quality(args: argparse.Namespace) -> None:
 def _quant_quality(args: argparse.Namespace) -> None:
     from .eval.quant_quality import format_table, quant_quality
 
+    if args.save:
+        check_writable(args.save)
     result = quant_quality(args.model, args.captions, args.device, args.batch_size, args.seed, args.format, args.cache_profile)
     _save_json(args.save, result)
     print(format_table(result))
@@ -138,6 +157,27 @@ def _bench(args: argparse.Namespace) -> None:
     print(verdict(result))
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def budget(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a budget is a fraction of block compute in (0, 1], got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .reference.models import SPECS
     from .step_cache.planner import BUDGETS as AUTO_BUDGETS
@@ -147,34 +187,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate clips from captions with a shipped model")
     p.add_argument("prompts", nargs="+", help='captions, e.g. "a red circle moves left on a black background"')
-    p.add_argument("-o", "--output", type=Path, default=Path("out.gif"), help="a .gif, .mp4 or .png file")
+    p.add_argument("-o", "--output", type=Path, default=Path("out.gif"), help="a .gif or .png file")
     p.add_argument("--model", default="shapes-t2v", help=f"one of: {', '.join(SPECS)}")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-    p.add_argument("--frames", type=int, default=None, help="frames per clip (video models)")
+    p.add_argument("--frames", type=positive_int, default=None, help="frames per clip (video models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--fps", type=float, default=8.0)
-    p.add_argument("--scale", type=int, default=4, help="upscale factor for the saved file")
+    p.add_argument("--scale", type=positive_int, default=4, help="upscale factor for the saved file")
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("eval-reference", help="semantic accuracy and Fréchet distance on held-out captions, full compute")
     p.add_argument("--model", nargs="+", default=list(SPECS), help=f"any of: {', '.join(SPECS)}")
-    p.add_argument("--captions", type=int, default=64, help="number of held-out captions")
-    p.add_argument("--samples-per-caption", type=int, default=1, help="seeds per caption (more steadies the Fréchet distance)")
-    p.add_argument("--frames", type=int, default=None, help="frames per clip (video models; default: the model's)")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--captions", type=positive_int, default=64, help="number of held-out captions")
+    p.add_argument("--samples-per-caption", type=positive_int, default=1, help="seeds per caption (more steadies the Fréchet distance)")
+    p.add_argument("--frames", type=positive_int, default=None, help="frames per clip (video models; default: the model's)")
+    p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--save", type=Path, default=None, help="also write the JSON to this file")
     p.set_defaults(run=_eval_reference)
 
     p = sub.add_parser("eval-evaluator", help="the evaluator's accuracy on real clips of held-out captions")
-    p.add_argument("--clips", type=int, default=2048)
-    p.add_argument("--frames", type=int, default=8, help="frames per clip")
+    p.add_argument("--clips", type=positive_int, default=2048)
+    p.add_argument("--frames", type=positive_int, default=8, help="frames per clip")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=_eval_evaluator)
 
@@ -184,26 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, required=True, help="wall-clock budget for this run")
     p.add_argument("--resume", type=Path, default=None, help="folder written by an earlier run")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="keep a full checkpoint here for exact resume")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=6)
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (falls back to eager)")
-    p.add_argument("--frames", type=int, nargs="+", default=None,
+    p.add_argument("--frames", type=positive_int, nargs="+", default=None,
                    help="clip lengths a video model trains on, one per batch, drawn uniformly (default: its own)")
     p.set_defaults(run=_train_reference)
 
     p = sub.add_parser("calibrate", help="profile a shipped model at full compute (for Auto, TeaCache, ERTACache)")
     p.add_argument("--model", default="shapes-t2v", help=f"one of: {', '.join(SPECS)}")
-    p.add_argument("--prompts", type=int, default=16,
+    p.add_argument("--prompts", type=positive_int, default=16,
                    help="training captions to profile on (Auto's refinement keeps what helps both halves of them)")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--segments", type=int, default=4, help="block ranges Auto decides on")
-    p.add_argument("--auto-budgets", type=float, nargs="*", default=list(AUTO_BUDGETS),
+    p.add_argument("--segments", type=positive_int, default=4, help="block ranges Auto decides on")
+    p.add_argument("--auto-budgets", type=budget, nargs="*", default=list(AUTO_BUDGETS),
                    help="budgets at which Auto's planner variants are compared and refined closed-loop (none: skip)")
-    p.add_argument("--refine-runs", type=int, default=32, help="closed-loop runs per budget refining Auto's plan (0: none)")
+    p.add_argument("--refine-runs", type=non_negative_int, default=32, help="closed-loop runs per budget refining Auto's plan (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quant-predictor", choices=["fp8", "int8"], default=None,
@@ -216,42 +256,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quant-quality", help="W8A8, TimestepAdaptive and static mixed precision, alone and with Auto, "
                                              "against full precision on held-out captions")
     p.add_argument("--model", default="shapes-t2v", help=f"one of: {', '.join(SPECS)}")
-    p.add_argument("--captions", type=int, default=16)
+    p.add_argument("--captions", type=positive_int, default=16)
     p.add_argument("--format", choices=["fp8", "int8"], default="fp8", help="TimestepAdaptive's 8-bit format")
     p.add_argument("--cache-profile", type=Path, default=None,
                    help="a step-cache profile made with calibrate --quantized FORMAT: also run W8A8 + Auto with it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--save", type=Path, default=None, help="also write the JSON here")
     p.set_defaults(run=_quant_quality)
 
     p = sub.add_parser("cache-quality", help="every step-cache policy against full compute on held-out captions")
     p.add_argument("--model", default="shapes-t2v", help=f"one of: {', '.join(SPECS)}")
-    p.add_argument("--captions", type=int, default=16)
+    p.add_argument("--captions", type=positive_int, default=16)
     p.add_argument("--policies", nargs="+", default=None, help="default: all")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--save", type=Path, default=None, help="also write the JSON here")
     p.set_defaults(run=_cache_quality)
 
     p = sub.add_parser("bench", help="tempocache's policies against the peers' and fewer steps, one run, one report")
     p.add_argument("--model", default="shapes-t2v", help=f"one of: {', '.join(SPECS)}")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps of full compute (default: the model's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps of full compute (default: the model's)")
     p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--frames", type=int, default=None, help="frames per clip (video models)")
+    p.add_argument("--frames", type=positive_int, default=None, help="frames per clip (video models)")
     p.add_argument("--prompts", type=Path, default=None, help="a file of captions, one per line (default: held-out captions)")
-    p.add_argument("--captions", type=int, default=8, help="how many held-out captions when no prompts file is given")
+    p.add_argument("--captions", type=positive_int, default=8, help="how many held-out captions when no prompts file is given")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="each caption is sampled once per seed")
     p.add_argument("--methods", nargs="+", default=None,
                    help="method keys or families (tempocache, diffusers, cache-dit, fewer-steps); default: all; see --list")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per pipeline call; the first batch is the one timed")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (the median counts)")
-    p.add_argument("--sample-clips", type=int, default=2, help="clips per setting shown in index.html's GIFs")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="clips per pipeline call; the first batch is the one timed")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per setting (the median counts)")
+    p.add_argument("--sample-clips", type=positive_int, default=2, help="clips per setting shown in index.html's GIFs")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for results.json, table.md, pareto.png, index.html")
     p.add_argument("--list", action="store_true", help="list the methods and whether their library is installed, then stop")
     p.set_defaults(run=_bench)
@@ -259,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-evaluator", help="train the ShapesWorld attribute classifier")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--minutes", type=float, required=True)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=4)

@@ -42,6 +42,9 @@ class ClosedLoop:
     """Generations of fixed prompts (`run(pipe, prompt)`, a prompt may be a batch), measured against exact ones."""
 
     def __init__(self, pipe: Any, prompts: Sequence, run: Run | None = None):
+        if isinstance(prompts, (str, bytes)):
+            raise TypeError(f"prompts must be a list of prompts (or of batches), got the string {prompts!r}: "
+                            f"pass [{prompts!r}]")
         if not prompts:
             raise ValueError("calibration needs at least one prompt")
         self.pipe, self.prompts = pipe, list(prompts)
@@ -52,6 +55,13 @@ class ClosedLoop:
         """The samples of every prompt, one per row, generated inside `setting`."""
         with setting or contextlib.nullcontext():
             return torch.cat([generated_samples(self.run(self.pipe, prompt)) for prompt in self.prompts])
+
+    def check_deterministic(self) -> None:
+        """Refuse runs that do not repeat: a calibration of them would fit their noise. Runs the first prompt again."""
+        again = generated_samples(self.run(self.pipe, self.prompts[0]))
+        if not torch.equal(again, self.exact[:len(again)]):
+            raise ValueError("two runs of the same prompt gave different samples: calibration needs deterministic runs "
+                             "(for a diffusers pipeline, pass generator=torch.Generator().manual_seed(0) in run)")
 
     def drift(self, setting: ContextManager) -> float:
         return drift(self.generate(setting), self.exact)

@@ -18,7 +18,22 @@ OUTPUT_SUFFIXES = (".gif", ".png")
 
 def load_pipeline(model: str = "shapes-t2v", device: str | torch.device = "cpu") -> ShapesPipeline:
     """A fresh pipeline for a shipped model, loaded from the package's own files (no network)."""
-    return ShapesPipeline.from_reference(model, device)
+    return ShapesPipeline.from_reference(model, check_device(device))
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch device this machine has; a ValueError naming what is accepted otherwise."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device: give cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}); use cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: the shipped models run on cpu or cuda")
+    return parsed
 
 
 def generate(
@@ -62,6 +77,8 @@ def check_output_path(path: Path) -> None:
         raise ValueError(f"output {str(path)!r} must end in one of: {', '.join(OUTPUT_SUFFIXES)}")
     if not path.parent.resolve().is_dir():
         raise ValueError(f"output folder {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"output {str(path)!r} is a folder; give a file name ending in one of: {', '.join(OUTPUT_SUFFIXES)}")
 
 
 def save_clips(clips: np.ndarray, path: str | Path, fps: float = 8.0, scale: int = 4) -> Path:

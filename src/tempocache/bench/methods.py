@@ -70,13 +70,19 @@ def _label(kind: str, settings: dict) -> str:
 def _tempocache_group(policy: str) -> Group:
     makers = [partial(sc.Auto, budget=b) for b in AUTO_BUDGETS] if policy == "Auto" else SETTINGS[policy]
 
-    def build(pipe: ShapesPipeline, steps: int, guidance: float) -> list[Setting]:
+    def build(pipe: ShapesPipeline, steps: int, guidance: float) -> list[Setting | str]:
         out = []
         for make in makers:
             config = make()
             settings = {k: v for k, v in vars(config).items() if k != "profile" and v is not None}
+            label = _label(policy, {k: settings[k] for k in make.keywords})
+            try:  # what would fail at every generation is said now, before any sampling
+                sc.check_config(pipe, config, steps)
+            except ValueError as error:
+                out.append(f"not run: {label}: {error}")
+                continue
             out.append(Setting(
-                _label(policy, {k: settings[k] for k in make.keywords}), "tempocache", settings,
+                label, "tempocache", settings,
                 enable=partial(sc.enable, config=config), disable=sc.disable,
                 compute_fraction=lambda p: sc.stats(p)["compute_fraction"],
             ))

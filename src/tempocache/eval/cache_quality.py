@@ -20,6 +20,7 @@ from .. import step_cache as sc
 from ..generation import generate, load_pipeline
 from ..reference import shapesworld
 from ..reference.models import get_spec
+from ..step_cache.policy import check_int
 from .evaluator import load_evaluator
 from .fidelity import fidelity
 from .metrics import read_clips, semantic_accuracy
@@ -44,6 +45,8 @@ SETTINGS: dict[str, list[Callable[[], object]]] = {
 def cache_quality(model: str = "shapes-t2v", captions: int = 16, steps: int | None = None, guidance: float | None = None,
                   device: str = "cpu", batch_size: int = 16, seed: int = 0, policies: list[str] | None = None) -> dict:
     spec = get_spec(model)
+    check_int("captions", captions, 1)
+    check_int("batch_size", batch_size, 1)
     unknown = set(policies or []) - set(SETTINGS)
     if unknown:
         raise ValueError(f"unknown policies {sorted(unknown)}; known: {', '.join(SETTINGS)}")
@@ -79,7 +82,8 @@ def cache_quality(model: str = "shapes-t2v", captions: int = 16, steps: int | No
             **score(result["clips"], reference["clips"], evaluator, scenes, spec.is_video),
             "seconds": round(result["seconds"], 2),
         })
-    return {**run_header(model, captions, seed, steps or spec.default_steps, guidance or spec.default_guidance, device),
+    return {**run_header(model, captions, seed, spec.default_steps if steps is None else steps,
+                         spec.default_guidance if guidance is None else guidance, device),
             "rows": rows}
 
 

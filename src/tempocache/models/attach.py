@@ -14,10 +14,30 @@ STEP_CACHE = "_tempocache_step_cache"
 QUANT = "_tempocache_quant"
 
 
+class Attachment:
+    """Base of what tempocache attaches: refuses to be copied or pickled with the model, since its hooks and
+    replaced layers belong to the model it was attached to, not to a copy."""
+
+    undo = "call tempocache.disable(...) first"  # how to get a model that copies
+
+    def __deepcopy__(self, memo):
+        raise TypeError(f"this model has tempocache's {type(self).__name__} attached, which works on the original's "
+                        f"modules, not a copy's: {self.undo}")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"this model has tempocache's {type(self).__name__} attached, which cannot be pickled with it: "
+                        f"{self.undo}")
+
+
 def transformer_of(obj: Any) -> tuple[nn.Module, Any]:
     """(the transformer, the pipeline or None) of a diffusers pipeline (with a `.transformer`) or a transformer."""
     transformer = getattr(obj, "transformer", None)
     if isinstance(transformer, nn.Module):
+        others = [name for name in ("transformer_2", "unet") if isinstance(getattr(obj, name, None), nn.Module)]
+        if others:
+            raise ValueError(f"this {type(obj).__name__} has a second denoiser, {others[0]} (e.g. Wan 2.2's low-noise "
+                             "expert), which tempocache would leave untouched while it acts on `transformer` alone; "
+                             "pipelines with more than one denoiser are not supported yet")
         return transformer, obj
     if isinstance(obj, nn.Module):
         return obj, None

@@ -7,8 +7,10 @@ relies on four things diffusers does not document as public:
 - pipelines' `transformer.cache_context(name, step_index=..., ...)` reaching, through
   `_set_cache_context`, every `StateManager` attribute of a hook whose `_is_stateful` is set;
 - `_reset_stateful_cache()` (what `DiffusionPipeline.maybe_free_model_hooks` calls) reaching
-  such a hook's `reset_state`.
-`check_internals` exercises all four on a throwaway module before the first hook is installed,
+  such a hook's `reset_state`;
+- `CacheMixin.enable_cache` refusing while `_cache_config` is set, which `claim_cache` uses so
+  that a diffusers cache is not stacked on tempocache's.
+`check_internals` exercises all five on throwaway modules before the first hook is installed,
 and raises, naming the diffusers version, if any of them changed.
 """
 
@@ -20,8 +22,9 @@ from typing import Iterator
 
 import diffusers
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager, _set_cache_context
+from diffusers.models.cache_utils import CacheMixin
 from torch import nn
 
 TESTED_WITH = "0.42.1"
@@ -74,6 +77,18 @@ def add_hook(module: nn.Module, hook: ModelHook, name: str) -> None:
 
 def remove_hook(module: nn.Module, name: str, recurse: bool = False) -> None:
     HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=recurse)
+
+
+def claim_cache(transformer: nn.Module, owner: object) -> None:
+    """While `owner` (tempocache's config) caches `transformer`, diffusers' `transformer.enable_cache(...)` refuses,
+    naming it, instead of stacking a second cache on the same blocks."""
+    if isinstance(transformer, CacheMixin):
+        transformer._cache_config = owner
+
+
+def release_cache(transformer: nn.Module, owner: object) -> None:
+    if isinstance(transformer, CacheMixin) and transformer._cache_config is owner:
+        transformer._cache_config = None
 
 
 @contextlib.contextmanager
@@ -129,3 +144,18 @@ def _exercise_internals() -> None:
     module(torch.zeros(1, 1))
     if seen["forwards"] != 1:
         raise AssertionError("remove_hook left the hook in place")
+
+    class Cached(nn.Linear, CacheMixin):
+        pass
+
+    cached = Cached(1, 1)
+    claim_cache(cached, probe)
+    try:
+        cached.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("CacheMixin.enable_cache no longer refuses while _cache_config is set")
+    release_cache(cached, probe)
+    if cached.is_cache_enabled:
+        raise AssertionError("CacheMixin.is_cache_enabled no longer reads _cache_config")

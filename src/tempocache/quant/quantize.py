@@ -20,6 +20,7 @@ from torch import nn
 
 from ..models import (
     QUANT,
+    Attachment,
     Blocks,
     Hook,
     add_hook,
@@ -52,6 +53,8 @@ class QuantConfig:
         """Raise ValueError, before anything changes, if a setting is out of range."""
         if self.format != "auto":
             check_format(self.format)
+        if not isinstance(self.attention, bool):
+            raise ValueError(f"attention must be True or False, got {self.attention!r}")
 
     def prepare(self, transformer: nn.Module, fmt: str, layers: list[str]) -> "QuantConfig":
         """This config ready for these layers of this transformer in `fmt` (e.g. with its profile loaded and checked);
@@ -121,8 +124,18 @@ def unfit_linears(transformer: nn.Module, filter_fn: FilterFn | None = None) -> 
             for name, _, m in _block_linears(transformer, filter_fn) if not kernel_takes(m.in_features, m.out_features)}
 
 
-class QuantState:
+def by_reason(kept_exact: dict[str, str]) -> str:
+    """One line per reason: how many linears, the first of them, why."""
+    reasons: dict[str, list[str]] = {}
+    for name, why in kept_exact.items():
+        reasons.setdefault(why, []).append(name)
+    return "\n".join(f"  {len(names)} linear(s) of {why} (e.g. {names[0]})" for why, names in reasons.items())
+
+
+class QuantState(Attachment):
     """What `quantize` did to a transformer: its 8-bit layers, the time-embedding caches, an optional controller."""
+
+    undo = "quantization is for good: copy a fresh model, then quantize the copy"
 
     def __init__(self, transformer: nn.Module, config: QuantConfig, fmt: str, layers: dict[str, QuantLinear],
                  activations: Activations, weight_bytes: tuple[int, int], kept_exact: dict[str, str]):
@@ -184,6 +197,8 @@ def quantize(pipe_or_transformer: Any, config: QuantConfig | None = None, filter
     """
     transformer, _ = transformer_of(pipe_or_transformer)
     config = W8A8() if config is None else config
+    if isinstance(config, type) and issubclass(config, QuantConfig):
+        raise TypeError(f"config must be a config object, got the class {config.__name__}: pass {config.__name__}(...)")
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a tempocache quantization config (tempocache.W8A8(...) or "
                         f"tempocache.TimestepAdaptive(...)), got {type(config).__name__}")
@@ -199,10 +214,10 @@ def quantize(pipe_or_transformer: Any, config: QuantConfig | None = None, filter
     found, kept_exact = quantizable_linears(transformer, filter_fn), unfit_linears(transformer, filter_fn)
     if not found:
         raise TypeError(f"{type(transformer).__name__} has no linear layers inside its blocks that the 8-bit kernels take"
-                        + (" and filter_fn accepts" if filter_fn else "") + (f" (kept exact: {kept_exact})" if kept_exact else ""))
+                        + (" and filter_fn accepts" if filter_fn else "") + (f":\n{by_reason(kept_exact)}" if kept_exact else ""))
     if kept_exact:
         warnings.warn(f"tempocache.quantize keeps {len(kept_exact)} block linears exact, shapes the 8-bit kernels cannot "
-                      f"take: {kept_exact}", stacklevel=2)
+                      f"take:\n{by_reason(kept_exact)}", stacklevel=2)
     config = config.prepare(transformer, fmt, [name for name, _ in found])
     activations = Activations()
     originals, layers = replace_linears(transformer, [name for name, _ in found], fmt, activations)

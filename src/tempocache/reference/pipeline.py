@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
+from . import shapesworld
 from .models import get_spec, load_weights, make_scheduler, make_tokenizer, predict_velocity, spec_for
 
 MAX_FRAMES = 64
@@ -52,6 +53,8 @@ class ShapesPipeline(DiffusionPipeline):
         if not prompts:
             raise ValueError("no prompt given")
         ids = self.tokenizer(prompts)
+        for prompt in prompts:
+            self.check_grammar(prompt)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if not guidance >= 1.0:
@@ -65,6 +68,15 @@ class ShapesPipeline(DiffusionPipeline):
             if isinstance(value, bool) or not isinstance(value, int) or value % 2 or not 2 <= value <= MAX_SIZE:
                 raise ValueError(f"{label} must be an even number of pixels from 2 to {MAX_SIZE}, got {value!r}")
         return ids
+
+    def check_grammar(self, prompt: str) -> None:
+        """Refuse a caption outside the grammar the model was trained on, showing the nearest one inside it."""
+        scene = shapesworld.parse_caption(prompt)  # names what is wrong with a caption that does not parse
+        canonical = scene.caption(self.spec.is_video)
+        if " ".join(prompt.lower().split()) != canonical:
+            kind = ("a video model: give every shape a motion" if self.spec.is_video
+                    else "a text-to-image model: shapes have no motion")
+            raise ValueError(f"caption {prompt!r} is outside {self.spec.name}'s grammar ({kind}); e.g. {canonical!r}")
 
     @property
     def current_timestep(self) -> torch.Tensor | None:

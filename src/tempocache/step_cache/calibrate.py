@@ -23,7 +23,7 @@ from .engine import enabled
 from .planner import BUDGETS, VARIANTS, Schedule, auto_plan, refine_schedule
 from .policies.auto import Auto, AutoPolicy
 from .policies.teacache import TeaCacheState, teacache_signal
-from .policy import Action, BranchMemory, Policy, State, Step, StepCacheConfig
+from .policy import Action, BranchMemory, Policy, State, Step, StepCacheConfig, check_int, check_range
 from .profile import Profile
 
 TOKENS = 512  # tokens sampled per trajectory to measure errors on
@@ -42,10 +42,15 @@ def calibrate(pipe: Any, prompts: Sequence, run: Run | None = None, segments: in
     variants drifts least from full compute, and refine that variant's plan with up to
     `refine_runs` more runs.
     """
+    check_int("segments", segments, 1)
+    check_int("refine_runs", refine_runs, 0)
+    for budget in auto_budgets:
+        check_range("each of auto_budgets", budget, 0.0, 1.0, low_open=True)
     loop = ClosedLoop(pipe, prompts, run)
     recorder = _Recorder(segments)
     with enabled(pipe, _RecorderConfig(recorder)) as engine:
         loop.exact = loop.generate()
+    loop.check_deterministic()
     lengths = {len(t["residuals"]) for t in recorder.trajectories}
     if len(lengths) != 1:
         raise ValueError(f"every calibration run must take the same number of steps, got {sorted(lengths)}")

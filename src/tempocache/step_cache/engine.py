@@ -3,6 +3,15 @@
 One hook on the transformer works out which generation, step and CFG branch a call
 belongs to; one hook per block computes it, or stands in for its whole segment with
 the policy's reused or forecast residual. The model's own code is untouched.
+
+A generation that did not finish must not leak into the next one, so a new one starts
+(everything cached forgotten) on any of: a call that raised; the pipeline's scheduler
+setting new timesteps (every diffusers pipeline does as it starts); the pipeline ending
+it (`maybe_free_model_hooks`); a timestep above the branch's last, a new input shape, or a
+step index that did not advance. The step count policies plan for is the one the running
+generation will take: what the call's cache context says, else what the scheduler that
+announced this generation will run from its begin index (img2img strength, a user's
+`timesteps=`), else the config's; never a scheduler that did not start this generation.
 """
 
 from __future__ import annotations
@@ -15,15 +24,18 @@ from torch import nn
 
 from ..models import (
     STEP_CACHE,
+    Attachment,
     BlockCall,
     ContextHook,
     Hook,
     add_hook,
     attach,
     attached,
+    claim_cache,
     detach,
     find_blocks,
     hidden_states_of,
+    release_cache,
     remove_hook,
     require_attached,
     timestep_of,
@@ -56,7 +68,7 @@ class Stats:
         return self.blocks_computed / self.block_calls if self.block_calls else 1.0
 
 
-class StepCacheEngine:
+class StepCacheEngine(Attachment):
     def __init__(self, transformer: nn.Module, config: StepCacheConfig, pipe: Any = None):
         self.config = config
         self.policy = config.make_policy(transformer)
@@ -72,6 +84,8 @@ class StepCacheEngine:
         self.current: tuple[Step, BranchMemory] | None = None
         self._last_timestep: float | None = None
         self._ordinal = 0
+        self._timesteps = self._scheduler_timesteps()  # the scheduler's at the last call: new ones start a generation
+        self._generation_steps: int | None = None  # steps the scheduler that started this generation will run
         self.reset()
         self.hook = _TransformerHook(self)
         add_hook(transformer, self.hook, HOOK_NAME)
@@ -108,6 +122,11 @@ class StepCacheEngine:
         t = timestep_of(self.transformer, args, kwargs)
         if t is None:
             raise TypeError(f"{type(self.transformer).__name__} was called without a timestep; the step cache needs one")
+        timesteps = self._scheduler_timesteps()
+        announced = timesteps is not None and timesteps is not self._timesteps
+        self._timesteps = timesteps
+        if announced:
+            self.forget()
         context = self.hook.cache_context
         if context is not None:
             name = context.name
@@ -124,17 +143,26 @@ class StepCacheEngine:
         if restarted or not self.branches:
             self.branches = {}
             self.counts.generations += 1
+            self._generation_steps = self._scheduled_steps() if announced else None
         if name not in self.branches:
             self.branches[name] = BranchMemory([SegmentMemory() for _ in range(len(self.edges) - 1)], self.policy.new_state())
         branch = self.branches[name]
         branch.index = step_index if step_index is not None else branch.index + 1
         branch.timestep, branch.shape = t, shape
-        num_steps = getattr(context, "num_inference_steps", None) or self._scheduler_steps() or self.policy.num_steps
-        return Step(branch.index, num_steps, t, name), branch
+        num_steps = getattr(context, "num_inference_steps", None) or self._generation_steps or self.policy.num_steps
+        unknown = ""
+        if num_steps is None and self._timesteps is not None:
+            unknown = (f"a pipeline other than the one tempocache was enabled on, or a loop of its own, runs this "
+                       f"{type(self.transformer).__name__}: that pipeline's scheduler did not start this generation")
+        return Step(branch.index, num_steps, t, name, unknown), branch
 
-    def _scheduler_steps(self) -> int | None:
-        timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
-        return len(timesteps) if timesteps is not None else None
+    def _scheduler_timesteps(self):
+        return getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+
+    def _scheduled_steps(self) -> int:
+        """Model calls per branch the scheduler will run: its timesteps from its begin index (img2img starts late)."""
+        begin = getattr(self.pipe.scheduler, "begin_index", None) or 0
+        return len(self._timesteps) - begin
 
     def end_call(self) -> None:
         self.current = None
@@ -148,6 +176,16 @@ class _TransformerHook(ContextHook):
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         engine = self.engine
+        try:
+            return self._cached_forward(*args, **kwargs)
+        except BaseException:
+            engine.forget()  # this generation is broken: nothing of it may reach the next one
+            raise
+        finally:
+            engine.end_call()
+
+    def _cached_forward(self, *args, **kwargs):
+        engine = self.engine
         step, branch = engine.begin_call(args, kwargs)
         engine.policy.check_step(step)
         engine.counts.calls += 1
@@ -158,10 +196,7 @@ class _TransformerHook(ContextHook):
             return output
         engine.current = (step, branch)
         computed_before = engine.counts.blocks_computed
-        try:
-            output = self.original(*args, **kwargs)
-        finally:
-            engine.end_call()
+        output = self.original(*args, **kwargs)
         if engine.counts.blocks_computed - computed_before == engine.num_blocks:
             engine.counts.full_calls += 1
         engine.policy.call_done(step, engine.branches, output)
@@ -220,6 +255,8 @@ class _BlockHook(Hook):
 def enable(pipe_or_transformer: Any, config: StepCacheConfig) -> StepCacheEngine:
     """Turn on step caching with `config` (a policy config, e.g. `FirstBlockCache(threshold=0.1)`)."""
     transformer, pipe = transformer_of(pipe_or_transformer)
+    if isinstance(config, type) and issubclass(config, StepCacheConfig):
+        raise TypeError(f"config must be a config object, got the class {config.__name__}: pass {config.__name__}()")
     if not isinstance(config, StepCacheConfig):
         raise TypeError(f"config must be a tempocache step-cache config (e.g. tempocache.Auto(budget=0.33)), "
                         f"got {type(config).__name__}")
@@ -230,7 +267,16 @@ def enable(pipe_or_transformer: Any, config: StepCacheConfig) -> StepCacheEngine
         raise RuntimeError(f"a diffusers cache is enabled on this {type(transformer).__name__}; call transformer.disable_cache() first")
     engine = StepCacheEngine(transformer, config, pipe)
     attach(transformer, STEP_CACHE, engine)
+    claim_cache(transformer, config)
     return engine
+
+
+def check_config(pipe_or_transformer: Any, config: StepCacheConfig, num_steps: int) -> None:
+    """Raise, before any compute, what `config` would raise at the first call of a generation of `num_steps` steps."""
+    transformer, _ = transformer_of(pipe_or_transformer)
+    policy = config.make_policy(transformer)
+    policy.check(len(find_blocks(transformer)))
+    policy.check_step(Step(0, num_steps, 0.0, "cond"))
 
 
 @contextlib.contextmanager
@@ -252,6 +298,7 @@ def disable(pipe_or_transformer: Any) -> None:
     engine = engine_of(pipe_or_transformer)
     engine.remove()
     detach(engine.transformer, STEP_CACHE)
+    release_cache(engine.transformer, engine.config)
 
 
 def stats(pipe_or_transformer: Any) -> dict:

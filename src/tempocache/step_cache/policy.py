@@ -31,11 +31,14 @@ class Step:
     num_steps: int | None  # steps in this generation, when the pipeline tells (or the config says)
     timestep: float
     branch: str  # "cond", "uncond", ... (the pipeline's cache_context name, else the call's order at this timestep)
+    steps_unknown: str = ""  # why the step count is unknown where a pipeline should have told it
 
-    def require_num_steps(self, policy: str) -> int:
+    def require_num_steps(self, policy: str, alternative: str = "") -> int:
         if self.num_steps is None:
-            raise ValueError(f"{policy} needs the number of denoising steps: enable it on a pipeline, call the "
-                             "transformer inside cache_context(name, num_inference_steps=...), or set num_steps in the config")
+            why = f" ({self.steps_unknown})" if self.steps_unknown else ""
+            raise ValueError(f"{policy} needs the number of denoising steps{why}: enable tempocache on the pipeline "
+                             "that runs the generation (its scheduler tells), or call the transformer inside "
+                             f"tempocache.models.cache_context(transformer, name, num_inference_steps=...){alternative}")
         return self.num_steps
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from scipy.interpolate import RegularGridInterpolator
 
 from .policy import Action
-from .profile import Profile
+from .profile import CALIBRATE, Profile
 
 SEGMENTS = 4
 
@@ -34,7 +34,7 @@ SEGMENTS = 4
 def check_sources(sources: list[Profile]) -> None:
     if not sources:
         raise ValueError("zero-shot Auto plans from other models' profiles, and none is registered: calibrate this "
-                         "model (`tempocache calibrate`) or register a profile (tempocache.models.register_profile)")
+                         f"model, {CALIBRATE}, or register profiles (tempocache.models.register_profile)")
 
 
 def segment_edges(num_blocks: int) -> list[int]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models import find_profile
+from ..models import find_profile, fingerprint
 from .policy import Action
 
 
@@ -73,7 +73,7 @@ class Profile:
     def check_steps(self, num_steps: int, policy: str) -> None:
         if num_steps != self.num_steps:
             raise ValueError(f"{policy}'s profile was made for {self.num_steps} steps, this generation has {num_steps}: "
-                             f"run `tempocache calibrate` with {num_steps} steps and pass the profile")
+                             f"calibrate it with runs of {num_steps} steps, {CALIBRATE}")
 
     def step_weights(self, sensitive: bool = False) -> np.ndarray:
         """How much an error in the model output at each step moves the sample: the sampler's step size,
@@ -95,20 +95,38 @@ ProfileArg = str | Path | Profile | None
 
 
 def load_profile(profile: ProfileArg, transformer: torch.nn.Module | None) -> Profile | None:
-    """`profile` itself, loaded from its path, or (None) the registered profile of `transformer`, if there is one."""
-    if isinstance(profile, Profile):
-        return profile
+    """`profile` itself, loaded from its path, or (None) the registered profile of `transformer`, if there is one;
+    refused if it was measured on another model than `transformer`."""
     if profile is None:
         profile = find_profile("step_cache", transformer) if transformer is not None else None
         if profile is None:
             return None
-    return Profile.load(profile)
+    if not isinstance(profile, (Profile, str, Path)):
+        raise TypeError(f"profile must be a tempocache.Profile or the path of its JSON, got {type(profile).__name__}")
+    loaded = profile if isinstance(profile, Profile) else _read(Path(profile))
+    if transformer is not None and loaded.fingerprint and loaded.fingerprint != fingerprint(transformer):
+        source = "this profile" if isinstance(profile, Profile) else f"profile {str(profile)!r}"
+        raise ValueError(f"{source} was measured on another model ({loaded.model} with another config) than this "
+                         f"{type(transformer).__name__}; calibrate this one: {CALIBRATE}")
+    return loaded
+
+
+def _read(path: Path) -> Profile:
+    if not path.is_file():
+        raise FileNotFoundError(f"no step-cache profile at {str(path)!r}")
+    try:
+        return Profile.load(path)
+    except (ValueError, TypeError) as error:  # not JSON, or not a profile's fields
+        raise ValueError(f"{str(path)!r} is not a step-cache profile (a JSON written by tempocache.calibrate): {error}") from None
+
+
+CALIBRATE = ("tempocache.calibrate(pipe, prompts) from Python, then pass profile=<the JSON Profile.save writes> (for the "
+             "shipped models, also `tempocache calibrate --model NAME`)")
 
 
 def require_profile(profile: ProfileArg, transformer: torch.nn.Module | None, policy: str) -> Profile:
     found = load_profile(profile, transformer)
     if found is None:
         name = type(transformer).__name__ if transformer is not None else "this model"
-        raise ValueError(f"{policy} needs a profile and there is none for {name}: run `tempocache calibrate` (or "
-                         "tempocache.calibrate(pipe, prompts)) and pass profile=<the JSON it writes>")
+        raise ValueError(f"{policy} needs a profile and there is none for {name}: {CALIBRATE}")
     return found

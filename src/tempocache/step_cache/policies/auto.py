@@ -29,7 +29,7 @@ from ..planner import VARIANTS, Schedule, Variant, auto_plan
 from ..policy import Action, BranchMemory, Policy, State, Step, StepCacheConfig, check_range
 from ..prior import (check_sources, prior_profile, prior_schedule, prior_variants, segment_edges,
                      whole_stack_schedule)
-from ..profile import Profile, ProfileArg, load_profile, nearest_variant
+from ..profile import CALIBRATE, Profile, ProfileArg, load_profile, nearest_variant
 
 
 @dataclass(frozen=True)
@@ -44,14 +44,16 @@ class Auto(StepCacheConfig):
         check_range("budget", self.budget, 0.0, 1.0, low_open=True)
         if self.zero_shot and self.profile is not None:
             raise ValueError("zero_shot=True plans without a profile; give profile or zero_shot, not both")
+        if self.variant is not None and self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of the planner's (forecast_penalty, whole_stack, sensitive): "
+                             f"{', '.join(map(str, VARIANTS))}; got {self.variant!r}")
 
     def make_policy(self, transformer: nn.Module | None = None) -> Policy:
         profile = None if self.zero_shot else load_profile(self.profile, transformer)
         if profile is None:
             if not self.zero_shot:
                 warnings.warn(f"no profile for {type(transformer).__name__}: Auto plans zero-shot from other models' "
-                              "profiles; `tempocache calibrate` (or tempocache.calibrate) would plan it better",
-                              stacklevel=4)
+                              f"profiles; a profile of its own would plan it better: {CALIBRATE}", stacklevel=4)
             return self._zero_shot_policy(transformer)
         stored = None if self.variant else profile.auto_schedule(self.budget)
         edges, schedule = stored or auto_plan(profile, self.budget, self.variant or profile.auto_variant(self.budget) or VARIANTS[0])
@@ -101,8 +103,8 @@ class AutoPolicy(Policy):
         return list(self.edges)
 
     def check_step(self, step: Step) -> None:
-        if step.num_steps is None and self.default_steps is None:
-            step.require_num_steps("Auto planning zero-shot")
+        if step.num_steps is None and (self.default_steps is None or step.steps_unknown):
+            step.require_num_steps("Auto")
         num_steps = step.num_steps or max(self.default_steps, step.index + 1)
         self.schedule = self.planned(num_steps)
 

@@ -28,6 +28,8 @@ class DeltaDiT(StepCacheConfig):
         check_int("warmup", self.warmup, 1)
         if self.split is not None:
             check_int("split", self.split, 1)
+        if self.num_steps is not None:
+            check_int("num_steps", self.num_steps, 1)
 
     def make_policy(self, transformer: nn.Module | None = None) -> Policy:
         return DeltaDiTPolicy(self)
@@ -45,10 +47,13 @@ class DeltaDiTPolicy(Policy):
     def boundaries(self, num_blocks: int) -> list[int]:
         return [0, self.config.split or num_blocks // 2, num_blocks]
 
+    def check_step(self, step: Step) -> None:
+        step.require_num_steps("DeltaDiT", alternative=", or set DeltaDiT(num_steps=...)")
+
     def decide(self, step: Step, segment: int, x: State, memory: BranchMemory) -> Action:
         c = self.config
         if step.index < c.warmup or (step.index - c.warmup) % c.interval == 0:
             return Action.COMPUTE
-        outline_phase = step.index < c.boundary * step.require_num_steps("DeltaDiT")
+        outline_phase = step.index < c.boundary * step.num_steps
         cached_segment = 1 if outline_phase else 0
         return Action.REUSE if segment == cached_segment else Action.COMPUTE

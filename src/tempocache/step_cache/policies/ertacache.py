@@ -56,6 +56,8 @@ class ERTAPolicy(Policy):
         self.reused = reused
 
     def check_step(self, step: Step) -> None:
+        if step.steps_unknown:
+            step.require_num_steps("ERTACache")
         self.profile.check_steps(step.num_steps or max(self.profile.num_steps, step.index + 1), "ERTACache")  # unknown: assume the profile's
 
     def decide(self, step: Step, segment: int, x: State, memory: BranchMemory) -> Action:

@@ -11,6 +11,7 @@ hidden states plus that of the timestep embedding it is modulated with. The poly
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,12 @@ class TeaCache(StepCacheConfig):
     def __post_init__(self):
         check_range("threshold", self.threshold, 0.0, 100.0)
         check_int("warmup", self.warmup, 1)
+        if self.coefficients is not None:
+            numbers = isinstance(self.coefficients, (tuple, list)) and all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in self.coefficients)
+            if not numbers or not self.coefficients:
+                raise ValueError("coefficients must be a non-empty sequence of finite numbers (the polynomial's, highest "
+                                 f"power first), or None to take the profile's; got {self.coefficients!r}")
 
     def make_policy(self, transformer: nn.Module | None = None) -> Policy:
         coefficients = self.coefficients
