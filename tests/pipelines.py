@@ -8,10 +8,13 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLWan,
+    DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxImg2ImgPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
     WanPipeline,
     WanTransformer3DModel,
 )
@@ -103,3 +106,23 @@ def bare_loop(transformer: WanTransformer3DModel, steps: int = 4, seed: int = 0)
         out_uncond = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False)[0]
         x = x - (out_uncond + 2.0 * (out_cond - out_uncond)) / steps
     return x
+
+
+def pixart() -> PixArtSigmaPipeline:
+    """Both CFG branches in one batched call, as PixArt's pipelines make them; a multistep DPM-Solver."""
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=3,
+        cross_attention_dim=16, caption_channels=TEXT_DIM, sample_size=8, norm_type="ada_norm_single",
+        use_additional_conditions=False)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1)
+    return PixArtSigmaPipeline(tokenizer=word_tokenizer(), text_encoder=t5(), vae=vae, transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler())
+
+
+def run_pixart(pipe: PixArtSigmaPipeline, steps: int = 4, seed: int = 0) -> torch.Tensor:
+    return pipe("a red cat", negative_prompt="", num_inference_steps=steps, guidance_scale=2.0, height=16, width=16,
+                generator=torch.Generator().manual_seed(seed), output_type="pt", max_sequence_length=TEXT_LEN,
+                use_resolution_binning=False, clean_caption=False).images

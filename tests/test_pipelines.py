@@ -46,9 +46,10 @@ class Interrupted(Exception):
 
 @contextlib.contextmanager
 def interrupted(transformer: torch.nn.Module, call: int):
-    """Raise inside the transformer's own forward (past tempocache's hook) at its `call`-th call, counted from 0."""
+    """Raise inside the transformer's own forward (past tempocache's hook, in the first module it runs) at its
+    `call`-th call, counted from 0."""
     calls = []
-    first = transformer.rope if hasattr(transformer, "rope") else transformer.x_embedder  # run by every call
+    first = next(getattr(transformer, n) for n in ("rope", "x_embedder", "pos_embed") if hasattr(transformer, n))
     counter = transformer.register_forward_pre_hook(lambda module, args: calls.append(None))
     raiser = first.register_forward_pre_hook(lambda module, args: _raise(len(calls) - 1 == call))
     try:
@@ -69,8 +70,8 @@ _BUILT: dict[str, tuple] = {}
 def runner(kind: str):
     """(what to enable on, the transformer, a generation, the profile calibrated on it), built once per kind."""
     if kind not in _BUILT:
-        pipe = pipelines.flux() if kind == "flux" else pipelines.wan()
-        run = {"wan": pipelines.run_wan, "flux": pipelines.run_flux}.get(kind)
+        pipe = {"flux": pipelines.flux, "pixart": pipelines.pixart}.get(kind, pipelines.wan)()
+        run = {"wan": pipelines.run_wan, "flux": pipelines.run_flux, "pixart": pipelines.run_pixart}.get(kind)
         target = pipe if run else pipe.transformer
         generate = (lambda: run(pipe)) if run else (lambda: pipelines.bare_loop(pipe.transformer))
         profile = tempocache.calibrate(target, [0], run=lambda p, prompt: generate(), auto_budgets=(0.5,), refine_runs=2)
@@ -89,18 +90,21 @@ def enabled(target, config):
         tempocache.disable(target)
 
 
-@pytest.mark.parametrize("where", {"cond call of step 0": 0, "uncond call of step 0": 1, "cond call of step 2": 4}.items(),
-                         ids=lambda w: w[0])
+@pytest.mark.parametrize("where", {"cond call of step 0": (0, 0), "uncond call of step 0": (0, 1),
+                                   "cond call of step 2": (2, 0)}.items(), ids=lambda w: w[0])
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("kind", ["wan", "flux", "bare loop"])
+@pytest.mark.parametrize("kind", ["wan", "flux", "pixart", "bare loop"])  # pixart: both branches in one batched call
 def test_an_interrupted_generation_never_leaks_into_the_next(kind, policy, where):
     if kind == "bare loop" and policy in ("Auto-zero-shot", "CFGReuse"):
         pytest.skip("refused on a loop that names neither its step count nor its branches (see test_step_cache)")
+    if kind == "pixart" and (policy == "CFGReuse" or where[1][1]):
+        pytest.skip("one call per step: no separate unconditional call to interrupt or to reuse")
     target, transformer, generate, profile = runner(kind)
     with enabled(target, POLICIES[policy](profile)):
         clean = generate()
     with enabled(target, POLICIES[policy](profile)) as engine:
-        with interrupted(transformer, where[1]), pytest.raises(Interrupted):
+        step, branch = where[1]
+        with interrupted(transformer, step * (1 if kind == "pixart" else 2) + branch), pytest.raises(Interrupted):
             generate()
         again = generate()
         skipped = engine.counts.blocks_reused + engine.counts.blocks_forecast + engine.counts.skipped_calls
