@@ -845,3 +845,22 @@ def test_cache_quality_refuses_unknown_policies_before_any_sampling():
 
     with pytest.raises(ValueError, match="known: StaticCache"):
         cache_quality("shapes-t2i", captions=2, policies=["NoSuchCache"])
+
+
+def test_an_enabled_transformer_compiles_without_recompiling_across_steps():
+    from torch._dynamo.utils import counters
+
+    fam = tiny("wan")
+    tempocache.enable(fam.transformer, tempocache.StaticCache(interval=2))
+    eager = denoise(fam)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = types.SimpleNamespace(transformer=torch.compile(fam.transformer), inputs=fam.inputs)
+    denoise(compiled)
+    graphs = counters["stats"]["unique_graphs"]
+    again = [denoise(compiled) for _ in range(2)]
+    assert counters["stats"]["unique_graphs"] == graphs  # later steps and generations reuse the first one's graphs
+    breaks = list(counters["graph_break"])
+    assert breaks and all("torch.compiler.disable" in reason for reason in breaks)  # only at the engine's bookkeeping
+    assert torch.allclose(again[-1], eager, atol=1e-5)
+    torch._dynamo.reset()

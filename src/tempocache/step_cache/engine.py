@@ -20,6 +20,7 @@ import contextlib
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 from ..models import (
@@ -175,16 +176,23 @@ class _TransformerHook(ContextHook):
         self.engine = engine
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
-        engine = self.engine
         try:
-            return self._cached_forward(*args, **kwargs)
+            output = self._begin(args, kwargs)
+            if output is None:
+                output = self.original(*args, **kwargs)
+                self._end(output)
+            return output
         except BaseException:
-            engine.forget()  # this generation is broken: nothing of it may reach the next one
+            self.engine.forget()  # this generation is broken: nothing of it may reach the next one
             raise
         finally:
-            engine.end_call()
+            self.engine.end_call()
 
-    def _cached_forward(self, *args, **kwargs):
+    # The engine's bookkeeping stays out of torch.compile's graphs (it would guard on every counter and graph-break
+    # on the timestep's float); the model's own computation between them is traced as usual.
+    @torch.compiler.disable
+    def _begin(self, args: tuple, kwargs: dict):
+        """Place the call; the policy's stand-in output for the whole call, or None to run it."""
         engine = self.engine
         step, branch = engine.begin_call(args, kwargs)
         engine.policy.check_step(step)
@@ -195,12 +203,16 @@ class _TransformerHook(ContextHook):
             engine.counts.blocks_reused += engine.num_blocks
             return output
         engine.current = (step, branch)
-        computed_before = engine.counts.blocks_computed
-        output = self.original(*args, **kwargs)
-        if engine.counts.blocks_computed - computed_before == engine.num_blocks:
+        self._computed_before = engine.counts.blocks_computed
+        return None
+
+    @torch.compiler.disable
+    def _end(self, output) -> None:
+        engine = self.engine
+        step, _ = engine.current
+        if engine.counts.blocks_computed - self._computed_before == engine.num_blocks:
             engine.counts.full_calls += 1
         engine.policy.call_done(step, engine.branches, output)
-        return output
 
     def on_reset(self) -> None:
         self.engine.forget()  # keep the counters: stats() after pipe(...) should still tell
@@ -214,9 +226,19 @@ class _BlockHook(Hook):
         self.call: BlockCall = engine.calls[index]
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
+        stand_in = self._stand_in(args, kwargs)
+        if stand_in is not None:
+            return stand_in
+        output = self.original(*args, **kwargs)
+        self._computed(output, args, kwargs)
+        return output
+
+    @torch.compiler.disable
+    def _stand_in(self, args: tuple, kwargs: dict):
+        """The block's output where its segment is not computed at this step (reused or forecast), else None."""
         engine, i, call = self.engine, self.index, self.call
         if engine.current is None:  # called outside the transformer's forward
-            return self.original(*args, **kwargs)
+            return None
         step, branch = engine.current
         segment = engine.segment_of[i]
         start, end = engine.edges[segment], engine.edges[segment + 1]
@@ -229,19 +251,28 @@ class _BlockHook(Hook):
             branch.actions[segment] = action
             if action is Action.COMPUTE:
                 branch.segment_input = x
+                return None
+            if action is Action.REUSE:
+                engine.counts.blocks_reused += end - start
             else:
-                if action is Action.REUSE:
-                    engine.counts.blocks_reused += end - start
-                else:
-                    engine.counts.blocks_forecast += end - start
-                return call.pack(add(x, engine.policy.approximate(step, segment, action, branch)))
-        elif branch.actions[segment] is not Action.COMPUTE:
+                engine.counts.blocks_forecast += end - start
+            return call.pack(add(x, engine.policy.approximate(step, segment, action, branch)))
+        if branch.actions[segment] is not Action.COMPUTE:
             return call.pack(call.state_in(args, kwargs))  # the segment's output was already given at its start
-        output = self.original(*args, **kwargs)
+        return None
+
+    @torch.compiler.disable
+    def _computed(self, output, args: tuple, kwargs: dict) -> None:
+        engine, i, call = self.engine, self.index, self.call
+        if engine.current is None:
+            return
+        step, branch = engine.current
+        segment = engine.segment_of[i]
+        memory = branch.segments[segment]
         engine.counts.blocks_computed += 1
         if call.output_order == "infer":  # generic fallback: learn this block's output layout before it is ever skipped
             call.state_out(output, args, kwargs)
-        if i == end - 1:
+        if i == engine.edges[segment + 1] - 1:
             x_in, branch.segment_input = branch.segment_input, None
             x_out = call.state_out(output, args, kwargs)
             residual = tuple(None if r is None else r.detach() for r in sub(x_out, x_in))
@@ -249,7 +280,6 @@ class _BlockHook(Hook):
             if engine.policy.keeps_inputs:
                 memory.input = x_in
             engine.policy.computed(step, segment, x_in, x_out, branch)
-        return output
 
 
 def enable(pipe_or_transformer: Any, config: StepCacheConfig) -> StepCacheEngine:
