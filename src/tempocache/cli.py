@@ -93,11 +93,12 @@ def _calibrate(args: argparse.Namespace) -> None:
     spec = get_spec(args.model)
     rng = np.random.default_rng(args.seed)
     prompts = [shapesworld.sample_scene(rng, "train", spec.is_video).caption(spec.is_video) for _ in range(args.prompts)]
-    out = args.out or Path(f"{args.model}-{args.quant_predictor or f'{args.steps or spec.default_steps}steps'}.json")
-    check_writable(out)
-    pipe = load_pipeline(args.model, args.device)
     settings = dict(num_inference_steps=spec.default_steps if args.steps is None else args.steps,
                     guidance_scale=spec.default_guidance if args.guidance is None else args.guidance)
+    kind = args.quant_predictor or f"{settings['num_inference_steps']}steps"
+    out = args.out or Path(f"{args.model}-{kind}.json")
+    check_writable(out)
+    pipe = load_pipeline(args.model, args.device)
     pipe.check_inputs(prompts, settings["num_inference_steps"], settings["guidance_scale"], spec.num_frames, spec.size, spec.size)
     run = lambda p, batch: p(batch, seed=args.seed, **settings)  # noqa: E731
     if args.quant_predictor:
