@@ -45,13 +45,13 @@ class Interrupted(Exception):
 
 
 @contextlib.contextmanager
-def interrupted(transformer: torch.nn.Module, call: int):
-    """Raise inside the transformer's own forward (past tempocache's hook, in the first module it runs) at its
-    `call`-th call, counted from 0."""
+def interrupted(transformer: torch.nn.Module, call: int, inside: bool):
+    """Raise at the transformer's `call`-th call, counted from 0: inside its own forward (past tempocache's hook, in
+    the first module it runs), or before the call reaches tempocache at all (the loop stopped between two calls)."""
     calls = []
     first = next(getattr(transformer, n) for n in ("rope", "x_embedder", "pos_embed") if hasattr(transformer, n))
     counter = transformer.register_forward_pre_hook(lambda module, args: calls.append(None))
-    raiser = first.register_forward_pre_hook(lambda module, args: _raise(len(calls) - 1 == call))
+    raiser = (first if inside else transformer).register_forward_pre_hook(lambda module, args: _raise(len(calls) - 1 == call))
     try:
         yield
     finally:
@@ -90,8 +90,12 @@ def enabled(target, config):
         tempocache.disable(target)
 
 
-@pytest.mark.parametrize("where", {"cond call of step 0": (0, 0), "uncond call of step 0": (0, 1),
-                                   "cond call of step 2": (2, 0)}.items(), ids=lambda w: w[0])
+WHERE = {"in the cond call of step 0": (0, 0, True), "in the uncond call of step 0": (0, 1, True),
+         "in the cond call of step 2": (2, 0, True), "between the cond and uncond calls of step 0": (0, 1, False),
+         "between steps 1 and 2": (2, 0, False)}
+
+
+@pytest.mark.parametrize("where", WHERE.items(), ids=lambda w: w[0])
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("kind", ["wan", "flux", "pixart", "bare loop"])  # pixart: both branches in one batched call
 def test_an_interrupted_generation_never_leaks_into_the_next(kind, policy, where):
@@ -103,8 +107,8 @@ def test_an_interrupted_generation_never_leaks_into_the_next(kind, policy, where
     with enabled(target, POLICIES[policy](profile)):
         clean = generate()
     with enabled(target, POLICIES[policy](profile)) as engine:
-        step, branch = where[1]
-        with interrupted(transformer, step * (1 if kind == "pixart" else 2) + branch), pytest.raises(Interrupted):
+        step, branch, inside = where[1]
+        with interrupted(transformer, step * (1 if kind == "pixart" else 2) + branch, inside), pytest.raises(Interrupted):
             generate()
         again = generate()
         skipped = engine.counts.blocks_reused + engine.counts.blocks_forecast + engine.counts.skipped_calls
@@ -161,6 +165,7 @@ def test_a_pipeline_with_a_second_denoiser_is_refused_not_half_cached():
 
 def test_an_enabled_or_quantized_transformer_refuses_to_be_copied_or_pickled():
     import copy
+    import io
     import pickle
 
     pipe = pipelines.flux()
@@ -168,11 +173,26 @@ def test_an_enabled_or_quantized_transformer_refuses_to_be_copied_or_pickled():
                       (lambda t: tempocache.quantize(t, tempocache.W8A8("int8")), "copy a fresh model")):
         transformer = copy.deepcopy(pipe.transformer)
         act(transformer)
-        with pytest.raises(TypeError, match=f"attached.*{undo}"):
-            copy.deepcopy(transformer)
-        with pytest.raises((TypeError, AttributeError, pickle.PicklingError)):  # diffusers' hooks may refuse first
-            pickle.dumps(transformer)
+        for refused in (copy.deepcopy, pickle.dumps, lambda t: torch.save(t, io.BytesIO())):
+            with pytest.raises(TypeError, match=f"tempocache's .* cannot be copied or pickled with it: .*{undo}"):
+                refused(transformer)
     copy.deepcopy(pipe.transformer)  # the untouched one copies
+
+
+def test_save_pretrained_saves_the_untouched_model_or_refuses(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    pipe = pipelines.flux()
+    reference = pipelines.run_flux(pipe)
+    with enabled(pipe, tempocache.StaticCache(interval=2)):  # the step cache changes no weight
+        pipe.save_pretrained(tmp_path / "enabled")
+    pipe.transformer = FluxTransformer2DModel.from_pretrained(tmp_path / "enabled" / "transformer")
+    assert torch.equal(pipelines.run_flux(pipe), reference)
+    tempocache.quantize(pipe, tempocache.W8A8("int8"))
+    for save in (pipe.save_pretrained, pipe.transformer.save_pretrained):
+        with pytest.raises(TypeError, match="quantized by tempocache: .*save the model before quantizing"):
+            save(tmp_path / "quantized")
+    assert not (tmp_path / "quantized").exists()  # refused before any component was written
 
 
 def test_a_diffusers_cache_and_tempocache_are_never_stacked():

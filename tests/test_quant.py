@@ -247,6 +247,14 @@ def test_calibration_measures_the_generated_samples():
     assert not any(isinstance(m, QuantLinear) for m in fam.transformer.modules())
 
 
+def test_calibrate_quant_refuses_runs_that_do_not_repeat():
+    fam, seeds = fresh("wan"), iter(range(100))
+    with pytest.raises(ValueError, match="deterministic runs"):
+        tempocache.calibrate_quant(fam.transformer, [0], run=lambda t, seed: denoise(fam, next(seeds)))
+    assert next(seeds) == 2  # refused after the second run, before the per-layer pass
+    assert not any(isinstance(m, QuantLinear) for m in fam.transformer.modules())
+
+
 def test_first_generation_step_uses_the_calibrated_changes():
     profile = profile_for("wan", "fp8")
     assert len(profile.initial_change) == 4 and all(c > 0 for c in profile.initial_change)

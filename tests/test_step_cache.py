@@ -847,20 +847,25 @@ def test_cache_quality_refuses_unknown_policies_before_any_sampling():
         cache_quality("shapes-t2i", captions=2, policies=["NoSuchCache"])
 
 
-def test_an_enabled_transformer_compiles_without_recompiling_across_steps():
+@pytest.mark.parametrize("interval", [2, 100], ids=["reuse every other step", "compute only the first step"])
+@pytest.mark.parametrize("regional", [False, True], ids=["whole model", "each block"])
+def test_an_enabled_transformer_compiles_without_recompiling_across_steps(interval, regional):
     from torch._dynamo.utils import counters
 
     fam = tiny("wan")
-    tempocache.enable(fam.transformer, tempocache.StaticCache(interval=2))
+    tempocache.enable(fam.transformer, tempocache.StaticCache(interval=interval))
     eager = denoise(fam)
     torch._dynamo.reset()
     counters.clear()
-    compiled = types.SimpleNamespace(transformer=torch.compile(fam.transformer), inputs=fam.inputs)
+    if regional:
+        fam.transformer.compile_repeated_blocks()  # diffusers' regional compilation
+        compiled = fam
+    else:
+        compiled = types.SimpleNamespace(transformer=torch.compile(fam.transformer), inputs=fam.inputs)
     denoise(compiled)
     graphs = counters["stats"]["unique_graphs"]
     again = [denoise(compiled) for _ in range(2)]
     assert counters["stats"]["unique_graphs"] == graphs  # later steps and generations reuse the first one's graphs
-    breaks = list(counters["graph_break"])
-    assert breaks and all("torch.compiler.disable" in reason for reason in breaks)  # only at the engine's bookkeeping
+    assert all("torch.compiler.disable" in reason for reason in counters["graph_break"])  # only at its bookkeeping
     assert torch.allclose(again[-1], eager, atol=1e-5)
     torch._dynamo.reset()

@@ -56,9 +56,11 @@ class ClosedLoop:
         with setting or contextlib.nullcontext():
             return torch.cat([generated_samples(self.run(self.pipe, prompt)) for prompt in self.prompts])
 
-    def check_deterministic(self) -> None:
-        """Refuse runs that do not repeat: a calibration of them would fit their noise. Runs the first prompt again."""
-        again = generated_samples(self.run(self.pipe, self.prompts[0]))
+    def check_deterministic(self, setting: ContextManager | None = None) -> None:
+        """Refuse runs that do not repeat: a calibration of them would fit their noise. Runs the first prompt again,
+        inside the `setting` the exact samples were made in."""
+        with setting or contextlib.nullcontext():
+            again = generated_samples(self.run(self.pipe, self.prompts[0]))
         if not torch.equal(again, self.exact[:len(again)]):
             raise ValueError("two runs of the same prompt gave different samples: calibration needs deterministic runs "
                              "(for a diffusers pipeline, pass generator=torch.Generator().manual_seed(0) in run)")

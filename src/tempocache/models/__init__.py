@@ -3,7 +3,7 @@ the timestep and output of a call, the transformer inside a pipeline and what te
 profiles measured on it, and the diffusers hooks everything is installed with."""
 
 from .attach import QUANT, STEP_CACHE, Attachment, attach, attached, detach, require_attached, transformer_of
-from .calls import hidden_states_of, output_tensor, timestep_of, with_output_tensor
+from .calls import conditioning_key, hidden_states_of, output_tensor, timestep_of, with_output_tensor
 from .families import (
     FAMILIES,
     BlockCall,
@@ -20,6 +20,6 @@ from .profiles import find_profile, fingerprint, register_profile, registered_pr
 
 __all__ = ["FAMILIES", "QUANT", "STEP_CACHE", "Attachment", "BlockCall", "Blocks", "ContextHook", "Family", "Hook",
            "State", "add_hook", "attach", "attached", "attention_modules", "cache_context", "claim_cache",
-           "detach", "find_blocks", "find_profile", "fingerprint", "hidden_states_of", "modulation_modules",
+           "conditioning_key", "detach", "find_blocks", "find_profile", "fingerprint", "hidden_states_of", "modulation_modules",
            "output_tensor", "register_family", "register_profile", "registered_profiles", "release_cache",
            "remove_hook", "require_attached", "timestep_of", "transformer_of", "with_output_tensor"]

@@ -10,23 +10,28 @@ from typing import Any
 
 from torch import nn
 
-STEP_CACHE = "_tempocache_step_cache"
+STEP_CACHE = "_tempocache_step_cache"  # each part's attribute on the transformer, and the name of its hooks
 QUANT = "_tempocache_quant"
+UNDO = {STEP_CACHE: "call tempocache.disable(...) first",  # how to get a model that copies
+        QUANT: "quantization is for good: copy a fresh model, then quantize the copy"}
+
+
+def copy_refused(what: str, part: str) -> TypeError:
+    return TypeError(f"this model has tempocache's {what} on it, which works on the original's modules, not a copy's, "
+                     f"and cannot be copied or pickled with it: {UNDO[part]}")
 
 
 class Attachment:
     """Base of what tempocache attaches: refuses to be copied or pickled with the model, since its hooks and
     replaced layers belong to the model it was attached to, not to a copy."""
 
-    undo = "call tempocache.disable(...) first"  # how to get a model that copies
+    part: str  # STEP_CACHE or QUANT
 
     def __deepcopy__(self, memo):
-        raise TypeError(f"this model has tempocache's {type(self).__name__} attached, which works on the original's "
-                        f"modules, not a copy's: {self.undo}")
+        raise copy_refused(type(self).__name__, self.part)
 
     def __reduce_ex__(self, protocol):
-        raise TypeError(f"this model has tempocache's {type(self).__name__} attached, which cannot be pickled with it: "
-                        f"{self.undo}")
+        raise copy_refused(type(self).__name__, self.part)
 
 
 def transformer_of(obj: Any) -> tuple[nn.Module, Any]:

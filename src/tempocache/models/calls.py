@@ -34,6 +34,18 @@ def hidden_states_of(transformer: nn.Module, args: tuple, kwargs: dict) -> torch
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
+def conditioning_key(transformer: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """What tells apart the CFG branches of calls a loop does not name: the tensor arguments other than the sample and
+    the timestep (which both branches share), as their names, shapes and two sums."""
+    names = forward_parameters(transformer)
+    given = {**dict(zip(names, args)), **kwargs}
+    tensors = [(n, v) for n, v in given.items() if isinstance(v, torch.Tensor) and n not in ("hidden_states", "timestep")]
+    if not tensors:
+        return ()
+    sums = torch.stack([s for _, v in tensors for s in (v.float().sum(), v.float().abs().sum())]).tolist()
+    return (*((n, tuple(v.shape)) for n, v in tensors), *sums)
+
+
 def output_tensor(output) -> torch.Tensor:
     """A transformer call's sample: the first element of a tuple (return_dict=False), else `.sample`."""
     return output[0] if isinstance(output, tuple) else output.sample

@@ -27,14 +27,22 @@ from diffusers.hooks.hooks import BaseState, CacheContext, StateManager, _set_ca
 from diffusers.models.cache_utils import CacheMixin
 from torch import nn
 
+from .attach import copy_refused
+
 TESTED_WITH = "0.42.1"
 
 
 class Hook(ModelHook):
-    """A diffusers ModelHook; `original(...)` runs the forward it wraps."""
+    """A diffusers ModelHook; `original(...)` runs the forward it wraps. Copying or pickling a module it is on is
+    refused, in words naming the tempocache part (`add_hook`'s name) that installed it."""
+
+    part: str  # set by add_hook
 
     def original(self, *args, **kwargs):
         return self.fn_ref.original_forward(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        raise copy_refused(f"{type(self).__name__} hook", self.part)
 
 
 class _ContextReceiver(StateManager):
@@ -70,9 +78,11 @@ class ContextHook(Hook):
         return module
 
 
-def add_hook(module: nn.Module, hook: ModelHook, name: str) -> None:
+def add_hook(module: nn.Module, hook: Hook, part: str) -> None:
+    """Install `hook` on `module` under the name of the tempocache part it belongs to (STEP_CACHE or QUANT)."""
     check_internals()
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+    hook.part = part
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, part)
 
 
 def remove_hook(module: nn.Module, name: str, recurse: bool = False) -> None:

@@ -48,6 +48,7 @@ from torch import nn
 from ..closed_loop import ClosedLoop, Run
 from ..models import (
     QUANT,
+    QUANT,
     STEP_CACHE,
     Hook,
     add_hook,
@@ -61,7 +62,6 @@ from ..models import (
 )
 from .linear import Activations, QuantLinear
 from .quantize import (
-    HOOK_NAME,
     FilterFn,
     QuantConfig,
     QuantState,
@@ -216,11 +216,11 @@ class _Controller:
         self.blocks = blocks.modules
         if mix[1] == "change":  # the block changes are read only by the predictor
             for index, (block, call) in enumerate(zip(blocks.modules, blocks.calls)):
-                add_hook(block, _ChangeHook(self, index, call), HOOK_NAME)
+                add_hook(block, _ChangeHook(self, index, call), QUANT)
 
     def remove(self) -> None:
         for block in self.blocks:
-            remove_hook(block, HOOK_NAME)
+            remove_hook(block, QUANT)
         # a removed diffusers hook stays in a reference cycle (hook <-> its function references) until the garbage
         # collector runs: it must not keep the 8-bit layers (the weights' memory) alive meanwhile
         self.layers = []
@@ -276,7 +276,8 @@ def calibrate_quant(pipe: Any, prompts: Sequence, run: Run | None = None, format
     then each of MIXES runs closed-loop at each of `mix_budgets`: calibration costs about
     (linears per block + 1 + steps + 6 x budgets) generations. `run(pipe, prompt)` makes one
     generation (a "prompt" may be a batch) and returns its samples (see `closed_loop.generated_samples`):
-    the mixes and the step sensitivities are measured by how far they move. Runs must be deterministic.
+    the mixes and the step sensitivities are measured by how far they move. Runs must be deterministic (the first
+    prompt is run twice, and runs that differ are refused).
     `filter_fn` chooses the linears as `quantize`'s does; quantize with the same one.
     """
     return QuantCalibration(pipe, prompts, run, format, filter_fn).fit(mix_budgets)
@@ -312,6 +313,7 @@ class QuantCalibration:
             with torch.no_grad():
                 # first, so that a run returning no samples fails before the long pass
                 self.loop.exact = self.loop.generate(self.precision(all_low_at=None))
+                self.loop.check_deterministic(self.precision(all_low_at=None))
                 self.record_layer_errors()
                 steps = sorted(set(self.call_timesteps))
                 errors = np.array([[e for _, e in self.errors[name]] for name, _ in self.found])  # (layers, calls)

@@ -38,7 +38,6 @@ from .linear import Activations, QuantLinear
 from .numerics import KERNEL_MULTIPLE, check_format, kernel_takes
 from .time_embedding import TimeEmbeddingCache, time_embedders
 
-HOOK_NAME = "tempocache_quant"
 FilterFn = Callable[[nn.Module, str], bool]  # (a linear inside a block, its qualified name) -> quantize it?
 
 
@@ -135,7 +134,7 @@ def by_reason(kept_exact: dict[str, str]) -> str:
 class QuantState(Attachment):
     """What `quantize` did to a transformer: its 8-bit layers, the time-embedding caches, an optional controller."""
 
-    undo = "quantization is for good: copy a fresh model, then quantize the copy"
+    part = QUANT
 
     def __init__(self, transformer: nn.Module, config: QuantConfig, fmt: str, layers: dict[str, QuantLinear],
                  activations: Activations, weight_bytes: tuple[int, int], kept_exact: dict[str, str]):
@@ -145,14 +144,14 @@ class QuantState(Attachment):
         self.time_caches = []
         for module in time_embedders(transformer):
             cache = TimeEmbeddingCache()
-            add_hook(module, cache, HOOK_NAME)
+            add_hook(module, cache, QUANT)
             self.time_caches.append(cache)
         self.controller = config.make_controller(self)
         self.attention = FP8AttentionMode() if config.attention else None
         if self.attention is not None:
             for module in attention_modules(find_blocks(transformer)):
-                add_hook(module, FP8AttentionHook(self.attention), HOOK_NAME)
-        add_hook(transformer, _CallHook(self), HOOK_NAME)
+                add_hook(module, FP8AttentionHook(self.attention), QUANT)
+        add_hook(transformer, _CallHook(self), QUANT)
 
     def stats(self) -> dict:
         """Weight memory of the quantized layers, share of their work done in 8 bits, block linears kept exact (and
@@ -195,7 +194,7 @@ def quantize(pipe_or_transformer: Any, config: QuantConfig | None = None, filter
     filter_fn(module, qualified_name) -> bool chooses which of the block linears are quantized, as torchao's
     does (default: all but the modulation's); linears outside the blocks always stay exact.
     """
-    transformer, _ = transformer_of(pipe_or_transformer)
+    transformer, pipe = transformer_of(pipe_or_transformer)
     config = W8A8() if config is None else config
     if isinstance(config, type) and issubclass(config, QuantConfig):
         raise TypeError(f"config must be a config object, got the class {config.__name__}: pass {config.__name__}(...)")
@@ -225,7 +224,19 @@ def quantize(pipe_or_transformer: Any, config: QuantConfig | None = None, filter
     after = sum(q.weight_q.numel() * q.weight_q.element_size() + q.weight_scale.numel() * 4 for q in layers.values())
     state = QuantState(transformer, config, fmt, layers, activations, (before, after), kept_exact)
     attach(transformer, QUANT, state)
+    for owner in (transformer, pipe):  # the pipeline's refuses before it writes any other component
+        if hasattr(owner, "save_pretrained"):
+            owner.save_pretrained = _save_refused(type(transformer).__name__)
     return state
+
+
+def _save_refused(name: str) -> Callable:
+    """What a quantized model's `save_pretrained` becomes: its 8-bit layers are not weights `from_pretrained` can load."""
+    def save_pretrained(*args, **kwargs):
+        raise TypeError(f"this {name} is quantized by tempocache: save_pretrained would write 8-bit layers that "
+                        f"{name}.from_pretrained cannot load; save the model before quantizing, and quantize again "
+                        "after loading")
+    return save_pretrained
 
 
 def replace_linears(transformer: nn.Module, names: list[str], fmt: str,

@@ -7,8 +7,10 @@ the policy's reused or forecast residual. The model's own code is untouched.
 A generation that did not finish must not leak into the next one, so a new one starts
 (everything cached forgotten) on any of: a call that raised; the pipeline's scheduler
 setting new timesteps (every diffusers pipeline does as it starts); the pipeline ending
-it (`maybe_free_model_hooks`); a timestep above the branch's last, a new input shape, or a
-step index that did not advance. The step count policies plan for is the one the running
+it (`maybe_free_model_hooks`); a branch called again at a timestep not below its last (where
+no step index is given), a step index that did not advance, a new input shape, or a new branch
+joining at a timestep other than the step under way. Calls no cache context names are told
+apart by their conditioning, never by their order, so an interrupted step cannot cross them. The step count policies plan for is the one the running
 generation will take: what the call's cache context says, else what the scheduler that
 announced this generation will run from its begin index (img2img strength, a user's
 `timesteps=`), else the config's; never a scheduler that did not start this generation.
@@ -33,6 +35,7 @@ from ..models import (
     attach,
     attached,
     claim_cache,
+    conditioning_key,
     detach,
     find_blocks,
     hidden_states_of,
@@ -43,9 +46,6 @@ from ..models import (
     transformer_of,
 )
 from .policy import Action, BranchMemory, SegmentMemory, Step, StepCacheConfig, add, sub
-
-HOOK_NAME = "tempocache_step_cache"
-
 
 @dataclass
 class Stats:
@@ -70,6 +70,8 @@ class Stats:
 
 
 class StepCacheEngine(Attachment):
+    part = STEP_CACHE
+
     def __init__(self, transformer: nn.Module, config: StepCacheConfig, pipe: Any = None):
         self.config = config
         self.policy = config.make_policy(transformer)
@@ -84,14 +86,14 @@ class StepCacheEngine(Attachment):
         self.branches: dict[str, BranchMemory] = {}
         self.current: tuple[Step, BranchMemory] | None = None
         self._last_timestep: float | None = None
-        self._ordinal = 0
+        self._unnamed: dict[tuple, str] = {}  # conditioning of calls no context names -> their branch
         self._timesteps = self._scheduler_timesteps()  # the scheduler's at the last call: new ones start a generation
         self._generation_steps: int | None = None  # steps the scheduler that started this generation will run
         self.reset()
         self.hook = _TransformerHook(self)
-        add_hook(transformer, self.hook, HOOK_NAME)
+        add_hook(transformer, self.hook, STEP_CACHE)
         for i, block in enumerate(blocks.modules):
-            add_hook(block, _BlockHook(self, i), HOOK_NAME)
+            add_hook(block, _BlockHook(self, i), STEP_CACHE)
 
     @property
     def num_blocks(self) -> int:
@@ -100,6 +102,7 @@ class StepCacheEngine(Attachment):
     def forget(self) -> None:
         """Drop every cached value (diffusers pipelines call this at the end of each generation)."""
         self.branches = {}
+        self._unnamed = {}
         self._last_timestep = None
 
     def reset(self) -> None:
@@ -108,7 +111,7 @@ class StepCacheEngine(Attachment):
         self.counts = Stats()
 
     def remove(self) -> None:
-        remove_hook(self.transformer, HOOK_NAME, recurse=True)
+        remove_hook(self.transformer, STEP_CACHE, recurse=True)
 
     def cache_bytes(self) -> int:
         return sum(b.nbytes() for b in self.branches.values())
@@ -129,22 +132,24 @@ class StepCacheEngine(Attachment):
         if announced:
             self.forget()
         context = self.hook.cache_context
-        if context is not None:
-            name = context.name
-        else:  # no names given: calls at the same timestep are the CFG branches, in order
-            self._ordinal = self._ordinal + 1 if t == self._last_timestep else 0
-            name = f"call{self._ordinal}"
-        self._last_timestep = t
+        key = None if context is not None else conditioning_key(self.transformer, args, kwargs)
+        name = context.name if context is not None else self._unnamed.get(key, f"call{len(self._unnamed)}")
         shape = tuple(hidden_states_of(self.transformer, args, kwargs).shape)
         branch = self.branches.get(name)
         step_index = getattr(context, "step_index", None)
-        restarted = branch is not None and (
-            t > branch.timestep or shape != branch.shape or (step_index is not None and step_index <= branch.index)
-        )
+        if branch is None:  # a branch joins only the step under way
+            restarted = bool(self.branches) and t != self._last_timestep
+        elif step_index is None:  # one call per branch and step, so the same timestep again is a new generation
+            restarted = t >= branch.timestep or shape != branch.shape
+        else:
+            restarted = t > branch.timestep or shape != branch.shape or step_index <= branch.index
+        self._last_timestep = t
         if restarted or not self.branches:
-            self.branches = {}
+            self.branches, self._unnamed = {}, {}
             self.counts.generations += 1
             self._generation_steps = self._scheduled_steps() if announced else None
+        if key is not None:
+            name = self._unnamed.setdefault(key, f"call{len(self._unnamed)}")
         if name not in self.branches:
             self.branches[name] = BranchMemory([SegmentMemory() for _ in range(len(self.edges) - 1)], self.policy.new_state())
         branch = self.branches[name]
@@ -175,6 +180,7 @@ class _TransformerHook(ContextHook):
         super().__init__()
         self.engine = engine
 
+    @torch.compiler.disable(recursive=False)
     def new_forward(self, module: nn.Module, *args, **kwargs):
         try:
             output = self._begin(args, kwargs)
@@ -225,6 +231,7 @@ class _BlockHook(Hook):
         self.index = index
         self.call: BlockCall = engine.calls[index]
 
+    @torch.compiler.disable(recursive=False)
     def new_forward(self, module: nn.Module, *args, **kwargs):
         stand_in = self._stand_in(args, kwargs)
         if stand_in is not None:
