@@ -180,6 +180,8 @@ class _TransformerHook(ContextHook):
         super().__init__()
         self.engine = engine
 
+    # Dynamo skips this frame only, and traces the forward it calls: no resume function after a graph break here,
+    # which would be compiled again the first time a call is answered by a stand-in.
     @torch.compiler.disable(recursive=False)
     def new_forward(self, module: nn.Module, *args, **kwargs):
         try:
@@ -231,7 +233,7 @@ class _BlockHook(Hook):
         self.index = index
         self.call: BlockCall = engine.calls[index]
 
-    @torch.compiler.disable(recursive=False)
+    @torch.compiler.disable(recursive=False)  # as _TransformerHook.new_forward
     def new_forward(self, module: nn.Module, *args, **kwargs):
         stand_in = self._stand_in(args, kwargs)
         if stand_in is not None:
