@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Train, or continue training, the reference models and the evaluator on the lent GPU.
 # Run from the repository root on the device, with .whl carried (see README "Training"):
-#   bash scripts/device_train.sh MINUTES [shapes-t2v] [shapes-t2i] [evaluator]
+#   bash scripts/device_train.sh MINUTES [shapes-t2v] [shapes-t2i] [shapes-ar] [evaluator] [stream-evaluator]
+# (shapes-ar starts from shapes-t2v's weights when it has none of its own; stream-evaluator trains on endless clips.
+# Leave the weights a run does not need out of the tree, e.g. shapes-t2i's for shapes-ar: the device takes 64 MiB.)
 # TRAIN_ARGS adds options to every train-reference (e.g. "--compile --batch-size 64").
 # Resumes from /tmp/ckpt when the machine is still warm, else from the shipped weights.
 # Everything trained comes back in $OUT as weights.tar.part-* (15 MB pieces).
@@ -10,10 +12,12 @@ minutes=$1; shift
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 shipped=src/tempocache/reference/weights
-rm -rf /tmp/train && mkdir -p /tmp/train/reference /tmp/train/evaluator
+rm -rf /tmp/train && mkdir -p /tmp/train/reference
 for what in "$@"; do
-  if [ "$what" = evaluator ]; then
-    python3 -m tempocache.cli train-evaluator --out /tmp/train/evaluator --minutes "$minutes" --workers 5 > "$OUT/$what.log" 2>&1 &
+  if [ "$what" = evaluator ] || [ "$what" = stream-evaluator ]; then
+    endless=$([ "$what" = stream-evaluator ] && echo --endless || true)
+    python3 -m tempocache.cli train-evaluator --out "/tmp/train/$what" --minutes "$minutes" --workers 5 $endless \
+      > "$OUT/$what.log" 2>&1 &
   else
     python3 -m tempocache.cli train-reference --model "$what" --out "/tmp/train/reference/$what" --minutes "$minutes" \
       --resume "$shipped/$what" --checkpoint-dir /tmp/ckpt --workers 5 ${TRAIN_ARGS:-} > "$OUT/$what.log" 2>&1 &

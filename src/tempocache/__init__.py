@@ -15,10 +15,12 @@ _HOME = {
     **dict.fromkeys(("generate", "load_pipeline", "save_clips"), "generation"),
     **dict.fromkeys(("register_family", "register_profile"), "models"),
     **dict.fromkeys(("ShapesOutput", "ShapesPipeline"), "reference.pipeline"),
+    **dict.fromkeys(("Stream", "stream"), "streaming"),
     **dict.fromkeys(_QUANT, "quant"),
     **dict.fromkeys(_STEP_CACHE, "step_cache"),
 }
-_SUBPACKAGES = ("bench", "cli", "closed_loop", "eval", "generation", "models", "quant", "reference", "step_cache")
+_SUBPACKAGES = ("bench", "cli", "closed_loop", "eval", "generation", "kv", "models", "quant", "reference", "step_cache",
+                "streaming")
 
 __all__ = ["SHIPPED_MODELS", *_HOME]
 

@@ -1,4 +1,4 @@
-"""`tempocache generate | bench | cache-quality | quant-quality | calibrate | eval-reference | eval-evaluator | train-reference | train-evaluator`."""
+"""`tempocache generate | stream | bench | cache-quality | quant-quality | calibrate | eval-reference | eval-evaluator | train-reference | train-evaluator`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,63 @@ def _generate(args: argparse.Namespace) -> None:
         num_frames=args.frames, device=args.device, batch_size=args.batch_size,
     )
     print(f"wrote {save_clips(clips, args.output, fps=args.fps, scale=args.scale).resolve()}")
+
+
+def _stream(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .streaming import stream
+    from .video import MP4Writer, check_video_path
+
+    check_video_path(args.output)
+    check_writable(args.output)
+    frames = stream(args.model, args.prompt, frames=args.frames, kv=args.kv, steps=args.steps, guidance=args.guidance,
+                    seed=args.seed, device=args.device)
+    with MP4Writer(args.output, fps=args.fps, scale=args.scale) as writer, \
+            tqdm(total=args.frames, unit="frame", desc="streaming") as progress:
+        try:
+            for chunk in frames:
+                writer.write(chunk)
+                progress.update(len(chunk))
+                progress.set_postfix(kv=f"{frames.stats()['kv_bytes'] / 2**20:.1f} MiB")
+        except KeyboardInterrupt:
+            print(f"interrupted after {frames.made} frames", file=sys.stderr)
+        finally:
+            frames.close()
+    print(f"wrote {args.output.resolve()}")
+
+
+def _eval_stream(args: argparse.Namespace) -> None:
+    from .eval.stream_quality import evaluate_stream
+    from .generation import load_pipeline
+
+    if args.save:
+        check_writable(args.save)
+    policies = {text: kv_policy(text) for text in args.kv}
+    result = evaluate_stream(load_pipeline(args.model, args.device), policies, args.captions, args.frames, args.every,
+                             args.steps, args.guidance, device=args.device, full_kv=not args.no_full_kv)
+    _save_json(args.save, result)
+    for name, row in result["policies"].items():
+        curve = " ".join(f"{a['all']:.2f}" for a in row["accuracy"])
+        print(f"{name:24s} all-attribute accuracy every {args.every} frames: {curve}")
+
+
+def kv_policy(text: str):
+    """`full`, `window:N` or `sinks:S:N` (S sink frames of N held), each with an optional `,last-step` commit."""
+    from . import kv
+
+    spec, _, commit = text.partition(",")
+    name, *numbers = spec.split(":")
+    try:
+        values = [int(n) for n in numbers]
+        commit = {"": "reencode", "last-step": "last_step"}[commit]
+        config = {("full", 0): lambda: kv.FullKV(commit=commit),
+                  ("window", 1): lambda: kv.SlidingWindow(frames=values[0], commit=commit),
+                  ("sinks", 2): lambda: kv.Sinks(sink_frames=values[0], frames=values[1], commit=commit)}[(name, len(values))]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r}: give full, window:N or sinks:S:N (S sink frames of N held), "
+                                         "optionally followed by ,last-step") from None
+    return config()
 
 
 def check_writable(path: Path) -> None:
@@ -74,7 +131,8 @@ def _train_reference(args: argparse.Namespace) -> None:
 def _train_evaluator(args: argparse.Namespace) -> None:
     from .eval.evaluator import train_evaluator
 
-    state = train_evaluator(args.out, args.minutes, args.device, args.batch_size, seed=args.seed, workers=args.workers)
+    state = train_evaluator(args.out, args.minutes, args.device, args.batch_size, seed=args.seed, workers=args.workers,
+                            endless=args.endless)
     print(f"evaluator: {state['steps']} steps; weights in {args.out}")
 
 
@@ -180,7 +238,7 @@ def budget(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .reference.models import SPECS
+    from .reference.models import IN_TRAINING, SPECS
     from .step_cache.planner import BUDGETS as AUTO_BUDGETS
 
     parser = argparse.ArgumentParser(prog="tempocache", description=__doc__)
@@ -199,6 +257,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--scale", type=positive_int, default=4, help="upscale factor for the saved file")
     p.set_defaults(run=_generate)
+
+    p = sub.add_parser("stream", help="stream a video from a chunk-autoregressive model, written to MP4 as it is made")
+    p.add_argument("prompt", help='a caption, e.g. "a red circle moves right on a black background"')
+    p.add_argument("-o", "--output", type=Path, default=Path("stream.mp4"), help="an .mp4 file (playable if interrupted)")
+    p.add_argument("--frames", type=positive_int, default=None, help="frames to make (default: until interrupted)")
+    p.add_argument("--model", default="shapes-ar")
+    p.add_argument("--kv", type=kv_policy, default="window:12", help="KV cache: full, window:N or sinks:S:N "
+                   "(+ ,last-step to commit a chunk's last step instead of re-encoding it); default window:12")
+    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps per chunk (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--scale", type=positive_int, default=4, help="upscale factor for the saved file")
+    p.set_defaults(run=_stream)
+
+    p = sub.add_parser("eval-stream", help="a streaming model's drift curve: accuracy every N frames of long rollouts")
+    p.add_argument("--model", default="shapes-ar")
+    p.add_argument("--kv", nargs="*", default=["window:16"], help="KV policies beside full KV (see `stream --kv`)")
+    p.add_argument("--captions", type=positive_int, default=64)
+    p.add_argument("--frames", type=positive_int, default=512)
+    p.add_argument("--every", type=positive_int, default=32, help="frames between the windows read")
+    p.add_argument("--no-full-kv", action="store_true", help="leave out full KV (its memory grows with length)")
+    p.add_argument("--steps", type=positive_int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--save", type=Path, default=None, help="also write the JSON to this file")
+    p.set_defaults(run=_eval_stream)
 
     p = sub.add_parser("eval-reference", help="semantic accuracy and Fréchet distance on held-out captions, full compute")
     p.add_argument("--model", nargs="+", default=list(SPECS), help=f"any of: {', '.join(SPECS)}")
@@ -220,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_eval_evaluator)
 
     p = sub.add_parser("train-reference", help="train a reference model with flow matching (GPU)")
-    p.add_argument("--model", required=True, choices=list(SPECS))
+    p.add_argument("--model", required=True, choices=[*SPECS, *IN_TRAINING])
     p.add_argument("--out", type=Path, required=True, help="folder for the fp16 weights and training.json")
     p.add_argument("--minutes", type=float, required=True, help="wall-clock budget for this run")
     p.add_argument("--resume", type=Path, default=None, help="folder written by an earlier run")
@@ -304,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--endless", action="store_true", help="on stretches of endless clips: the streaming model's evaluator")
     p.set_defaults(run=_train_evaluator)
     return parser
 

@@ -23,6 +23,7 @@ from ..reference import shapesworld
 from ..reference.shapesworld import BACKGROUND_NAMES, COLOUR_NAMES, MOTION_NAMES, SHAPES, Scene
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+STREAM_EVALUATOR_DIR = WEIGHTS_DIR / "stream"  # the streaming model's, trained on endless clips
 INPUT_FRAMES = shapesworld.DEFAULT_FRAMES
 INPUT_SIZE = shapesworld.DEFAULT_SIZE
 FEATURE_DIM = 256
@@ -95,13 +96,16 @@ def evaluator_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Ten
 
 
 def train_evaluator(
-    out_dir: Path, minutes: float, device: str = "cuda", batch_size: int = 128, lr: float = 1e-3, seed: int = 0, workers: int = 4
+    out_dir: Path, minutes: float, device: str = "cuda", batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+    workers: int = 4, endless: bool = False,
 ) -> dict:
-    """Train on fresh clips of every caption combination (each clip is seen once)."""
+    """Train on fresh clips of every caption combination (each clip is seen once); `endless`: on stretches of
+    endless clips (`shapesworld.render_stream`, objects wrapping round the frame), for the streaming model's
+    evaluator (STREAM_EVALUATOR_DIR): the clip evaluator has never seen an object leave one side and enter the other."""
     torch.manual_seed(seed)
     model = AttributeClassifier().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    stream = shapesworld.BatchStream(batch_size, "all", seed=seed + 7)
+    stream = shapesworld.BatchStream(batch_size, "all", seed=seed + 7, endless=endless)
     start, steps, losses = time.time(), 0, []
     for batch in DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None):
         if time.time() - start > minutes * 60:
@@ -120,7 +124,7 @@ def train_evaluator(
             print(f"evaluator step {steps} loss {loss.item():.4f}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out_dir / "evaluator.safetensors")
-    state = {"steps": steps, "batch_size": batch_size, "seconds": round(time.time() - start, 1), "losses": losses,
+    state = {"steps": steps, "batch_size": batch_size, "seconds": round(time.time() - start, 1), "losses": losses, "endless": endless,
              "device": torch.cuda.get_device_name() if device.startswith("cuda") else device}
     (out_dir / "training.json").write_text(json.dumps(state, indent=1))
     return state

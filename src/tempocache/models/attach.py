@@ -12,8 +12,10 @@ from torch import nn
 
 STEP_CACHE = "_tempocache_step_cache"  # each part's attribute on the transformer, and the name of its hooks
 QUANT = "_tempocache_quant"
+STREAM = "_tempocache_stream"
 UNDO = {STEP_CACHE: "call tempocache.disable(...) first",  # how to get a model that copies
-        QUANT: "quantization is for good: copy a fresh model, then quantize the copy"}
+        QUANT: "quantization is for good: copy a fresh model, then quantize the copy",
+        STREAM: "close() the stream first"}
 
 
 def copy_refused(what: str, part: str) -> TypeError:

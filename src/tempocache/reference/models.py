@@ -1,8 +1,11 @@
 """The shipped reference models: their architectures, how each is driven, where the weights live.
 
-Both are plain diffusers model classes working in pixel space on ShapesWorld:
+All are plain diffusers model classes working in pixel space on ShapesWorld:
 - `shapes-t2v`: `WanTransformer3DModel`, patch 1x2x2, text-to-video;
-- `shapes-t2i`: `FluxTransformer2DModel` (MMDiT), 2x2-packed pixels, text-to-image.
+- `shapes-t2i`: `FluxTransformer2DModel` (MMDiT), 2x2-packed pixels, text-to-image;
+- `shapes-ar` (in training, not shipped yet): `SkyReelsV2Transformer3DModel`, the same
+  architecture as shapes-t2v with a noise level per frame and block-causal attention over
+  chunks of frames (diffusion forcing), fine-tuned from shapes-t2v to stream endless clips.
 Each is trained with flow matching: x_s = (1 - s) x_0 + s noise, the model predicting
 the velocity noise - x_0 at noise level s, exactly what diffusers'
 `FlowMatchEulerDiscreteScheduler` integrates.
@@ -15,7 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, WanTransformer3DModel
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    SkyReelsV2Transformer3DModel,
+    WanTransformer3DModel,
+)
 from safetensors.torch import load_file, save_file
 
 from . import shapesworld
@@ -28,16 +36,22 @@ MAX_CAPTION_WORDS = 20
 @dataclass(frozen=True)
 class ReferenceSpec:
     name: str
-    family: str  # "wan" (video) or "flux" (image)
+    family: str  # "wan" (video), "flux" (image) or "skyreels" (streaming video)
     transformer: dict
-    default_steps: int
+    default_steps: int  # per chunk for streaming models
     default_guidance: float
-    num_frames: int  # the default; "flux" models make single frames
+    num_frames: int  # the default; "flux" models make single frames; streaming models train on clips this long
     size: int
+    chunk_frames: int = 0  # streaming models: frames made at a time
+    init_from: str = ""  # a training run from scratch starts from this model's weights
 
     @property
     def is_video(self) -> bool:
-        return self.family == "wan"
+        return self.family in ("wan", "skyreels")
+
+    @property
+    def is_streaming(self) -> bool:
+        return self.family == "skyreels"
 
     @property
     def directory(self) -> Path:
@@ -85,21 +99,38 @@ SPECS = {
         size=shapesworld.DEFAULT_SIZE,
     ),
 }
+# Models being trained: trainable by name, shipped (moved to SPECS) once they meet their bars.
+IN_TRAINING = {
+    "shapes-ar": ReferenceSpec(
+        name="shapes-ar",
+        family="skyreels",
+        transformer={**SPECS["shapes-t2v"].transformer, "num_frame_per_block": 4},
+        default_steps=10,
+        default_guidance=2.0,
+        num_frames=32,
+        size=shapesworld.DEFAULT_SIZE,
+        chunk_frames=4,
+        init_from="shapes-t2v",
+    ),
+}
 TEXT_DIM = 128
+CLASSES = {"wan": WanTransformer3DModel, "flux": FluxTransformer2DModel, "skyreels": SkyReelsV2Transformer3DModel}
 
 
 def get_spec(name: str) -> ReferenceSpec:
-    if name not in SPECS:
+    """A shipped model's spec, or one in training (for `train-reference`)."""
+    if name not in SPECS and name not in IN_TRAINING:
         raise ValueError(f"unknown model {name!r}; the shipped models are: {', '.join(SPECS)}")
-    return SPECS[name]
+    return SPECS.get(name) or IN_TRAINING[name]
 
 
 def spec_for(transformer: torch.nn.Module) -> ReferenceSpec:
-    """The shipped spec whose architecture family matches `transformer`."""
-    family = {WanTransformer3DModel: "wan", FluxTransformer2DModel: "flux"}.get(type(transformer))
+    """The spec whose architecture family matches `transformer`."""
+    family = next((f for f, cls in CLASSES.items() if type(transformer) is cls), None)
     if family is None:
-        raise TypeError(f"reference models are Wan or Flux transformers, not {type(transformer).__name__}")
-    return next(s for s in SPECS.values() if s.family == family)
+        raise TypeError(f"reference models are {', '.join(c.__name__ for c in CLASSES.values())}, "
+                        f"not {type(transformer).__name__}")
+    return next(s for s in [*SPECS.values(), *IN_TRAINING.values()] if s.family == family)
 
 
 def make_tokenizer() -> Tokenizer:
@@ -108,9 +139,8 @@ def make_tokenizer() -> Tokenizer:
 
 def build_untrained(spec: ReferenceSpec) -> tuple[torch.nn.Module, WordEncoder]:
     """Fresh (randomly initialised) transformer and text encoder for `spec`."""
-    cls = WanTransformer3DModel if spec.is_video else FluxTransformer2DModel
     text_encoder = WordEncoder(len(make_tokenizer().words), MAX_CAPTION_WORDS, TEXT_DIM)
-    return cls(**spec.transformer), text_encoder
+    return CLASSES[spec.family](**spec.transformer), text_encoder
 
 
 def make_scheduler() -> FlowMatchEulerDiscreteScheduler:
@@ -118,12 +148,17 @@ def make_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 def predict_velocity(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Velocity for pixels x (B, 3, T, H, W) in [-1, 1] at noise level sigma (B,) in [0, 1]."""
+    """Velocity for pixels x (B, 3, T, H, W) in [-1, 1] at noise level sigma (B,) in [0, 1], or (B, T) per frame
+    for a streaming model."""
+    if isinstance(transformer, SkyReelsV2Transformer3DModel):
+        per_frame = sigma if sigma.dim() == 2 else sigma[:, None].expand(-1, x.shape[2])
+        return transformer(hidden_states=x, timestep=per_frame * 1000, encoder_hidden_states=text,
+                           enable_diffusion_forcing=True, return_dict=False)[0]
     if isinstance(transformer, WanTransformer3DModel):
         return transformer(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
     if isinstance(transformer, FluxTransformer2DModel):
         return _flux_velocity(transformer, x, sigma, text)
-    raise TypeError(f"reference models are Wan or Flux transformers, not {type(transformer).__name__}")
+    raise TypeError(f"reference models are Wan, SkyReels-V2 or Flux transformers, not {type(transformer).__name__}")
 
 
 def _flux_velocity(transformer: FluxTransformer2DModel, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -162,8 +197,7 @@ def load_weights(directory: Path, spec: ReferenceSpec, dtype: torch.dtype = torc
     """Load a model saved by `save_weights`, from local files only."""
     if not (directory / "transformer" / "config.json").exists():
         raise FileNotFoundError(f"no weights for {spec.name} in {directory}; train them with `tempocache train-reference`")
-    cls = WanTransformer3DModel if spec.is_video else FluxTransformer2DModel
-    transformer = cls.from_pretrained(directory / "transformer", torch_dtype=dtype, local_files_only=True)
+    transformer = CLASSES[spec.family].from_pretrained(directory / "transformer", torch_dtype=dtype, local_files_only=True)
     config = json.loads((directory / "text_encoder" / "config.json").read_text())
     text_encoder = WordEncoder(**config)
     text_encoder.load_state_dict(load_file(directory / "text_encoder" / "model.safetensors"))

@@ -59,7 +59,14 @@ class ShapesPipeline(DiffusionPipeline):
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if not guidance >= 1.0:
             raise ValueError(f"guidance must be at least 1.0 (1.0 turns classifier-free guidance off), got {guidance!r}")
-        if self.spec.is_video:
+        if self.spec.is_streaming:
+            chunk = self.spec.chunk_frames
+            if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < chunk or num_frames % chunk:
+                raise ValueError(f"{self.spec.name} makes frames {chunk} at a time: num_frames must be a positive "
+                                 f"multiple of {chunk}, got {num_frames!r}")
+            if (height, width) != (self.spec.size, self.spec.size):
+                raise ValueError(f"{self.spec.name} streams {self.spec.size}x{self.spec.size} frames, got {height}x{width}")
+        elif self.spec.is_video:
             if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not 1 <= num_frames <= MAX_FRAMES:
                 raise ValueError(f"{self.spec.name} makes 1 to {MAX_FRAMES} frames, got num_frames={num_frames!r}")
         elif num_frames != 1:
@@ -72,6 +79,9 @@ class ShapesPipeline(DiffusionPipeline):
     def check_grammar(self, prompt: str) -> None:
         """Refuse a caption outside the grammar the model was trained on, showing the nearest one inside it."""
         scene = shapesworld.parse_caption(prompt)  # names what is wrong with a caption that does not parse
+        if self.spec.is_streaming and any(o.motion not in shapesworld.STREAM_MOTIONS for o in scene.objects):
+            raise ValueError(f"caption {prompt!r}: {self.spec.name} streams endless clips, where nothing can grow for "
+                             f"ever; its motions are {', '.join(shapesworld.MOTIONS[m] for m in shapesworld.STREAM_MOTIONS)}")
         canonical = scene.caption(self.spec.is_video)
         if " ".join(prompt.lower().split()) != canonical:
             kind = ("a video model: give every shape a motion" if self.spec.is_video
@@ -108,6 +118,12 @@ class ShapesPipeline(DiffusionPipeline):
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         ids = self.check_inputs(prompts, steps, guidance, frames, height, width)
+        if self.spec.is_streaming:  # chunk by chunk, every frame kept: what `tempocache.stream` makes with FullKV
+            from ..streaming import stream
+
+            clips = [np.concatenate(list(stream(self, p, frames, steps=steps, guidance=guidance, seed=s)))
+                     for p, s in zip(prompts, seeds)]
+            return ShapesOutput(np.stack(clips), prompts)
 
         dtype = self.transformer.dtype
         use_cfg = guidance > 1.0

@@ -47,6 +47,7 @@ MOTIONS = {
 COLOUR_NAMES = tuple(COLOURS)
 BACKGROUND_NAMES = tuple(BACKGROUNDS)
 MOTION_NAMES = tuple(MOTIONS)
+STREAM_MOTIONS = ("left", "right", "up", "down", "static")  # what an endless clip can show
 
 DEFAULT_FRAMES = 8
 DEFAULT_SIZE = 32
@@ -136,10 +137,12 @@ def parse_caption(caption: str) -> Scene:
     return Scene(tuple(objects), background)
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train", with_motion: bool = True, count: int | None = None) -> Scene:
+def sample_scene(rng: np.random.Generator, split: str = "train", with_motion: bool = True, count: int | None = None,
+                 motions: tuple[str, ...] = MOTION_NAMES) -> Scene:
     """Draw a scene whose caption belongs to `split` ("train", "held_out" or "all").
 
     `count` fixes the number of objects; by default it is 2 with TWO_OBJECT_PROBABILITY.
+    `motions`: the motions drawn from (e.g. STREAM_MOTIONS).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
@@ -152,7 +155,7 @@ def sample_scene(rng: np.random.Generator, split: str = "train", with_motion: bo
             ShapeObject(
                 SHAPES[rng.integers(len(SHAPES))],
                 allowed[c],
-                MOTION_NAMES[rng.integers(len(MOTION_NAMES))] if with_motion else "static",
+                motions[rng.integers(len(motions))] if with_motion else "static",
             )
             for c in colours
         )
@@ -161,7 +164,8 @@ def sample_scene(rng: np.random.Generator, split: str = "train", with_motion: bo
             return scene
 
 
-def held_out_scenes(count: int, seed: int = 0, with_motion: bool = True) -> list[Scene]:
+def held_out_scenes(count: int, seed: int = 0, with_motion: bool = True,
+                    motions: tuple[str, ...] = MOTION_NAMES) -> list[Scene]:
     """`count` distinct held-out scenes, in a fixed order for a given seed.
 
     Object counts follow the training mix, although two-object captions are more
@@ -171,7 +175,7 @@ def held_out_scenes(count: int, seed: int = 0, with_motion: bool = True) -> list
     scenes: dict[str, Scene] = {}
     for _ in range(100 * count):
         objects = 2 if rng.random() < TWO_OBJECT_PROBABILITY else 1
-        scene = sample_scene(rng, "held_out", with_motion, objects)
+        scene = sample_scene(rng, "held_out", with_motion, objects, motions)
         scenes.setdefault(scene.caption(with_motion), scene)
         if len(scenes) == count:
             return list(scenes.values())
@@ -209,13 +213,20 @@ def _far_apart(layout: np.ndarray) -> bool:
 def render(scene: Scene, layout: np.ndarray, num_frames: int, size: int) -> torch.Tensor:
     """Render a scene to a float32 clip (T, 3, H, W) in [0, 1]."""
     s = torch.linspace(0, 1, num_frames) if num_frames > 1 else torch.zeros(1)
-    p = torch.as_tensor(layout, dtype=torch.float32)
+    return _draw(scene, torch.as_tensor(layout, dtype=torch.float32), s, size, wrap=False)
+
+
+def _draw(scene: Scene, p: torch.Tensor, s: torch.Tensor, size: int, wrap: bool) -> torch.Tensor:
+    """The scene at clip times s (T,), 0 the layout's start and 1 a clip's travel later; `wrap`: on a torus."""
+    num_frames = len(s)
     cx = p[:, 0:1] + s * p[:, 3:4]  # (objects, T)
     cy = p[:, 1:2] + s * p[:, 4:5]
     r = p[:, 2:3] * (1 + s * (p[:, 5:6] - 1))
     grid = torch.arange(size, dtype=torch.float32) + 0.5
     dx = grid.view(1, 1, 1, -1) - cx[..., None, None]  # (objects, T, 1, W)
     dy = grid.view(1, 1, -1, 1) - cy[..., None, None]  # (objects, T, H, 1)
+    if wrap:  # the nearest copy of each object on the torus
+        dx, dy = (dx + size / 2) % size - size / 2, (dy + size / 2) % size - size / 2
     r = r[..., None, None]
     clip = torch.tensor(BACKGROUNDS[scene.background], dtype=torch.float32).view(1, 3, 1, 1) / 255
     clip = clip.expand(num_frames, 3, size, size)
@@ -231,6 +242,19 @@ def render(scene: Scene, layout: np.ndarray, num_frames: int, size: int) -> torc
         colour = torch.tensor(COLOURS[obj.colour], dtype=torch.float32).view(1, 3, 1, 1) / 255
         clip = clip * (1 - coverage) + colour * coverage
     return clip
+
+
+def render_stream(scene: Scene, layout: np.ndarray, first_frame: int, num_frames: int, size: int) -> torch.Tensor:
+    """Frames [first_frame, first_frame + num_frames) of the endless clip of a scene (T, 3, H, W) in [0, 1].
+
+    Objects move at a clip's pace (its travel every DEFAULT_FRAMES frames) for ever, leaving
+    the frame on one side and coming back on the other: a wall would reverse them and make
+    their caption false. Nothing grows (growth cannot go on), so streams use STREAM_MOTIONS.
+    """
+    if any(o.motion not in STREAM_MOTIONS for o in scene.objects):
+        raise ValueError(f"an endless clip cannot show {scene.caption()!r}: streams use the motions {STREAM_MOTIONS}")
+    s = (torch.arange(first_frame, first_frame + num_frames, dtype=torch.float32) / (DEFAULT_FRAMES - 1))
+    return _draw(scene, torch.as_tensor(layout, dtype=torch.float32), s, size, wrap=True)
 
 
 def make_clip(scene: Scene, seed: int, num_frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE) -> torch.Tensor:
@@ -254,11 +278,24 @@ def sample_batch(
     num_frames: int = DEFAULT_FRAMES,
     size: int = DEFAULT_SIZE,
     with_motion: bool = True,
+    endless: bool = False,
 ) -> Batch:
-    """A batch of random clips from `split`, all drawn from `rng`."""
-    scenes = [sample_scene(rng, split, with_motion) for _ in range(batch_size)]
-    clips = [render(s, _layout(rng, s, size), num_frames, size) for s in scenes]
+    """A batch of random clips from `split`, all drawn from `rng`; `endless`: stretches of endless clips
+    (`render_stream`), starting anywhere."""
+    if endless:
+        scenes = [sample_scene(rng, split, with_motion, motions=STREAM_MOTIONS) for _ in range(batch_size)]
+        clips = [render_stream(s, stream_layout(rng, s, size), 0, num_frames, size) for s in scenes]
+    else:
+        scenes = [sample_scene(rng, split, with_motion) for _ in range(batch_size)]
+        clips = [render(s, _layout(rng, s, size), num_frames, size) for s in scenes]
     return Batch(torch.stack(clips), scenes)
+
+
+def stream_layout(rng: np.random.Generator, scene: Scene, size: int) -> np.ndarray:
+    """An endless clip's start: anywhere on the torus (objects apart at the start), moving at a clip's pace."""
+    layout = _layout(rng, scene, size)
+    layout[:, :2] = (layout[:, :2] + rng.uniform(0, size, 2)) % size  # one shift for all: keeps them apart
+    return layout
 
 
 class BatchStream(torch.utils.data.IterableDataset):
@@ -268,9 +305,10 @@ class BatchStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, batch_size: int, split: str, num_frames: int | tuple[int, ...] = DEFAULT_FRAMES,
-                 with_motion: bool = True, seed: int = 0):
+                 with_motion: bool = True, seed: int = 0, endless: bool = False):
         lengths = (num_frames,) if isinstance(num_frames, int) else tuple(num_frames)
         self.batch_size, self.split, self.lengths, self.with_motion, self.seed = batch_size, split, lengths, with_motion, seed
+        self.endless = endless
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -279,4 +317,4 @@ class BatchStream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, info.id if info else 0])
         while True:
             frames = int(rng.choice(self.lengths))
-            yield sample_batch(rng, self.batch_size, self.split, frames, with_motion=self.with_motion)
+            yield sample_batch(rng, self.batch_size, self.split, frames, with_motion=self.with_motion, endless=self.endless)

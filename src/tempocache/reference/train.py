@@ -10,6 +10,7 @@ The EMA weights are the ones saved for shipping.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import time
@@ -24,6 +25,7 @@ from .models import build_untrained, get_spec, load_weights, make_tokenizer, pre
 CAPTION_DROPOUT = 0.1
 EMA_DECAY = 0.999
 WARMUP_STEPS = 500
+CLEAN_HISTORY = 0.5  # streaming models: share of clips whose first chunks are clean, as the KV cache gives them
 
 
 def flow_matching_loss(transformer, text_encoder, clips: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -33,6 +35,24 @@ def flow_matching_loss(transformer, text_encoder, clips: torch.Tensor, ids: torc
     noisy = (1 - s) * clips + s * noise
     velocity = predict_velocity(transformer, noisy, sigma, text_encoder(ids))
     return torch.nn.functional.mse_loss(velocity.float(), (noise - clips).float())
+
+
+def diffusion_forcing_loss(transformer, text_encoder, clips: torch.Tensor, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Flow matching with a noise level per chunk (Diffusion Forcing, Chen et al. 2024) under the model's block-causal
+    attention. In CLEAN_HISTORY of the clips the chunks before a random one are clean and not scored: what a chunk
+    sees when it is made after them from the cache."""
+    b, t = clips.shape[0], clips.shape[2]
+    chunks = t // chunk
+    noise = torch.randn_like(clips)
+    sigma = torch.sigmoid(torch.randn(b, chunks, device=clips.device))  # logit-normal, per chunk
+    first_made = torch.randint(1, chunks, (b, 1), device=clips.device)
+    clean = (torch.rand(b, 1, device=clips.device) < CLEAN_HISTORY) & (torch.arange(chunks, device=clips.device) < first_made)
+    per_frame = torch.where(clean, 0.0, sigma).repeat_interleave(chunk, 1)  # (B, T)
+    s = per_frame[:, None, :, None, None]
+    velocity = predict_velocity(transformer, (1 - s) * clips + s * noise, per_frame, text_encoder(ids))
+    error = (velocity.float() - (noise - clips).float()).pow(2).mean(dim=(1, 3, 4))  # (B, T)
+    scored = (~clean).repeat_interleave(chunk, 1).float()
+    return (error * scored).sum() / scored.sum()
 
 
 def train_reference(
@@ -66,6 +86,11 @@ def train_reference(
     elif resume_dir and (resume_dir / "training.json").exists():
         transformer, text_encoder = load_weights(resume_dir, spec)
         state = json.loads((resume_dir / "training.json").read_text())
+    elif spec.init_from:
+        init_transformer, init_text_encoder = load_weights(get_spec(spec.init_from).directory, get_spec(spec.init_from))
+        transformer.load_state_dict(init_transformer.state_dict())
+        text_encoder.load_state_dict(init_text_encoder.state_dict())
+        state["init_from"] = spec.init_from
     transformer.to(device).train()
     text_encoder.to(device).train()
     ema = [copy.deepcopy(m).eval().requires_grad_(False) for m in (transformer, text_encoder)]
@@ -79,7 +104,8 @@ def train_reference(
     ema_params = [*ema[0].parameters(), *ema[1].parameters()]
     warmup_from = 0 if full else state["steps"]  # a fresh optimizer warms up again, even on trained weights
 
-    stream = shapesworld.BatchStream(batch_size, "train", frames, spec.is_video, seed=seed * 1_000_003 + state["steps"])
+    stream = shapesworld.BatchStream(batch_size, "train", frames, spec.is_video, seed=seed * 1_000_003 + state["steps"],
+                                     endless=spec.is_streaming)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
     tokenizer = make_tokenizer()
     start, running, first_step = time.time(), [], state["steps"]
@@ -90,7 +116,9 @@ def train_reference(
     torch.backends.cuda.matmul.allow_tf32 = True
     use_bf16 = device.startswith("cuda") and spec.is_video
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
-    loss_fn = torch.compile(flow_matching_loss) if compile else flow_matching_loss
+    eager_loss = (functools.partial(diffusion_forcing_loss, chunk=spec.chunk_frames) if spec.is_streaming
+                  else flow_matching_loss)
+    loss_fn = torch.compile(eager_loss) if compile else eager_loss
     for batch in loader:
         step = state["steps"]
         clips = batch.clips.permute(0, 2, 1, 3, 4).to(device, non_blocking=True) * 2 - 1
@@ -102,10 +130,10 @@ def train_reference(
             try:
                 loss = loss_fn(transformer, text_encoder, clips, ids.to(device))
             except Exception as error:  # a compiler failure must not cost the run: go on eagerly
-                if loss_fn is flow_matching_loss:
+                if loss_fn is eager_loss:
                     raise
                 print(f"torch.compile failed ({type(error).__name__}: {error}); training eagerly", flush=True)
-                loss_fn = flow_matching_loss
+                loss_fn = eager_loss
                 loss = loss_fn(transformer, text_encoder, clips, ids.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,47 @@
+"""The one config type of the streaming KV cache, and the reference policy: keep every frame."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+COMMITS = ("reencode", "last_step")
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    """Base of every KV policy: which committed frames to hold, and at which rotary positions to read them.
+
+    commit: how a finished chunk enters the cache: "reencode" runs the clean chunk through the model once
+    more and stores those keys and values (Self-Forcing, Ca2-VDM); "last_step" stores the keys and values
+    of its last denoising step, saving that pass (StreamDiffusionV2).
+    """
+
+    commit: str = "reencode"
+
+    def check(self, chunk_frames: int) -> None:
+        """Raise ValueError, before any compute, if this policy cannot run with chunks of `chunk_frames` frames."""
+        if self.commit not in COMMITS:
+            raise ValueError(f"commit must be one of {COMMITS}, got {self.commit!r}")
+
+    def capacity(self, chunk_frames: int) -> int | None:
+        """The most frames ever held (None: no bound)."""
+        return None
+
+    def evict(self, held: list[int], chunk_frames: int) -> list[int]:
+        """The frames to drop before a chunk of `chunk_frames` frames is stored; `held` oldest first."""
+        return []
+
+    def positions(self, held: list[int], chunk_frames: int) -> tuple[list[int], list[int]]:
+        """Rotary positions of the held frames (oldest first) and of the pending chunk's: by rank, so a frame's
+        position is its place among the frames attended to, and never grows past the window."""
+        return list(range(len(held))), list(range(len(held), len(held) + chunk_frames))
+
+
+@dataclass(frozen=True)
+class FullKV(KVConfig):
+    """Every frame kept: the reference every bounded policy is measured against. Memory grows with length."""
+
+
+def check_frames(name: str, value, least: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an integer of at least {least} frames, got {value!r}")

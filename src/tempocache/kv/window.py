@@ -1,0 +1,28 @@
+"""Sliding window (Self-Forcing, Huang et al. 2025): hold the most recent `frames` frames, drop the oldest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import KVConfig, check_frames
+
+
+@dataclass(frozen=True)
+class SlidingWindow(KVConfig):
+    """frames: committed frames held (the chunk being made attends to these and to itself)."""
+
+    frames: int = 12
+
+    def check(self, chunk_frames: int) -> None:
+        super().check(chunk_frames)
+        check_frames("frames", self.frames)
+        if self.frames < chunk_frames:
+            raise ValueError(f"a window of {self.frames} frames cannot hold one chunk of {chunk_frames}: "
+                             f"use frames >= {chunk_frames}")
+
+    def capacity(self, chunk_frames: int) -> int:
+        return self.frames
+
+    def evict(self, held: list[int], chunk_frames: int) -> list[int]:
+        over = len(held) + chunk_frames - self.frames
+        return held[:max(over, 0)]

@@ -1,0 +1,246 @@
+"""Streaming generation with the bounded KV cache, on a tiny random SkyReels-V2 model (the class of shapes-ar).
+
+Full KV must equal a non-streaming forward over the same frames under the block-causal
+mask; a window at least as long as the stream must equal full KV bit for bit; streams must
+not leak into each other; bounded policies must hold memory flat.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import SkyReelsV2Transformer3DModel
+
+import tempocache
+from tempocache import kv
+from tempocache.reference.models import IN_TRAINING, TEXT_DIM, make_scheduler, make_tokenizer
+from tempocache.reference.pipeline import ShapesPipeline
+from tempocache.reference.text import WordEncoder
+from tempocache.streaming import stream
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPEC = IN_TRAINING["shapes-ar"]
+PROMPT = "a red circle moves right on a black background"
+OTHER = "a blue square moves up on a white background"
+
+
+def tiny_pipe(seed: int = 0) -> ShapesPipeline:
+    torch.manual_seed(seed)
+    transformer = SkyReelsV2Transformer3DModel(
+        patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=24, in_channels=3, out_channels=3,
+        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64,
+        num_frame_per_block=SPEC.chunk_frames).eval()
+    text_encoder = WordEncoder(len(make_tokenizer().words), 20, TEXT_DIM).eval()
+    return ShapesPipeline(transformer, text_encoder, make_scheduler())
+
+
+def chunks(s) -> np.ndarray:
+    return np.concatenate(list(s))
+
+
+@pytest.fixture(scope="module")
+def pipe() -> ShapesPipeline:
+    return tiny_pipe()
+
+
+def test_full_kv_streaming_equals_one_block_causal_forward_over_the_same_frames(pipe):
+    calls = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append((kwargs["hidden_states"], kwargs["timestep"], out[0])), with_kwargs=True)
+    try:
+        list(stream(pipe, PROMPT, frames=3 * SPEC.chunk_frames, steps=2, guidance=2.0))
+    finally:
+        hook.remove()
+    commits = [c for c in calls if not c[1].any()]  # the clean re-encoding passes, at noise level 0
+    x, t, streamed = calls[-2]  # the last chunk's last denoising step
+    history = torch.cat([c[0] for c in commits[:2]], 2)
+    with torch.no_grad():
+        full = pipe.transformer(hidden_states=torch.cat([history, x], 2),
+                                timestep=torch.cat([torch.zeros_like(history[:, 0, :, 0, 0]), t], 1),
+                                encoder_hidden_states=_text(pipe, PROMPT), enable_diffusion_forcing=True,
+                                return_dict=False)[0]
+    torch.testing.assert_close(streamed, full[:, :, -SPEC.chunk_frames:], atol=1e-5, rtol=1e-4)
+
+
+def _text(pipe, prompt):
+    ids = pipe.tokenizer([prompt])
+    return torch.cat([pipe.encode(torch.zeros_like(ids)), pipe.encode(ids)])
+
+
+@pytest.mark.parametrize("config", [kv.SlidingWindow(frames=12), kv.Sinks(frames=12, sink_frames=2)],
+                         ids=["SlidingWindow", "Sinks"])
+def test_a_window_as_long_as_the_stream_equals_full_kv_bit_for_bit(pipe, config):
+    frames = 4 * SPEC.chunk_frames  # the last chunk attends to 12 frames: all of them
+    full = chunks(stream(pipe, PROMPT, frames=frames, steps=2))
+    assert np.array_equal(chunks(stream(pipe, PROMPT, frames=frames, steps=2, kv=config)), full)
+
+
+def test_streams_in_a_row_equal_fresh_ones_and_leave_nothing_behind(pipe):
+    processors = [b.attn1.processor for b in pipe.transformer.blocks]
+    first = chunks(stream(pipe, PROMPT, frames=8, steps=2, seed=0, kv=kv.SlidingWindow(frames=4)))
+    interrupted = stream(pipe, OTHER, frames=40, steps=2, seed=5)
+    next(interrupted)
+    interrupted.close()
+    second = chunks(stream(pipe, OTHER, frames=8, steps=2, seed=1))
+    fresh = tiny_pipe()
+    assert np.array_equal(first, chunks(stream(fresh, PROMPT, frames=8, steps=2, seed=0, kv=kv.SlidingWindow(frames=4))))
+    assert np.array_equal(second, chunks(stream(fresh, OTHER, frames=8, steps=2, seed=1)))
+    assert [b.attn1.processor for b in pipe.transformer.blocks] == processors
+    assert not hasattr(pipe.transformer, "_tempocache_stream")
+
+
+@pytest.mark.parametrize("config", [kv.SlidingWindow(frames=8), kv.Sinks(frames=12, sink_frames=3)],
+                         ids=["SlidingWindow", "Sinks"])
+def test_bounded_policies_hold_memory_flat_over_a_long_stream(pipe, config):
+    s = stream(pipe, PROMPT, steps=1, guidance=1.0, kv=config)  # endless
+    sizes, held = [], []
+    for _ in range(150):
+        next(s)
+        sizes.append(s.stats()["kv_bytes"])
+        held.append(s.cache.held)
+    s.close()
+    filled = config.frames // SPEC.chunk_frames
+    assert len(set(sizes[filled:])) == 1 and sizes[-1] == max(sizes)
+    assert held[-1][-1] == 150 * SPEC.chunk_frames - 1 and len(held[-1]) <= config.frames
+    if isinstance(config, kv.Sinks):
+        assert held[-1][:3] == [0, 1, 2]
+
+
+def test_full_kv_grows_and_positions_never_run_out(pipe):
+    s = stream(pipe, PROMPT, frames=20 * SPEC.chunk_frames, steps=1, guidance=1.0)  # 80 frames, rope table of 64
+    out = chunks(s)
+    assert out.shape[0] == 80 and np.isfinite(out).all()
+
+
+def test_a_prompt_switch_keeps_or_flushes_the_old_prompts_frames(pipe):
+    kept = stream(pipe, PROMPT, frames=12, steps=2)
+    next(kept)
+    switched = kept.send(OTHER)
+    assert len(kept.cache.held) == 8
+    kept.close()
+    flushed = stream(pipe, PROMPT, frames=12, steps=2, on_prompt_switch="flush")
+    next(flushed)
+    fresh_start = flushed.send(OTHER)
+    assert len(flushed.cache.held) == 4
+    flushed.close()
+    assert not np.array_equal(switched, fresh_start)
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"kv": kv.SlidingWindow(frames=2)}, "cannot hold one chunk of 4"),
+    ({"kv": kv.Sinks(frames=6, sink_frames=3)}, "fewer than one chunk of 4"),
+    ({"frames": 10}, "multiple of the chunk size 4"),
+    ({"steps": 0}, "steps must be a positive integer"),
+    ({"kv": kv.FullKV(commit="never")}, "commit must be one of"),
+    ({"on_prompt_switch": "recache"}, "on_prompt_switch must be one of"),
+])
+def test_bad_settings_are_refused_before_any_compute(pipe, kwargs, error):
+    with pytest.raises(ValueError, match=error):
+        stream(pipe, PROMPT, **kwargs)
+
+
+def test_bad_prompts_are_refused_before_any_compute_also_mid_stream(pipe):
+    with pytest.raises(ValueError, match="nothing can grow"):
+        stream(pipe, "a red circle grows on a black background")
+    s = stream(pipe, PROMPT, frames=12, steps=1)
+    first = next(s)
+    with pytest.raises(ValueError, match="unknown"):
+        s.send("a red dragon moves right on a black background")
+    assert s.made == 4 and len(s.cache.held) == 4  # nothing changed
+    s.close()
+    assert first.shape == (4, 32, 32, 3)
+
+
+def test_one_stream_at_a_time_on_a_transformer(pipe):
+    s = stream(pipe, PROMPT, frames=8, steps=1)
+    next(s)
+    with pytest.raises(RuntimeError, match="already running"):
+        stream(pipe, PROMPT)
+    s.close()
+    stream(pipe, PROMPT).close()
+
+
+def test_stream_is_a_public_verb():
+    assert tempocache.stream is stream and tempocache.kv.SlidingWindow is kv.SlidingWindow
+
+
+def test_the_stream_command_writes_an_mp4_that_plays_even_when_interrupted(pipe, tmp_path, monkeypatch):
+    import imageio_ffmpeg
+
+    from tempocache import cli, generation
+    from tempocache.streaming import Stream
+
+    monkeypatch.setattr(generation, "load_pipeline", lambda model, device: pipe)
+    whole = tmp_path / "whole.mp4"
+    assert cli.main(["stream", PROMPT, "--frames", "12", "--steps", "1", "--kv", "window:8", "-o", str(whole)]) == 0
+    assert imageio_ffmpeg.count_frames_and_secs(str(whole))[0] == 12
+    made = Stream._chunk
+
+    def interrupt_after_two(self):
+        if self.made == 8:
+            raise KeyboardInterrupt
+        return made(self)
+
+    monkeypatch.setattr(Stream, "_chunk", interrupt_after_two)
+    cut = tmp_path / "cut.mp4"
+    assert cli.main(["stream", PROMPT, "--steps", "1", "-o", str(cut)]) == 0
+    assert imageio_ffmpeg.count_frames_and_secs(str(cut))[0] == 8
+    assert not hasattr(pipe.transformer, "_tempocache_stream")
+    assert cli.main(["stream", PROMPT, "--frames", "12", "-o", str(tmp_path / "x.gif")]) == 2  # refused before compute
+
+
+def test_the_pipeline_call_of_a_streaming_model_is_its_full_kv_stream(pipe):
+    clips = pipe([PROMPT, OTHER], num_inference_steps=2, num_frames=8, seed=3).frames
+    assert np.array_equal(clips[1], chunks(stream(pipe, OTHER, frames=8, steps=2, seed=4)))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        pipe(PROMPT, num_frames=6)
+
+
+def test_the_step_cache_composes_with_streaming(pipe):
+    plain = chunks(stream(pipe, PROMPT, frames=8, steps=4, kv=kv.SlidingWindow(frames=4)))
+    with tempocache.enabled(pipe, tempocache.StaticCache(interval=1)):  # computes every step: changes nothing
+        assert np.array_equal(chunks(stream(pipe, PROMPT, frames=8, steps=4, kv=kv.SlidingWindow(frames=4))), plain)
+    for commit in ("reencode", "last_step"):
+        with tempocache.enabled(pipe, tempocache.StaticCache(interval=2)) as engine:
+            cached = chunks(stream(pipe, PROMPT, frames=8, steps=4, kv=kv.SlidingWindow(frames=4, commit=commit)))
+            # each chunk's denoising is one generation, and so is each re-encoding pass (a single, computed call)
+            assert engine.counts.generations == (4 if commit == "reencode" else 2)
+            assert engine.counts.blocks_reused == 2 * len(pipe.transformer.blocks)  # step 2 of each chunk's 4
+        assert np.isfinite(cached).all() and not np.array_equal(cached, plain)
+
+
+def test_prompts_streamed_side_by_side_match_their_streams_alone(pipe):
+    together = chunks(stream(pipe, [PROMPT, OTHER], frames=8, steps=2, seed=7))  # (prompts x frames) chunk by chunk
+    assert together.shape == (2 * 2, 4, 32, 32, 3)
+    alone = chunks(stream(pipe, OTHER, frames=8, steps=2, seed=8))
+    np.testing.assert_allclose(np.concatenate([together[1], together[3]]), alone, atol=1e-5)
+    s = stream(pipe, [PROMPT, OTHER], frames=8, steps=1)
+    with pytest.raises(ValueError, match="2 videos side by side"):
+        s.send(PROMPT)
+    s.close()
+
+
+def test_the_drift_curve_is_measured_every_n_frames(pipe):
+    from tempocache.eval.stream_quality import evaluate_stream
+
+    result = evaluate_stream(pipe, {"window": kv.SlidingWindow(frames=8)}, captions=2, frames=24, every=8, steps=1)
+    assert result["starts"] == [0, 8, 16]
+    for name in ("full KV", "window"):
+        assert len(result["policies"][name]["accuracy"]) == 3 and 0 <= result["policies"][name]["accuracy"][0]["all"] <= 1
+    assert result["policies"]["window"]["psnr_vs_full_kv"][0] == 100.0  # the window holds all of the first 8 frames
+
+
+def test_deep_sink_holds_half_of_its_window_for_good(pipe):
+    config = kv.DeepSink(frames=16)
+    assert config.sink_frames == 8
+    s = stream(pipe, PROMPT, steps=1, guidance=1.0, kv=config)
+    for _ in range(10):
+        next(s)
+    assert s.cache.held == [*range(8), *range(32, 40)]
+    s.close()
+    with pytest.raises(ValueError, match="sink_share must be between 0 and 1"):
+        stream(pipe, PROMPT, kv=kv.DeepSink(frames=16, sink_share=1.5))
+    with pytest.raises(ValueError, match="fewer than one chunk"):
+        stream(pipe, PROMPT, kv=kv.DeepSink(frames=6))
