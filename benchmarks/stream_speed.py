@@ -117,7 +117,7 @@ def run_setting(model, vae, text, config, latent, steps, chunks, device) -> dict
     return {"commit": config.commit, "chunks": chunks, "time_to_first_frame_s": round(first_frame, 4),
             "denoiser_s_per_chunk": statistics.median(denoise), "end_to_end_s_per_chunk": statistics.median(total),
             "denoiser_fps": pixel_frames / statistics.median(denoise), "end_to_end_fps": pixel_frames / statistics.median(total),
-            "kv_bytes": streamer.cache.nbytes(), "held_latent_frames": len(streamer.cache.slot_frames),
+            "kv_bytes": streamer.cache.nbytes(), "held_latent_frames": len(streamer.cache.held),
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
 

@@ -126,6 +126,13 @@ def test_a_prompt_switch_keeps_or_flushes_the_old_prompts_frames(pipe):
     assert len(flushed.cache.held) == 4
     flushed.close()
     assert not np.array_equal(switched, fresh_start)
+    recached = stream(pipe, PROMPT, frames=12, steps=2, on_prompt_switch="recache", kv=kv.SlidingWindow(frames=8))
+    next(recached)
+    next(recached)
+    after = recached.send(OTHER)
+    assert recached.cache.held == [4, 5, 6, 7, 8, 9, 10, 11] and sorted(recached.clean) == recached.cache.held
+    recached.close()
+    assert not np.array_equal(after, switched)
 
 
 @pytest.mark.parametrize("kwargs, error", [
@@ -134,7 +141,8 @@ def test_a_prompt_switch_keeps_or_flushes_the_old_prompts_frames(pipe):
     ({"frames": 10}, "multiple of the chunk size 4"),
     ({"steps": 0}, "steps must be a positive integer"),
     ({"kv": kv.FullKV(commit="never")}, "commit must be one of"),
-    ({"on_prompt_switch": "recache"}, "on_prompt_switch must be one of"),
+    ({"on_prompt_switch": "forget"}, "on_prompt_switch must be one of"),
+    ({"on_prompt_switch": "recache", "kv": kv.SlidingWindow(frames=6)}, "multiple of 4 frames"),
 ])
 def test_bad_settings_are_refused_before_any_compute(pipe, kwargs, error):
     with pytest.raises(ValueError, match=error):
@@ -244,3 +252,73 @@ def test_deep_sink_holds_half_of_its_window_for_good(pipe):
         stream(pipe, PROMPT, kv=kv.DeepSink(frames=16, sink_share=1.5))
     with pytest.raises(ValueError, match="fewer than one chunk"):
         stream(pipe, PROMPT, kv=kv.DeepSink(frames=6))
+
+
+def test_blockwise_attention_equals_attention_over_the_whole():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 10, 3, 8, generator=g) for _ in range(3))
+    k, v = torch.cat([k, torch.randn(2, 13, 3, 8, generator=g)], 1), torch.cat([v, torch.randn(2, 13, 3, 8, generator=g)], 1)
+    whole = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    blocks = [(k[:, i:i + 5], v[:, i:i + 5]) for i in range(0, 23, 5)]
+    torch.testing.assert_close(kv.blockwise_attention(q, blocks), whole.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_a_quantized_cache_keeps_its_newest_frames_exact_and_the_rest_close(pipe):
+    window = kv.SlidingWindow(frames=12)
+    exact = chunks(stream(pipe, PROMPT, frames=24, steps=2, kv=window))
+    all_recent = kv.SlidingWindow(frames=12, quant=kv.KVQuant(bits=4, recent_frames=12))  # nothing ever quantized
+    assert np.array_equal(chunks(stream(pipe, PROMPT, frames=24, steps=2, kv=all_recent)), exact)
+    sizes = {}
+    for bits, least_psnr in ((8, 35.0), (4, 20.0)):
+        config = kv.SlidingWindow(frames=12, quant=kv.KVQuant(bits=bits, recent_frames=4, group_frames=2))
+        s = stream(pipe, PROMPT, frames=24, steps=2, kv=config)
+        out = chunks(s)
+        sizes[bits] = s.stats()["peak_kv_bytes"]
+        assert len(s.cache.quantized) == 8 and len(s.cache.slot_of) == 4
+        mse = float(((out - exact) ** 2).mean())
+        assert 0 < mse and 10 * np.log10(1 / mse) > least_psnr
+    full_bytes = stream(pipe, PROMPT, frames=24, steps=2, kv=window)
+    list(full_bytes)
+    assert sizes[4] < sizes[8] < full_bytes.stats()["peak_kv_bytes"]
+
+
+def test_a_quantized_cache_holds_memory_flat(pipe):
+    s = stream(pipe, PROMPT, steps=1, guidance=1.0, kv=kv.Sinks(frames=12, sink_frames=4, quant=kv.KVQuant(bits=4)))
+    sizes = []
+    for _ in range(60):
+        next(s)
+        sizes.append(s.stats()["kv_bytes"])
+    s.close()
+    assert len(set(sizes[5:])) == 1 and s.cache.held[:4] == [0, 1, 2, 3]
+
+
+def test_bad_quantization_settings_are_refused(pipe):
+    with pytest.raises(ValueError, match="odd here"):
+        kv.KVQuant(bits=4).check(25)
+    for quant, error in ((kv.KVQuant(bits=3), "bits must be one of"), (kv.KVQuant(group_frames=0), "group_frames")):
+        with pytest.raises(ValueError, match=error):
+            stream(pipe, PROMPT, kv=kv.SlidingWindow(frames=8, quant=quant))
+    with pytest.raises(TypeError, match="quant must be a kv.KVQuant"):
+        stream(pipe, PROMPT, kv=kv.SlidingWindow(frames=8, quant=8))
+
+
+def test_recomputing_the_history_equals_a_window_until_a_frame_leaves_it(pipe):
+    window = chunks(stream(pipe, PROMPT, frames=16, steps=2, kv=kv.SlidingWindow(frames=8)))
+    s = stream(pipe, PROMPT, frames=16, steps=2, kv=kv.Recompute(frames=8))
+    recomputed = chunks(s)
+    np.testing.assert_allclose(recomputed[:12], window[:12], atol=2e-5)  # the third chunk still sees every frame
+    assert not np.allclose(recomputed[12:], window[12:], atol=2e-5)  # the cached frames carry the first chunk's context
+    assert s.stats()["kv_bytes"] == 0 and s.history.shape[2] == 8
+    with pytest.raises(ValueError, match="multiple of the chunk size 4"):
+        stream(pipe, PROMPT, kv=kv.Recompute(frames=6))
+
+
+def test_the_stream_bench_writes_its_report(pipe, tmp_path):
+    from tempocache.eval.stream_bench import run_stream_bench
+
+    result = run_stream_bench(pipe, tmp_path, window=8, captions=2, frames=16, every=8, steps=1, timing_chunks=2)
+    assert len(result["policies"]) == 7 and result["policies"]["full KV"]["kv_bytes"][16] > 0
+    assert result["policies"]["recompute history (8 frames)"]["kv_bytes"][16] == 0
+    for name in ("results.json", "table.md", "memory.png", "accuracy.png", "index.html", "videos/0.mp4", "videos/6.mp4"):
+        assert (tmp_path / name).is_file(), name
+    assert "| Self-Forcing window (8) |" in (tmp_path / "table.md").read_text()

@@ -1,4 +1,4 @@
-"""`tempocache generate | stream | bench | cache-quality | quant-quality | calibrate | eval-reference | eval-evaluator | train-reference | train-evaluator`."""
+"""`tempocache generate | stream | stream-bench | eval-stream | bench | cache-quality | quant-quality | calibrate | eval-reference | eval-evaluator | train-reference | train-evaluator`."""
 
 from __future__ import annotations
 
@@ -65,21 +65,38 @@ def _eval_stream(args: argparse.Namespace) -> None:
         print(f"{name:24s} all-attribute accuracy every {args.every} frames: {curve}")
 
 
+def _stream_bench(args: argparse.Namespace) -> None:
+    from .eval.stream_bench import run_stream_bench
+    from .generation import load_pipeline
+
+    check_writable(args.out / "results.json")
+    result = run_stream_bench(load_pipeline(args.model, args.device), args.out, args.window, args.captions, args.frames,
+                              args.every, args.steps, args.guidance, args.device)
+    print((args.out / "table.md").read_text())
+    print(f"wrote {args.out.resolve()} ({len(result['policies'])} methods)")
+
+
 def kv_policy(text: str):
-    """`full`, `window:N` or `sinks:S:N` (S sink frames of N held), each with an optional `,last-step` commit."""
+    """`full`, `window:N` or `sinks:S:N` (S sink frames of N held), `deep-sink:N`, each optionally followed by
+    `,last-step` (commit a chunk's last step) and `,int8` or `,int4` (KIVI-quantized frames, the newest 4 exact)."""
     from . import kv
 
-    spec, _, commit = text.partition(",")
+    spec, *options = text.split(",")
     name, *numbers = spec.split(":")
     try:
         values = [int(n) for n in numbers]
-        commit = {"": "reencode", "last-step": "last_step"}[commit]
-        config = {("full", 0): lambda: kv.FullKV(commit=commit),
-                  ("window", 1): lambda: kv.SlidingWindow(frames=values[0], commit=commit),
-                  ("sinks", 2): lambda: kv.Sinks(sink_frames=values[0], frames=values[1], commit=commit)}[(name, len(values))]
+        unknown = set(options) - {"last-step", "int8", "int4"}
+        if unknown or ("int8" in options and "int4" in options):
+            raise ValueError
+        common = {"commit": "last_step" if "last-step" in options else "reencode",
+                  "quant": next((kv.KVQuant(bits=int(o[3:])) for o in options if o.startswith("int")), None)}
+        config = {("full", 0): lambda: kv.FullKV(**common),
+                  ("window", 1): lambda: kv.SlidingWindow(frames=values[0], **common),
+                  ("sinks", 2): lambda: kv.Sinks(sink_frames=values[0], frames=values[1], **common),
+                  ("deep-sink", 1): lambda: kv.DeepSink(frames=values[0], **common)}[(name, len(values))]
     except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"{text!r}: give full, window:N or sinks:S:N (S sink frames of N held), "
-                                         "optionally followed by ,last-step") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: give full, window:N, sinks:S:N (S sink frames of N held) or "
+                                         "deep-sink:N, optionally followed by ,last-step and ,int8 or ,int4") from None
     return config()
 
 
@@ -263,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=Path("stream.mp4"), help="an .mp4 file (playable if interrupted)")
     p.add_argument("--frames", type=positive_int, default=None, help="frames to make (default: until interrupted)")
     p.add_argument("--model", default="shapes-ar")
-    p.add_argument("--kv", type=kv_policy, default="window:12", help="KV cache: full, window:N or sinks:S:N "
-                   "(+ ,last-step to commit a chunk's last step instead of re-encoding it); default window:12")
+    p.add_argument("--kv", type=kv_policy, default="window:28", help="KV cache: full, window:N, sinks:S:N or "
+                   "deep-sink:N, + ,last-step to commit a chunk's last step instead of re-encoding it, + ,int8 or ,int4 "
+                   "to quantize all but the newest 4 frames; default window:28")
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps per chunk (default: the model's)")
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -285,6 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--save", type=Path, default=None, help="also write the JSON to this file")
     p.set_defaults(run=_eval_stream)
+
+    p = sub.add_parser("stream-bench", help="every KV policy and the no-cache baseline side by side on a streaming model")
+    p.add_argument("--model", default="shapes-ar")
+    p.add_argument("--out", type=Path, default=Path("stream-bench"), help="folder for the results")
+    p.add_argument("--window", type=positive_int, default=28, help="frames every bounded method holds")
+    p.add_argument("--captions", type=positive_int, default=16)
+    p.add_argument("--frames", type=positive_int, default=512)
+    p.add_argument("--every", type=positive_int, default=32, help="frames between the windows read")
+    p.add_argument("--steps", type=positive_int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=_stream_bench)
 
     p = sub.add_parser("eval-reference", help="semantic accuracy and Fréchet distance on held-out captions, full compute")
     p.add_argument("--model", nargs="+", default=list(SPECS), help=f"any of: {', '.join(SPECS)}")

@@ -9,17 +9,18 @@ as one batch, so the cache holds the frames under the prompt and under the empty
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from .kv import FullKV, KVCache, KVConfig, Layout, installed
+from .kv import FullKV, KVCache, KVConfig, Layout, Recompute, installed
 from .models import STREAM, Attachment, attach, attached, cache_context, detach
 from .reference.models import predict_velocity
 from .reference.pipeline import ShapesPipeline
 
-PROMPT_SWITCHES = ("keep", "flush")
+PROMPT_SWITCHES = ("keep", "flush", "recache")
 
 
 class Stream(Attachment):
@@ -48,6 +49,9 @@ class Stream(Attachment):
             raise ValueError(f"guidance must be at least 1.0 (1.0 turns classifier-free guidance off), got {guidance!r}")
         if on_prompt_switch not in PROMPT_SWITCHES:
             raise ValueError(f"on_prompt_switch must be one of {PROMPT_SWITCHES}, got {on_prompt_switch!r}")
+        if on_prompt_switch == "recache" and (isinstance(kv, Recompute) or (kv.capacity(chunk) or 0) % chunk):
+            raise ValueError(f"on_prompt_switch='recache' re-encodes the held frames a chunk at a time: it needs a cache "
+                             f"holding a multiple of {chunk} frames, got {kv}")
         self.guidance = guidance
         self.text = self._encode(pipe, prompt)
         self._check_free(pipe.transformer)
@@ -59,6 +63,8 @@ class Stream(Attachment):
         patch = pipe.transformer.config.patch_size
         self.layout = Layout(chunk, spec.size // patch[1], spec.size // patch[2])
         self.cache = KVCache(kv, len(pipe.transformer.blocks), pipe.transformer.rope, self.layout)
+        self.history: torch.Tensor | None = None  # with Recompute: the newest clean frames, re-run with each chunk
+        self.clean: dict[int, torch.Tensor] = {}  # with "recache": each held frame, clean, (B, 3, H, W)
         self.made = 0
         self.peak_kv_bytes = 0
         self._chunks = self._run()
@@ -97,13 +103,30 @@ class Stream(Attachment):
         self.text = text
         if self.on_prompt_switch == "flush":
             self.cache.reset()
+            self.history = None
+        elif self.on_prompt_switch == "recache" and self.clean:
+            self._recache()
         return next(self)
+
+    @torch.no_grad()
+    def _recache(self) -> None:
+        """Re-encode the held frames under the new prompt, a chunk at a time, oldest first (LongLive's KV recache)."""
+        frames = [self.clean[f] for f in self.cache.held]
+        self.cache.reset()
+        self.clean = {}
+        transformer, chunk = self.pipe.transformer, self.layout.chunk_frames
+        with installed(transformer, self.cache):
+            for i in range(0, len(frames), chunk):
+                x = torch.stack(frames[i:i + chunk], 2)
+                with cache_context(transformer, "commit", step_index=0, num_inference_steps=1):
+                    self._velocity(x, torch.zeros(()))
+                self._commit_clean(x)
 
     def close(self) -> None:
         self._chunks.close()
 
     def stats(self) -> dict:
-        return {"frames": self.made, "held_frames": len(self.cache.slot_frames), "kv_bytes": self.cache.nbytes(),
+        return {"frames": self.made, "held_frames": len(self.cache.held), "kv_bytes": self.cache.nbytes(),
                 "peak_kv_bytes": self.peak_kv_bytes}
 
     def _run(self) -> Iterator[np.ndarray]:
@@ -111,7 +134,7 @@ class Stream(Attachment):
         self._check_free(transformer)
         attach(transformer, STREAM, self)
         try:
-            with installed(transformer, self.cache):
+            with contextlib.nullcontext() if isinstance(self.kv, Recompute) else installed(transformer, self.cache):
                 while self.frames is None or self.made < self.frames:
                     yield self._chunk()
         finally:
@@ -129,20 +152,38 @@ class Stream(Attachment):
             with cache_context(transformer, "cfg", step_index=i, num_inference_steps=self.steps):
                 v = self._velocity(x, t / 1000)
             x = scheduler.step(v, t, x, return_dict=False)[0]
-        if self.kv.commit == "reencode":
-            with cache_context(transformer, "commit", step_index=0, num_inference_steps=1):
-                self._velocity(x, torch.zeros(()))
-        self.cache.commit()
+        if isinstance(self.kv, Recompute):
+            kept = x if self.history is None else torch.cat([self.history, x], 2)
+            self.history = kept[:, :, kept.shape[2] - self.kv.frames:] if self.kv.frames else None
+        else:
+            if self.kv.commit == "reencode":
+                with cache_context(transformer, "commit", step_index=0, num_inference_steps=1):
+                    self._velocity(x, torch.zeros(()))
+            self._commit_clean(x)
         self.made += layout.chunk_frames
         self.peak_kv_bytes = max(self.peak_kv_bytes, self.cache.nbytes())
         frames = ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu().numpy()
         return frames if self.batched else frames[0]
 
+    def _commit_clean(self, x: torch.Tensor) -> None:
+        """Commit the pending chunk, whose clean frames are x; keep them while held if prompts are recached."""
+        first = self.cache.frames_made
+        self.cache.commit()
+        if self.on_prompt_switch == "recache":
+            self.clean.update({first + i: x[:, :, i] for i in range(x.shape[2])})
+            held = set(self.cache.held)
+            self.clean = {f: frame for f, frame in self.clean.items() if f in held}
+
     def _velocity(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The guided velocity of chunk x at noise level sigma: both branches in one batch."""
         guided = len(self.text) > len(x)
-        sigma = sigma.to(x.device, x.dtype).expand(len(self.text))
+        frames = x.shape[2]
+        sigma = sigma.to(x.device, x.dtype).expand(len(self.text), frames)
+        if self.history is not None:  # Recompute: the history's clean frames first, at noise level 0
+            x = torch.cat([self.history, x], 2)
+            sigma = torch.cat([sigma.new_zeros(len(self.text), self.history.shape[2]), sigma], 1)
         v = predict_velocity(self.pipe.transformer, x.repeat(2, 1, 1, 1, 1) if guided else x, sigma, self.text)
+        v = v[:, :, -frames:]
         if not guided:
             return v
         v_uncond, v_cond = v.chunk(2)
@@ -157,7 +198,8 @@ def stream(pipe_or_model: ShapesPipeline | str, prompt: str | list[str], frames:
     prompts streams them side by side, as one batch.
 
     on_prompt_switch: what `send(new_prompt)` does with the frames cached under the old prompt: "keep" them
-    (the new prompt's chunks continue from them), or "flush" them (the stream starts afresh).
+    (the new prompt's chunks continue from them), "flush" them (the stream starts afresh), or "recache" them:
+    re-encode the held frames under the new prompt (LongLive), which keeps their clean frames while held.
     Everything is checked before the first chunk is made.
     """
     if isinstance(pipe_or_model, str):

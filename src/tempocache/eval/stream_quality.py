@@ -4,14 +4,18 @@ Held-out captions are streamed side by side, each with its KV policy; every `eve
 an 8-frame window (the evaluator's input) is read by the streaming evaluator (trained on
 endless clips, `evaluator.STREAM_EVALUATOR_DIR`): semantic accuracy per attribute, the
 Fréchet distance to real endless clips at the same point (and real against real, its
-floor), and, for each bounded policy, PSNR against the full-KV rollout of the same seeds.
+floor), and, for each bounded policy, PSNR against the full-KV rollout of the same seeds;
+the KV bytes held along the rollout, peak memory, and a lone stream's time to first
+frame and frames per second.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import numpy as np
+import torch
 
 from ..kv import FullKV, KVConfig
 from ..reference import shapesworld
@@ -32,11 +36,11 @@ def real_stream_windows(scenes: list, starts: list[int], seed: int, size: int) -
 
 def evaluate_stream(pipe, policies: dict[str, KVConfig], captions: int = 64, frames: int = 512, every: int = 32,
                     steps: int | None = None, guidance: float | None = None, seed: int = 0, device: str = "cpu",
-                    full_kv: bool = True) -> dict:
+                    full_kv: bool = True, timing_chunks: int = 8, keep_samples: int = 0) -> dict:
     """The drift curve of each KV policy (by name) over `frames` frames of `captions` held-out captions; with
-    `full_kv`, also of full KV, the reference the others' PSNR is measured against (its memory grows with length)."""
-    from ..streaming import stream
-
+    `full_kv`, also of full KV, the reference the others' PSNR is measured against (its memory grows with length).
+    Each policy also streams the first caption alone for `timing_chunks` chunks: time to first frame, frames/s.
+    `keep_samples`: the clips of that many captions per policy, under "samples" (arrays: not for JSON)."""
     spec = pipe.spec
     if captions < 2 or frames < INPUT_FRAMES or every < 1:
         raise ValueError(f"need at least 2 captions, {INPUT_FRAMES} frames and every >= 1, got {captions}, {frames}, {every}")
@@ -56,17 +60,50 @@ def evaluate_stream(pipe, policies: dict[str, KVConfig], captions: int = 64, fra
               "starts": starts, "frechet_real_vs_real": floor, "policies": {}}
     reference = None
     for name, config in policies.items():
-        begin = time.time()
-        clips = np.concatenate(list(stream(pipe, prompts, frames, config, steps, guidance, seed)), axis=1)  # (N, T, ...)
-        seconds = time.time() - begin
+        row = {"kv": repr(config), **_rollout_cost(pipe, prompts, frames, config, steps, guidance, seed, every)}
+        clips = row.pop("clips")
         windows = [clips[:, s:s + INPUT_FRAMES] for s in starts]
         read = [read_clips(evaluator, w) for w in windows]
-        row = {"kv": repr(config), "seconds": round(seconds, 1),
-               "accuracy": [semantic_accuracy(logits, scenes) for _, logits in read],
-               "frechet": [frechet_distance(f, real) for (f, _), real in zip(read, real_features)]}
+        row["accuracy"] = [semantic_accuracy(logits, scenes) for _, logits in read]
+        row["frechet"] = [frechet_distance(f, real) for (f, _), real in zip(read, real_features)]
         if name == "full KV":
             reference = clips
         elif reference is not None:
             row["psnr_vs_full_kv"] = [fidelity(w, reference[:, s:s + INPUT_FRAMES])["psnr"] for s, w in zip(starts, windows)]
+        row["timing"] = _timing(pipe, prompts[0], config, steps, guidance, seed, timing_chunks)
         result["policies"][name] = row
+        if keep_samples:
+            result.setdefault("samples", {})[name] = clips[:keep_samples]
     return result
+
+
+def _rollout_cost(pipe, prompts, frames, config, steps, guidance, seed, every) -> dict:
+    """The clips (N, T, H, W, 3) of one batched rollout, its seconds, and the KV bytes held every `every` frames."""
+    from ..streaming import stream
+
+    device = pipe.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    s, chunks, kv_bytes = stream(pipe, prompts, frames, config, steps, guidance, seed), [], {}
+    begin = time.perf_counter()
+    for chunk in s:
+        chunks.append(chunk)
+        if s.made % every == 0 or s.made == frames:
+            kv_bytes[s.made] = s.stats()["kv_bytes"]
+    return {"seconds": round(time.perf_counter() - begin, 1), "kv_bytes": kv_bytes, "clips": np.concatenate(chunks, 1),
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+
+
+def _timing(pipe, prompt, config, steps, guidance, seed, chunks: int) -> dict:
+    """One stream alone, as a user runs it: time to its first chunk, then frames per second (median chunk)."""
+    from ..streaming import stream
+
+    sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
+    s, times = stream(pipe, prompt, chunks * pipe.spec.chunk_frames, config, steps, guidance, seed), []
+    sync()
+    start = time.perf_counter()
+    for _ in s:  # the chunk is on the host when it is yielded
+        times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+    later = statistics.median(times[1:]) if len(times) > 1 else times[0]
+    return {"time_to_first_frame_s": round(times[0], 4), "fps": pipe.spec.chunk_frames / later, "chunks": chunks}

@@ -17,7 +17,6 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
 from .cache import KVCache
-from .rope import rotate
 
 
 class StreamingSelfAttention:
@@ -35,15 +34,15 @@ class StreamingSelfAttention:
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))  # (B, chunk tokens, heads, head_dim)
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        query = rotate(query, *self.cache.rotary(query.device)["chunk"])
-        keys, values = self.cache.update(self.layer, key, value)
-        if self.chunk_is_one_block:  # a mask of all true would only keep attention off its fastest kernels
-            attention_mask = None
-        elif attention_mask is not None:  # the model's block-causal mask over the chunk: every cached frame is before it
-            held = keys.shape[1] - key.shape[1]
-            attention_mask = torch.cat([attention_mask.new_ones(*attention_mask.shape[:-1], held), attention_mask], -1)
-        out = dispatch_attention_fn(query, keys, values, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                    backend=self.backend)
+        mask = None if self.chunk_is_one_block else attention_mask  # an all-true mask only slows attention down
+
+        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            m = mask
+            if m is not None:  # the model's block-causal mask over the chunk: every cached frame is before it
+                m = torch.cat([m.new_ones(*m.shape[:-1], k.shape[1] - key.shape[1]), m], -1)
+            return dispatch_attention_fn(q, k, v, attn_mask=m, dropout_p=0.0, is_causal=False, backend=self.backend)
+
+        out = self.cache.attend(self.layer, query, key, value, attention)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -64,6 +63,9 @@ def installed(transformer: nn.Module, cache: KVCache) -> Iterator[None]:
     originals = [a.processor for a in attentions]
     try:
         one_block = cache.layout.chunk_frames <= getattr(transformer.config, "num_frame_per_block", 1)
+        if cache.config.quant is not None and not one_block:
+            raise ValueError("a quantized KV cache attends block by block without a mask: it needs chunks of one "
+                             "block (chunk frames <= the model's num_frame_per_block)")
         for i, (a, original) in enumerate(zip(attentions, originals)):
             a.set_processor(StreamingSelfAttention(cache, i, getattr(original, "_attention_backend", None), one_block))
         yield

@@ -18,33 +18,37 @@ from dataclasses import dataclass
 import torch
 
 from .config import KVConfig
+from .quantized import QuantizedFrame, blockwise_attention, quantize_frame
 from .rope import FramePositions, rotate
 
 
 class KVLayer:
-    """One layer's keys (before rotation) and values: (B, slots x tokens per frame, heads, head_dim) each."""
+    """One layer's committed keys (before rotation) and values: exact ones in slots, (B, slots x tokens per frame,
+    heads, head_dim) each, and with quantization, older frames' in `quantized` by frame."""
 
     def __init__(self):
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
+        self.quantized: dict[int, QuantizedFrame] = {}
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # the chunk's, from the last call
 
     def reset(self) -> None:
         self.keys = self.values = self.pending = None
+        self.quantized = {}
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+        exact = sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+        return exact + sum(q.nbytes() for q in self.quantized.values())
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, used_rows: int, held: tuple[torch.Tensor, torch.Tensor],
-               chunk: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep the chunk's (un-rotated) `key`, `value` as pending; return the keys (rotated: `held` for the
-        committed rows, `chunk` for the chunk's) and values to attend to."""
-        self.pending = (key, value)
-        chunk_key = rotate(key, *chunk)
-        if used_rows == 0:
-            return chunk_key, value
-        keys = torch.cat([rotate(self.keys[:, :used_rows], *held), chunk_key], 1)
-        return keys, torch.cat([self.values[:, :used_rows], value], 1)
+    def exact(self, slots: list[int], tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of `slots`, in that order."""
+        if slots == list(range(len(slots))):  # the usual case: no copy
+            return self.keys[:, :len(slots) * tokens], self.values[:, :len(slots) * tokens]
+        picked = []
+        for t in (self.keys, self.values):
+            frames = t.unflatten(1, (-1, tokens))  # (B, slots, tokens, heads, head_dim)
+            picked.append(frames[:, slots].flatten(1, 2))
+        return picked[0], picked[1]
 
     def write(self, slots: list[int], tokens: int, capacity: int | None) -> None:
         """Store the pending chunk's frames in `slots` (one per frame), growing the buffer if unbounded."""
@@ -63,6 +67,11 @@ class KVLayer:
             self.keys[:, rows] = key[:, i * tokens:(i + 1) * tokens]
             self.values[:, rows] = value[:, i * tokens:(i + 1) * tokens]
         self.pending = None
+
+    def quantize(self, frame: int, slot: int, tokens: int, bits: int) -> None:
+        """Move the frame in `slot` to quantized storage (its slot is then free)."""
+        rows = slice(slot * tokens, (slot + 1) * tokens)
+        self.quantized[frame] = quantize_frame(self.keys[:, rows], self.values[:, rows], bits)
 
 
 @dataclass
@@ -83,6 +92,8 @@ class KVCache:
 
     def __init__(self, config: KVConfig, num_layers: int, rope, layout: Layout):
         config.check(layout.chunk_frames)
+        if config.quant is not None:
+            config.quant.check(rope.t_dim + rope.h_dim + rope.w_dim)
         self.config, self.layout = config, layout
         self.layers = [KVLayer() for _ in range(num_layers)]
         self.positions = FramePositions(rope, layout.rows, layout.cols)
@@ -92,49 +103,92 @@ class KVCache:
         """Forget every frame: the next chunk is the stream's first."""
         for layer in self.layers:
             layer.reset()
-        self.slot_frames: list[int] = []  # frame held in slot s (slots fill in order and are then reused)
+        self.slot_frames: list[int] = []  # the exact frame in slot s, -1 for a free slot
         self.slot_of: dict[int, int] = {}  # its inverse
+        self.quantized: list[int] = []  # frames in quantized storage, oldest first
         self.frames_made = 0  # frames committed so far; the pending chunk's first frame has this index
-        self._rotary: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rotary: dict = {}
 
     @property
     def held(self) -> list[int]:
         """The frames held, oldest first."""
-        return sorted(self.slot_frames)
+        return sorted([*self.slot_of, *self.quantized])
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
-    def rotary(self, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(cos, sin) for the held rows, slot order ("held"), and for the pending chunk ("chunk")."""
+    def _exact_slots(self) -> list[int]:
+        return [s for s, f in enumerate(self.slot_frames) if f >= 0]
+
+    def rotary(self, device: torch.device) -> dict:
+        """(cos, sin) for the exact slots in slot order ("exact"), for each group of quantized frames ("groups",
+        with the frames), and for the pending chunk ("chunk"); all by the config's positions."""
         if not self._rotary:
             held_positions, chunk_positions = self.config.positions(self.held, self.layout.chunk_frames)
             position_of = dict(zip(self.held, held_positions))
-            self._rotary = {"held": self.positions([position_of[f] for f in self.slot_frames], device),
-                            "chunk": self.positions(chunk_positions, device)}
+            size = self.config.quant.group_frames if self.config.quant else 1
+            groups = [self.quantized[i:i + size] for i in range(0, len(self.quantized), size)]
+            self._rotary = {
+                "exact": self.positions([position_of[self.slot_frames[s]] for s in self._exact_slots()], device),
+                "groups": [(g, *self.positions([position_of[f] for f in g], device)) for g in groups],
+                "chunk": self.positions(chunk_positions, device),
+            }
         return self._rotary
 
-    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer `layer`'s keys and values to attend to for the pending chunk's (un-rotated) `key` and `value`."""
-        rotary = self.rotary(key.device)
-        return self.layers[layer].update(key, value, len(self.slot_frames) * self.layout.tokens, rotary["held"], rotary["chunk"])
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention) -> torch.Tensor:
+        """The pending chunk's attention output at layer `layer`, from its un-rotated query, key and value
+        (B, tokens, heads, head_dim); `attention(q, k, v)` is the model's attention over whole tensors. The chunk's
+        key and value are kept as pending (`commit` stores those of the last call)."""
+        rotary, store, tokens = self.rotary(query.device), self.layers[layer], self.layout.tokens
+        store.pending = (key, value)
+        query, keys, values = rotate(query, *rotary["chunk"]), rotate(key, *rotary["chunk"]), value
+        slots = self._exact_slots()
+        if slots:
+            held_keys, held_values = store.exact(slots, tokens)
+            keys = torch.cat([rotate(held_keys, *rotary["exact"]), keys], 1)
+            values = torch.cat([held_values, values], 1)
+        if not self.quantized:
+            return attention(query, keys, values)
+
+        def blocks():
+            for frames, cos, sin in rotary["groups"]:  # one group rebuilt in full precision at a time
+                stored = [store.quantized[f] for f in frames]
+                group_keys = torch.cat([q.keys(key.dtype) for q in stored], 1)
+                yield rotate(group_keys, cos, sin), torch.cat([q.values(value.dtype) for q in stored], 1)
+            yield keys, values
+
+        return blockwise_attention(query, blocks())
 
     def commit(self) -> None:
-        """Store the pending chunk (the keys and values of the last call), evicting as the config says."""
+        """Store the pending chunk (the keys and values of the last call), evicting as the config says, and with
+        quantization moving the exact frames older than the newest `recent_frames` to quantized storage."""
         if any(layer.pending is None for layer in self.layers):
             raise RuntimeError("commit() needs a call on the pending chunk first")
         chunk = range(self.frames_made, self.frames_made + self.layout.chunk_frames)
-        evicted = self.config.evict(self.held, self.layout.chunk_frames)
-        if len(evicted) > len(chunk):
-            raise RuntimeError(f"{self.config} evicted more frames than a chunk fills")
-        slots = [self.slot_of.pop(frame) for frame in evicted]  # the evicted frames' slots, then new ones
-        new = len(chunk) - len(slots)
-        slots += range(len(self.slot_frames), len(self.slot_frames) + new)
+        for frame in self.config.evict(self.held, self.layout.chunk_frames):
+            if frame in self.slot_of:
+                self.slot_frames[self.slot_of.pop(frame)] = -1
+            else:
+                self.quantized.remove(frame)
+                for layer in self.layers:
+                    del layer.quantized[frame]
+        free = [s for s, f in enumerate(self.slot_frames) if f < 0][:len(chunk)]
+        new = len(chunk) - len(free)
+        slots = free + list(range(len(self.slot_frames), len(self.slot_frames) + new))
         self.slot_frames += [-1] * new
         for frame, slot in zip(chunk, slots):
             self.slot_frames[slot], self.slot_of[frame] = frame, slot
-        capacity = self.config.capacity(self.layout.chunk_frames)
+        quant = self.config.quant
+        capacity = (quant.recent_frames + len(chunk)) if quant else self.config.capacity(self.layout.chunk_frames)
         for layer in self.layers:
             layer.write(slots, self.layout.tokens, capacity)
+        if quant is not None:
+            exact = sorted(self.slot_of)
+            for frame in exact[:max(0, len(exact) - quant.recent_frames)]:
+                slot = self.slot_of.pop(frame)
+                for layer in self.layers:
+                    layer.quantize(frame, slot, self.layout.tokens, quant.bits)
+                self.slot_frames[slot] = -1
+                self.quantized.append(frame)
         self.frames_made += self.layout.chunk_frames
         self._rotary = {}

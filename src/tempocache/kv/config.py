@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .quantized import KVQuant
+
 COMMITS = ("reencode", "last_step")
 
 
@@ -14,14 +16,18 @@ class KVConfig:
     commit: how a finished chunk enters the cache: "reencode" runs the clean chunk through the model once
     more and stores those keys and values (Self-Forcing, Ca2-VDM); "last_step" stores the keys and values
     of its last denoising step, saving that pass (StreamDiffusionV2).
+    quant: store frames older than the newest few in 8 or 4 bits (`kv.KVQuant`, KIVI), or None.
     """
 
     commit: str = "reencode"
+    quant: KVQuant | None = None
 
     def check(self, chunk_frames: int) -> None:
         """Raise ValueError, before any compute, if this policy cannot run with chunks of `chunk_frames` frames."""
         if self.commit not in COMMITS:
             raise ValueError(f"commit must be one of {COMMITS}, got {self.commit!r}")
+        if self.quant is not None and not isinstance(self.quant, KVQuant):
+            raise TypeError(f"quant must be a kv.KVQuant (e.g. kv.KVQuant(bits=8)) or None, got {type(self.quant).__name__}")
 
     def capacity(self, chunk_frames: int) -> int | None:
         """The most frames ever held (None: no bound)."""

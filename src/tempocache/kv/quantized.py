@@ -1,0 +1,107 @@
+"""KV quantization (KIVI, Liu et al. 2024): keys per channel, values per token, the newest frames exact.
+
+A frame leaving the `recent_frames` newest is stored in 8 or 4 bits (asymmetric min-max,
+two 4-bit codes per byte), keys with a scale and zero per channel over the frame's tokens
+(key outliers sit in channels), values per token. Keys are quantized before rotation.
+Attention never dequantizes the whole cache at once: it reads the quantized frames
+`group_frames` at a time, merging the blocks' softmax exactly (`blockwise_attention`); the
+study of 33 KV methods on Self-Forcing found methods that rebuild a full-precision cache
+to attend exceeding the uncompressed peak memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+BITS = (8, 4)
+
+
+@dataclass(frozen=True)
+class KVQuant:
+    """bits: 8 or 4; recent_frames: the newest committed frames kept exact; group_frames: quantized frames
+    dequantized at a time while attending (the most full-precision KV ever rebuilt at once)."""
+
+    bits: int = 8
+    recent_frames: int = 4
+    group_frames: int = 4
+
+    def check(self, head_dim: int) -> None:
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits!r}")
+        for name in ("recent_frames", "group_frames"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "group_frames" else 0):
+                raise ValueError(f"{name} must be an integer of at least {1 if name == 'group_frames' else 0}, got {value!r}")
+        if self.bits == 4 and head_dim % 2:
+            raise ValueError(f"4-bit keys and values pack two codes per byte along the head dimension, which is odd "
+                             f"here ({head_dim}): use bits=8")
+
+
+@dataclass
+class QuantizedFrame:
+    """One frame's keys and values in `bits` bits: codes (uint8) and the scale and zero that undo them."""
+
+    key_codes: torch.Tensor  # (B, tokens, heads, head_dim or head_dim / 2)
+    key_scale: torch.Tensor  # (B, 1, heads, head_dim): per channel
+    key_zero: torch.Tensor
+    value_codes: torch.Tensor
+    value_scale: torch.Tensor  # (B, tokens, heads, 1): per token
+    value_zero: torch.Tensor
+    bits: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.key_codes, self.key_scale, self.key_zero,
+                                                          self.value_codes, self.value_scale, self.value_zero))
+
+    def keys(self, dtype: torch.dtype) -> torch.Tensor:
+        return _decode(self.key_codes, self.key_scale, self.key_zero, self.bits).to(dtype)
+
+    def values(self, dtype: torch.dtype) -> torch.Tensor:
+        return _decode(self.value_codes, self.value_scale, self.value_zero, self.bits).to(dtype)
+
+
+def quantize_frame(key: torch.Tensor, value: torch.Tensor, bits: int) -> QuantizedFrame:
+    """key, value: (B, tokens, heads, head_dim), one frame, keys before rotation."""
+    key_codes, key_scale, key_zero = _encode(key, bits, dim=1)
+    value_codes, value_scale, value_zero = _encode(value, bits, dim=-1)
+    return QuantizedFrame(key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, bits)
+
+
+def _encode(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = x.float()
+    low, high = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    scale = ((high - low) / (2**bits - 1)).clamp(min=1e-8)
+    codes = ((x - low) / scale).round().clamp(0, 2**bits - 1).to(torch.uint8)
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, scale, low
+
+
+def _decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 4:
+        codes = torch.stack([codes & 15, codes >> 4], -1).flatten(-2)
+    return codes.float() * scale + zero
+
+
+def blockwise_attention(query: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Softmax attention of query (B, Nq, heads, head_dim) over key/value blocks (B, Nk_i, heads, head_dim), one block
+    in memory at a time, the blocks' partial softmaxes merged exactly (running maximum and sum, as flash attention)."""
+    q = query.transpose(1, 2).float() * query.shape[-1] ** -0.5  # (B, heads, Nq, D)
+    top = total = out = None
+    for key, value in blocks:
+        scores = q @ key.transpose(1, 2).float().transpose(-1, -2)  # (B, heads, Nq, Nk_i)
+        block_top = scores.amax(-1, keepdim=True)
+        new_top = block_top if top is None else torch.maximum(top, block_top)
+        weights = (scores - new_top).exp()
+        block_out = weights @ value.transpose(1, 2).float()
+        if top is None:
+            total, out = weights.sum(-1, keepdim=True), block_out
+        else:
+            rescale = (top - new_top).exp()
+            total = total * rescale + weights.sum(-1, keepdim=True)
+            out = out * rescale + block_out
+        top = new_top
+    return (out / total).transpose(1, 2).to(query.dtype)
