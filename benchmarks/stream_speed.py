@@ -122,8 +122,9 @@ def run_setting(model, vae, text, config, latent, steps, chunks, device) -> dict
 
 
 @torch.no_grad()
-def long_stream(model, text, config, latent, steps, chunks, device, checkpoints: tuple[int, ...]) -> dict:
-    """Denoiser only: KV bytes and memory at each checkpoint (chunks made), and the last chunk's values finite."""
+def long_stream(model, text, config, latent, steps, chunks, device, checkpoints: tuple[int, ...], seconds: float) -> dict:
+    """Denoiser only, for `chunks` chunks or `seconds`, whichever ends first: KV bytes and memory at each checkpoint
+    (chunks made), and whether the last chunk's values are finite."""
     streamer, at = Streamer(model, text, config, latent, steps, device), {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -131,18 +132,23 @@ def long_stream(model, text, config, latent, steps, chunks, device, checkpoints:
         start = time.perf_counter()
         for made in range(1, chunks + 1):
             z = streamer.chunk()
+            if time.perf_counter() - start > seconds:
+                checkpoints = (*checkpoints, made)
             if made in checkpoints:
                 sync(device)
                 at[made] = {"kv_bytes": streamer.cache.nbytes(), "seconds": round(time.perf_counter() - start, 1),
                             "allocated_gib": torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None,
                             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-    return {"chunks": chunks, "latent_frames": chunks * latent[1], "at": at, "finite": bool(torch.isfinite(z).all())}
+            if made == checkpoints[-1]:
+                break
+    return {"chunks": made, "latent_frames": made * latent[1], "at": at, "finite": bool(torch.isfinite(z).all())}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--chunks", type=int, default=100, help="chunks timed per setting")
-    parser.add_argument("--long-chunks", type=int, default=400, help="chunks of the long, denoiser-only stream")
+    parser.add_argument("--long-chunks", type=int, default=1000, help="chunks of the long, denoiser-only stream")
+    parser.add_argument("--long-seconds", type=float, default=240, help="time limit of the long stream")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--window", type=int, default=12, help="latent frames held")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script, measures nothing")
@@ -179,7 +185,7 @@ def main() -> None:
         save()
     checkpoints = (100, args.long_chunks) if args.long_chunks > 100 else (args.long_chunks,)
     result["long_stream"] = long_stream(model, text, kv.SlidingWindow(frames=args.window, commit="last_step"), latent,
-                                        args.steps, args.long_chunks, device, checkpoints)
+                                        args.steps, args.long_chunks, device, checkpoints, args.long_seconds)
     print("long stream", json.dumps(result["long_stream"]), flush=True)
     save()
 

@@ -317,8 +317,29 @@ def test_the_stream_bench_writes_its_report(pipe, tmp_path):
     from tempocache.eval.stream_bench import run_stream_bench
 
     result = run_stream_bench(pipe, tmp_path, window=8, captions=2, frames=16, every=8, steps=1, timing_chunks=2)
-    assert len(result["policies"]) == 7 and result["policies"]["full KV"]["kv_bytes"][16] > 0
+    assert len(result["policies"]) == 8 and result["policies"]["full KV"]["kv_bytes"][16] > 0
     assert result["policies"]["recompute history (8 frames)"]["kv_bytes"][16] == 0
-    for name in ("results.json", "table.md", "memory.png", "accuracy.png", "index.html", "videos/0.mp4", "videos/6.mp4"):
+    for name in ("results.json", "table.md", "memory.png", "accuracy.png", "index.html", "videos/0.mp4", "videos/7.mp4"):
         assert (tmp_path / name).is_file(), name
     assert "| Self-Forcing window (8) |" in (tmp_path / "table.md").read_text()
+
+
+def test_participative_eviction_keeps_the_frames_attended_to(pipe):
+    config = kv.Participative(frames=8, recent_frames=4)
+    assert config.evict([0, 1, 2, 3, 4, 5, 6, 7], 4, {0: 0.5, 1: 0.1, 2: 0.9, 3: 0.2, 4: 0.0, 5: 0.8, 6: 0.3, 7: 0.7}) \
+        == [1, 3, 4, 6]  # the four least attended; the chunk itself is the newest four
+    frames = 3 * SPEC.chunk_frames
+    full = chunks(stream(pipe, PROMPT, frames=frames, steps=2))
+    assert np.array_equal(chunks(stream(pipe, PROMPT, frames=frames, steps=2, kv=kv.Participative(frames=12))), full)
+    s = stream(pipe, PROMPT, steps=1, guidance=1.0, kv=kv.Participative(frames=8, recent_frames=2))
+    sizes = []
+    for _ in range(30):
+        next(s)
+        sizes.append(s.stats()["kv_bytes"])
+        assert s.cache.held[-2:] == [s.made - 2, s.made - 1] and set(s.cache.attention) <= set(s.cache.held)
+    s.close()
+    assert len(set(sizes[2:])) == 1
+    for bad, error in (({"recent_frames": 9}, "cannot exceed"), ({"decay": 2}, "decay must be"),
+                       ({"quant": kv.KVQuant()}, "without quant")):
+        with pytest.raises(ValueError, match=error):
+            stream(pipe, PROMPT, kv=kv.Participative(frames=8, **bad))

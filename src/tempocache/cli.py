@@ -77,8 +77,8 @@ def _stream_bench(args: argparse.Namespace) -> None:
 
 
 def kv_policy(text: str):
-    """`full`, `window:N` or `sinks:S:N` (S sink frames of N held), `deep-sink:N`, each optionally followed by
-    `,last-step` (commit a chunk's last step) and `,int8` or `,int4` (KIVI-quantized frames, the newest 4 exact)."""
+    """`full`, `window:N`, `sinks:S:N` (S sink frames of N held), `deep-sink:N` or `participative:N`, each optionally
+    followed by `,last-step` (commit a chunk's last step) and `,int8` or `,int4` (KIVI: all but the newest 4 frames)."""
     from . import kv
 
     spec, *options = text.split(",")
@@ -93,10 +93,12 @@ def kv_policy(text: str):
         config = {("full", 0): lambda: kv.FullKV(**common),
                   ("window", 1): lambda: kv.SlidingWindow(frames=values[0], **common),
                   ("sinks", 2): lambda: kv.Sinks(sink_frames=values[0], frames=values[1], **common),
-                  ("deep-sink", 1): lambda: kv.DeepSink(frames=values[0], **common)}[(name, len(values))]
+                  ("deep-sink", 1): lambda: kv.DeepSink(frames=values[0], **common),
+                  ("participative", 1): lambda: kv.Participative(frames=values[0], **common)}[(name, len(values))]
     except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"{text!r}: give full, window:N, sinks:S:N (S sink frames of N held) or "
-                                         "deep-sink:N, optionally followed by ,last-step and ,int8 or ,int4") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: give full, window:N, sinks:S:N (S sink frames of N held), "
+                                         "deep-sink:N or participative:N, optionally followed by ,last-step and ,int8 "
+                                         "or ,int4") from None
     return config()
 
 
@@ -280,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=Path("stream.mp4"), help="an .mp4 file (playable if interrupted)")
     p.add_argument("--frames", type=positive_int, default=None, help="frames to make (default: until interrupted)")
     p.add_argument("--model", default="shapes-ar")
-    p.add_argument("--kv", type=kv_policy, default="window:28", help="KV cache: full, window:N, sinks:S:N or "
-                   "deep-sink:N, + ,last-step to commit a chunk's last step instead of re-encoding it, + ,int8 or ,int4 "
+    p.add_argument("--kv", type=kv_policy, default="window:28", help="KV cache: full, window:N, sinks:S:N, "
+                   "deep-sink:N or participative:N, + ,last-step to commit a chunk's last step instead of re-encoding it, + ,int8 or ,int4 "
                    "to quantize all but the newest 4 frames; default window:28")
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps per chunk (default: the model's)")
     p.add_argument("--guidance", type=float, default=None)

@@ -3,7 +3,7 @@
 Methods: full KV (the reference); recomputing the history with each chunk (what a
 pipeline without a KV cache does; SkyReels-V2's diffusers pipeline re-runs its overlap
 history); Self-Forcing's sliding window; StreamingLLM / LongLive sinks; Deep Forcing's deep
-sink; KIVI-quantized windows. The model class has no KV cache of its own in diffusers
+sink; participative eviction (H2O, by frame); KIVI-quantized windows. The model class has no KV cache of its own in diffusers
 (`SkyReelsV2DiffusionForcingPipeline` recomputes), so there is no diffusers cache to drive.
 transformers' `QuantizedCache` is not driven: it appends tokens to one growing sequence per
 layer and can evict nothing, where a video window evicts whole frames (from the middle,
@@ -35,6 +35,7 @@ def default_methods(window: int) -> dict[str, kv.KVConfig]:
         f"Self-Forcing window ({window})": kv.SlidingWindow(frames=window),
         f"StreamingLLM sinks (3 + {window - 3})": kv.Sinks(frames=window, sink_frames=3),
         f"tempocache DeepSink ({window})": kv.DeepSink(frames=window),
+        f"tempocache participative ({window})": kv.Participative(frames=window),
         f"tempocache window ({window}), int8": kv.SlidingWindow(frames=window, quant=kv.KVQuant(bits=8)),
         f"tempocache window ({window}), int4": kv.SlidingWindow(frames=window, quant=kv.KVQuant(bits=4)),
     }

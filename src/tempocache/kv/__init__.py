@@ -4,9 +4,10 @@ from .attention import installed, self_attentions
 from .cache import KVCache, KVLayer, Layout
 from .config import FullKV, KVConfig
 from .deep_sink import DeepSink
+from .participative import Participative
 from .quantized import KVQuant, blockwise_attention
 from .recompute import Recompute
 from .sinks import Sinks
 from .window import SlidingWindow
 
-__all__ = ["DeepSink", "FullKV", "KVCache", "KVConfig", "KVLayer", "KVQuant", "Layout", "Recompute", "Sinks", "SlidingWindow", "blockwise_attention", "installed", "self_attentions"]
+__all__ = ["DeepSink", "FullKV", "KVCache", "KVConfig", "KVLayer", "KVQuant", "Layout", "Participative", "Recompute", "Sinks", "SlidingWindow", "blockwise_attention", "installed", "self_attentions"]

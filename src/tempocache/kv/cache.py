@@ -107,6 +107,7 @@ class KVCache:
         self.slot_of: dict[int, int] = {}  # its inverse
         self.quantized: list[int] = []  # frames in quantized storage, oldest first
         self.frames_made = 0  # frames committed so far; the pending chunk's first frame has this index
+        self.attention: dict[int, float] = {}  # for a config that scores attention: the mass each held frame received
         self._rotary: dict = {}
 
     @property
@@ -147,6 +148,8 @@ class KVCache:
             held_keys, held_values = store.exact(slots, tokens)
             keys = torch.cat([rotate(held_keys, *rotary["exact"]), keys], 1)
             values = torch.cat([held_values, values], 1)
+        if self.config.scores_attention and slots:
+            self._score(query, keys[:, :len(slots) * tokens], slots)
         if not self.quantized:
             return attention(query, keys, values)
 
@@ -159,13 +162,24 @@ class KVCache:
 
         return blockwise_attention(query, blocks())
 
+    def _score(self, query: torch.Tensor, held_keys: torch.Tensor, slots: list[int]) -> None:
+        """Add to each held frame the attention mass that a sample of the chunk's queries gives its tokens (the
+        softmax taken over the held keys), averaged over the layers."""
+        sample = query[:, ::max(1, query.shape[1] // self.config.query_sample)].transpose(1, 2).float()
+        scores = sample @ held_keys.transpose(1, 2).float().transpose(-1, -2) * query.shape[-1] ** -0.5
+        mass = scores.softmax(-1).mean((0, 1, 2)).unflatten(0, (len(slots), -1)).sum(-1) / len(self.layers)
+        for slot, m in zip(slots, mass.tolist()):
+            frame = self.slot_frames[slot]
+            self.attention[frame] = self.attention.get(frame, 0.0) + m
+
     def commit(self) -> None:
         """Store the pending chunk (the keys and values of the last call), evicting as the config says, and with
         quantization moving the exact frames older than the newest `recent_frames` to quantized storage."""
         if any(layer.pending is None for layer in self.layers):
             raise RuntimeError("commit() needs a call on the pending chunk first")
         chunk = range(self.frames_made, self.frames_made + self.layout.chunk_frames)
-        for frame in self.config.evict(self.held, self.layout.chunk_frames):
+        for frame in self.config.evict(self.held, self.layout.chunk_frames, self.attention):
+            self.attention.pop(frame, None)
             if frame in self.slot_of:
                 self.slot_frames[self.slot_of.pop(frame)] = -1
             else:
@@ -190,5 +204,7 @@ class KVCache:
                     layer.quantize(frame, slot, self.layout.tokens, quant.bits)
                 self.slot_frames[slot] = -1
                 self.quantized.append(frame)
+        if self.config.scores_attention:
+            self.attention = {f: m * self.config.decay for f, m in self.attention.items()}
         self.frames_made += self.layout.chunk_frames
         self._rotary = {}

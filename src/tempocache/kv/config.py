@@ -33,8 +33,11 @@ class KVConfig:
         """The most frames ever held (None: no bound)."""
         return None
 
-    def evict(self, held: list[int], chunk_frames: int) -> list[int]:
-        """The frames to drop before a chunk of `chunk_frames` frames is stored; `held` oldest first."""
+    scores_attention = False  # whether evict() wants the attention mass each held frame received
+
+    def evict(self, held: list[int], chunk_frames: int, attention: dict[int, float] | None = None) -> list[int]:
+        """The frames to drop before a chunk of `chunk_frames` frames is stored; `held` oldest first; `attention`: the
+        attention mass each received lately, for a config that `scores_attention`."""
         return []
 
     def positions(self, held: list[int], chunk_frames: int) -> tuple[list[int], list[int]]:

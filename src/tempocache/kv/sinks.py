@@ -24,6 +24,6 @@ class Sinks(SlidingWindow):
                              f"{self.frames} for recent frames, fewer than one chunk of {chunk_frames}: use "
                              f"frames >= sink_frames + {chunk_frames}")
 
-    def evict(self, held: list[int], chunk_frames: int) -> list[int]:
+    def evict(self, held: list[int], chunk_frames: int, attention: dict[int, float] | None = None) -> list[int]:
         over = len(held) + chunk_frames - self.frames
         return held[self.sink_frames:][:max(over, 0)]

@@ -23,6 +23,6 @@ class SlidingWindow(KVConfig):
     def capacity(self, chunk_frames: int) -> int:
         return self.frames
 
-    def evict(self, held: list[int], chunk_frames: int) -> list[int]:
+    def evict(self, held: list[int], chunk_frames: int, attention: dict[int, float] | None = None) -> list[int]:
         over = len(held) + chunk_frames - self.frames
         return held[:max(over, 0)]
