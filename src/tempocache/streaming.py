@@ -115,12 +115,11 @@ class Stream(Attachment):
         self.cache.reset()
         self.clean = {}
         transformer, chunk = self.pipe.transformer, self.layout.chunk_frames
-        with installed(transformer, self.cache):
-            for i in range(0, len(frames), chunk):
-                x = torch.stack(frames[i:i + chunk], 2)
-                with cache_context(transformer, "commit", step_index=0, num_inference_steps=1):
-                    self._velocity(x, torch.zeros(()))
-                self._commit_clean(x)
+        for i in range(0, len(frames), chunk):  # the stream's processors are in place: it has made chunks
+            x = torch.stack(frames[i:i + chunk], 2)
+            with cache_context(transformer, "commit", step_index=0, num_inference_steps=1):
+                self._velocity(x, torch.zeros(()))
+            self._commit_clean(x)
 
     def close(self) -> None:
         self._chunks.close()
@@ -190,9 +189,9 @@ class Stream(Attachment):
         return v_uncond + self.guidance * (v_cond - v_uncond)
 
 
-def stream(pipe_or_model: ShapesPipeline | str, prompt: str | list[str], frames: int | None = None, kv: KVConfig | None = None,
-           steps: int | None = None, guidance: float | None = None, seed: int = 0, device: str = "cpu",
-           on_prompt_switch: str = "keep") -> Stream:
+def stream(pipe_or_model: ShapesPipeline | str, prompt: str | list[str], frames: int | None = None,
+           kv: KVConfig | None = None, steps: int | None = None, guidance: float | None = None, seed: int = 0,
+           device: str = "cpu", on_prompt_switch: str = "keep") -> Stream:
     """A stream of chunks of frames for `prompt` (endless when `frames` is None) from a streaming model (a loaded
     pipeline, or a model name), its KV cache as `kv` says (default: `kv.FullKV()`, every frame kept). A list of
     prompts streams them side by side, as one batch.

@@ -10,4 +10,5 @@ from .recompute import Recompute
 from .sinks import Sinks
 from .window import SlidingWindow
 
-__all__ = ["DeepSink", "FullKV", "KVCache", "KVConfig", "KVLayer", "KVQuant", "Layout", "Participative", "Recompute", "Sinks", "SlidingWindow", "blockwise_attention", "installed", "self_attentions"]
+__all__ = ["DeepSink", "FullKV", "KVCache", "KVConfig", "KVLayer", "KVQuant", "Layout", "Participative", "Recompute",
+           "Sinks", "SlidingWindow", "blockwise_attention", "installed", "self_attentions"]

@@ -60,8 +60,8 @@ class KVLayer:
         needed = (max(slots) + 1) * tokens
         if needed > self.keys.shape[1]:  # unbounded: double, so that a long stream copies O(length) in all
             grow = max(needed, 2 * self.keys.shape[1]) - self.keys.shape[1]
-            self.keys = torch.cat([self.keys, self.keys.new_empty(self.keys.shape[0], grow, *self.keys.shape[2:])], 1)
-            self.values = torch.cat([self.values, self.values.new_empty(self.values.shape[0], grow, *self.values.shape[2:])], 1)
+            self.keys, self.values = (torch.cat([t, t.new_empty(t.shape[0], grow, *t.shape[2:])], 1)
+                                      for t in (self.keys, self.values))
         for i, slot in enumerate(slots):
             rows = slice(slot * tokens, (slot + 1) * tokens)
             self.keys[:, rows] = key[:, i * tokens:(i + 1) * tokens]

@@ -27,7 +27,8 @@ class KVConfig:
         if self.commit not in COMMITS:
             raise ValueError(f"commit must be one of {COMMITS}, got {self.commit!r}")
         if self.quant is not None and not isinstance(self.quant, KVQuant):
-            raise TypeError(f"quant must be a kv.KVQuant (e.g. kv.KVQuant(bits=8)) or None, got {type(self.quant).__name__}")
+            raise TypeError(f"quant must be a kv.KVQuant (e.g. kv.KVQuant(bits=8)) or None, "
+                            f"got {type(self.quant).__name__}")
 
     def capacity(self, chunk_frames: int) -> int | None:
         """The most frames ever held (None: no bound)."""

@@ -25,6 +25,7 @@ class DeepSink(Sinks):
             object.__setattr__(self, "sink_frames", max(1, round(self.frames * self.sink_share)))
 
     def check(self, chunk_frames: int) -> None:
-        if isinstance(self.sink_share, bool) or not isinstance(self.sink_share, (int, float)) or not 0 < self.sink_share < 1:
+        share = self.sink_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
             raise ValueError(f"sink_share must be between 0 and 1, got {self.sink_share!r}")
         super().check(chunk_frames)

@@ -31,10 +31,10 @@ class KVQuant:
     def check(self, head_dim: int) -> None:
         if self.bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {self.bits!r}")
-        for name in ("recent_frames", "group_frames"):
+        for name, least in (("recent_frames", 0), ("group_frames", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "group_frames" else 0):
-                raise ValueError(f"{name} must be an integer of at least {1 if name == 'group_frames' else 0}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
         if self.bits == 4 and head_dim % 2:
             raise ValueError(f"4-bit keys and values pack two codes per byte along the head dimension, which is odd "
                              f"here ({head_dim}): use bits=8")

@@ -24,8 +24,11 @@ class FramePositions:
         split = (rope.t_dim, rope.h_dim, rope.w_dim)  # the tables stay on the CPU; each call moves its result
         cos, sin = rope.freqs_cos.cpu().split(split, dim=1), rope.freqs_sin.cpu().split(split, dim=1)
         # (rows * cols, h_dim + w_dim): the within-frame part, the same for every frame
-        self.grid_cos = torch.cat([cos[1][:rows, None].expand(rows, cols, -1), cos[2][None, :cols].expand(rows, cols, -1)], -1).flatten(0, 1)
-        self.grid_sin = torch.cat([sin[1][:rows, None].expand(rows, cols, -1), sin[2][None, :cols].expand(rows, cols, -1)], -1).flatten(0, 1)
+        def grid(table: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            rows_part, cols_part = table[1][:rows, None].expand(rows, cols, -1), table[2][None, :cols].expand(rows, cols, -1)
+            return torch.cat([rows_part, cols_part], -1).flatten(0, 1)
+
+        self.grid_cos, self.grid_sin = grid(cos), grid(sin)
         t_cos, _ = self._time(np.arange(8))
         if not torch.allclose(t_cos.to(cos[0].dtype).float(), cos[0][:8].float(), atol=1e-2):
             raise ValueError(f"{type(rope).__name__}'s temporal frequencies are not those of theta={theta}")
