@@ -48,7 +48,6 @@ from torch import nn
 from ..closed_loop import ClosedLoop, Run
 from ..models import (
     QUANT,
-    QUANT,
     STEP_CACHE,
     Hook,
     add_hook,
