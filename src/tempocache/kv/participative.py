@@ -38,8 +38,8 @@ class Participative(SlidingWindow):
             raise ValueError("Participative scores exact frames only: use it without quant")
 
     def evict(self, held: list[int], chunk_frames: int, attention: dict[int, float] | None = None) -> list[int]:
-        over = len(held) + chunk_frames - self.frames
-        if over <= 0:
+        over = self.overflow(held, chunk_frames)
+        if not over:
             return []
         protected = max(self.recent_frames - chunk_frames, 0)
         candidates = held[:len(held) - protected]

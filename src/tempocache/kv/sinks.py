@@ -25,5 +25,4 @@ class Sinks(SlidingWindow):
                              f"frames >= sink_frames + {chunk_frames}")
 
     def evict(self, held: list[int], chunk_frames: int, attention: dict[int, float] | None = None) -> list[int]:
-        over = len(held) + chunk_frames - self.frames
-        return held[self.sink_frames:][:max(over, 0)]
+        return held[self.sink_frames:][:self.overflow(held, chunk_frames)]

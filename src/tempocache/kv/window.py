@@ -23,6 +23,9 @@ class SlidingWindow(KVConfig):
     def capacity(self, chunk_frames: int) -> int:
         return self.frames
 
+    def overflow(self, held: list[int], chunk_frames: int) -> int:
+        """How many frames must go for a chunk to fit."""
+        return max(len(held) + chunk_frames - self.frames, 0)
+
     def evict(self, held: list[int], chunk_frames: int, attention: dict[int, float] | None = None) -> list[int]:
-        over = len(held) + chunk_frames - self.frames
-        return held[:max(over, 0)]
+        return held[:self.overflow(held, chunk_frames)]

@@ -27,7 +27,7 @@ class Attachment:
     """Base of what tempocache attaches: refuses to be copied or pickled with the model, since its hooks and
     replaced layers belong to the model it was attached to, not to a copy."""
 
-    part: str  # STEP_CACHE or QUANT
+    part: str  # STEP_CACHE, QUANT or STREAM
 
     def __deepcopy__(self, memo):
         raise copy_refused(type(self).__name__, self.part)

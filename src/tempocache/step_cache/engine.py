@@ -10,10 +10,12 @@ setting new timesteps (every diffusers pipeline does as it starts); the pipeline
 it (`maybe_free_model_hooks`); a branch called again at a timestep not below its last (where
 no step index is given), a step index that did not advance, a new input shape, or a new branch
 joining at a timestep other than the step under way. Calls no cache context names are told
-apart by their conditioning, never by their order, so an interrupted step cannot cross them. The step count policies plan for is the one the running
-generation will take: what the call's cache context says, else what the scheduler that
-announced this generation will run from its begin index (img2img strength, a user's
-`timesteps=`), else the config's; never a scheduler that did not start this generation.
+apart by their conditioning, never by their order, so an interrupted step cannot cross them.
+
+The step count policies plan for is the one the running generation will take: what the
+call's cache context says, else what the scheduler that announced this generation will run
+from its begin index (img2img strength, a user's `timesteps=`), else the config's; never a
+scheduler that did not start this generation.
 """
 
 from __future__ import annotations
