@@ -14,6 +14,7 @@ from diffusers import SkyReelsV2Transformer3DModel
 
 import tempocache
 from tempocache import kv
+from tempocache.kv.quantized import quantize_frame, quantized_bytes
 from tempocache.reference.models import IN_TRAINING, TEXT_DIM, make_scheduler, make_tokenizer
 from tempocache.reference.pipeline import ShapesPipeline
 from tempocache.reference.text import WordEncoder
@@ -69,8 +70,8 @@ def _text(pipe, prompt):
     return torch.cat([pipe.encode(torch.zeros_like(ids)), pipe.encode(ids)])
 
 
-@pytest.mark.parametrize("config", [kv.SlidingWindow(frames=12), kv.Sinks(frames=12, sink_frames=2)],
-                         ids=["SlidingWindow", "Sinks"])
+@pytest.mark.parametrize("config", [kv.SlidingWindow(frames=12), kv.Sinks(frames=12, sink_frames=2),
+                                    kv.Auto(frames=12, memory_frames=12)], ids=["SlidingWindow", "Sinks", "Auto"])
 def test_a_window_as_long_as_the_stream_equals_full_kv_bit_for_bit(pipe, config):
     frames = 4 * SPEC.chunk_frames  # the last chunk attends to 12 frames: all of them
     full = chunks(stream(pipe, PROMPT, frames=frames, steps=2))
@@ -94,6 +95,7 @@ def test_streams_in_a_row_equal_fresh_ones_and_leave_nothing_behind(pipe):
 BOUNDED = {"SlidingWindow": kv.SlidingWindow(frames=8), "Sinks": kv.Sinks(frames=12, sink_frames=3),
            "DeepSink": kv.DeepSink(frames=12), "Participative": kv.Participative(frames=8, recent_frames=4),
            "Sinks int4": kv.Sinks(frames=12, sink_frames=4, quant=kv.KVQuant(bits=4)),
+           "Participative int8": kv.Participative(frames=12, quant=kv.KVQuant(bits=8)),
            "Recompute": kv.Recompute(frames=8)}
 
 
@@ -312,10 +314,19 @@ def test_recomputing_the_history_equals_a_window_until_a_frame_leaves_it(pipe):
 def test_the_stream_bench_writes_its_report(pipe, tmp_path):
     from tempocache.eval.stream_bench import run_stream_bench
 
-    result = run_stream_bench(pipe, tmp_path, window=8, captions=2, frames=16, every=8, steps=1, timing_chunks=2)
-    assert len(result["policies"]) == 8 and result["policies"]["full KV"]["kv_bytes"][16] > 0
-    assert result["policies"]["recompute history (8 frames)"]["kv_bytes"][16] == 0
-    for name in ("results.json", "table.md", "memory.png", "accuracy.png", "index.html", "videos/0.mp4", "videos/7.mp4"):
+    result = run_stream_bench(pipe, tmp_path, context=12, budgets=(8, 10), captions=2, frames=16, every=8, steps=2,
+                              timing_chunks=2)
+    policies = result["policies"]
+    assert len(policies) == 19 and policies["full KV"]["kv_bytes"][16] > 0
+    assert policies["recompute history (12 frames)"]["kv_bytes"][16] == 0
+    for budget in (8, 10):  # every bounded method within its budget's memory
+        names = [n for n in policies if f"({budget})" in n or f"{budget} frames' memory" in n or f"+ {budget - 3})" in n]
+        assert len(names) == 7
+        window = policies[f"Self-Forcing window ({budget})"]["kv_bytes"][16]
+        assert all(policies[n]["kv_bytes"][16] <= window for n in names), names
+    assert any(n.startswith("tempocache window (12), int4, 8 frames'") for n in policies)  # more frames in 4 bits
+    assert policies["Self-Forcing window (12) + step cache Auto(0.5)"]["step_cache"].startswith("Auto(")
+    for name in ("results.json", "samples.npz", "table.md", "memory.png", "accuracy.png", "index.html", "videos/18.mp4"):
         assert (tmp_path / name).is_file(), name
     assert "| Self-Forcing window (8) |" in (tmp_path / "table.md").read_text()
 
@@ -335,7 +346,52 @@ def test_participative_eviction_keeps_the_frames_attended_to(pipe):
         assert s.cache.held[-2:] == [s.made - 2, s.made - 1] and set(s.cache.attention) <= set(s.cache.held)
     s.close()
     assert len(set(sizes[2:])) == 1
-    for bad, error in (({"recent_frames": 9}, "cannot exceed"), ({"decay": 2}, "decay must be"),
-                       ({"quant": kv.KVQuant()}, "without quant")):
+    for bad, error in (({"recent_frames": 9}, "cannot exceed"), ({"decay": 2}, "decay must be")):
         with pytest.raises(ValueError, match=error):
             stream(pipe, PROMPT, kv=kv.Participative(frames=8, **bad))
+
+
+def test_quantized_bytes_are_what_a_quantized_frame_holds():
+    key, value = torch.randn(2, 2, 16, 3, 24).unbind(0)
+    for bits in (8, 4):
+        assert quantized_bytes(2, 16, 3, 24, bits) == quantize_frame(key, value, bits).nbytes()
+
+
+def _bits(cache: kv.KVCache) -> dict[tuple[int, int], int]:
+    """(frame, layer) -> the bits it is held in there: 16 exact, 8 or 4."""
+    bits = {(f, i): 16 for f in cache.slot_of for i in range(len(cache.layers))}
+    return bits | {(f, i): q.bits for i, layer in enumerate(cache.layers) for f, q in layer.quantized.items()}
+
+
+def test_auto_fits_its_memory_budget_choosing_bits_by_layer_and_frame(pipe):
+    window = stream(pipe, [PROMPT, OTHER], steps=1, kv=kv.SlidingWindow(frames=8))
+    for _ in range(12):
+        next(window)
+    budget = window.stats()["kv_bytes"]  # what a window of 8 exact frames holds
+    window.close()
+    for config in (kv.Auto(frames=24, memory=budget), kv.Auto(frames=24, memory_frames=8)):
+        s = stream(pipe, [PROMPT, OTHER], steps=1, kv=config)
+        before, mixed = {}, False
+        for _ in range(60):
+            next(s)
+            assert budget * 0.8 < s.stats()["kv_bytes"] <= budget or s.made < 24  # it spends the budget, no more
+            now = _bits(s.cache)
+            assert all(now[k] <= before[k] for k in now if k in before)  # precision only falls as a frame ages
+            layers_of = {f: {b for (g, _), b in now.items() if g == f} for f, _ in now}
+            mixed |= any(len(b) > 1 or len([k for k in now if k[0] == f]) < len(s.cache.layers)
+                         for f, b in layers_of.items())
+            before = now
+        assert len(s.cache.held) > 8 and s.cache.held[-1] == s.made - 1  # more frames than the window holds
+        assert mixed  # some frame held in different bits, or dropped, layer by layer
+        s.close()
+
+
+def test_auto_needs_a_budget_it_can_meet(pipe):
+    for config, error in ((kv.Auto(), "one budget"), (kv.Auto(memory=10**9, memory_frames=8), "one budget"),
+                          (kv.Auto(memory_frames=2), "less than the 4 frames kept exact"),
+                          (kv.Auto(memory=1000), "bytes is less than the KV"),
+                          (kv.Auto(memory_frames=8, exact_frames=30), "cannot exceed"),
+                          (kv.Auto(memory_frames=8, quant=kv.KVQuant()), "leave quant None"),
+                          (kv.Auto(frames=2, memory_frames=8), "cannot hold one chunk")):
+        with pytest.raises(ValueError, match=error):
+            stream(pipe, PROMPT, kv=config)

@@ -50,6 +50,15 @@ def _stream(args: argparse.Namespace) -> None:
     print(f"wrote {args.output.resolve()}")
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
 def _eval_stream(args: argparse.Namespace) -> None:
     from .eval.stream_quality import evaluate_stream
     from .generation import load_pipeline
@@ -57,7 +66,7 @@ def _eval_stream(args: argparse.Namespace) -> None:
     if args.save:
         check_writable(args.save)
     policies = {text: kv_policy(text) for text in args.kv}
-    result = evaluate_stream(load_pipeline(args.model, args.device), policies, args.captions, args.frames, args.every,
+    result = evaluate_stream(load_pipeline(args.model, args.device, _dtype(args.dtype)), policies, args.captions, args.frames, args.every,
                              args.steps, args.guidance, device=args.device, full_kv=not args.no_full_kv)
     _save_json(args.save, result)
     for name, row in result["policies"].items():
@@ -66,19 +75,34 @@ def _eval_stream(args: argparse.Namespace) -> None:
 
 
 def _stream_bench(args: argparse.Namespace) -> None:
-    from .eval.stream_bench import run_stream_bench
+    from .eval.stream_bench import run_stream_bench, write_report
     from .generation import load_pipeline
 
-    check_writable(args.out / "results.json")
-    result = run_stream_bench(load_pipeline(args.model, args.device), args.out, args.window, args.captions, args.frames,
-                              args.every, args.steps, args.guidance, args.device)
+    if args.report_only:
+        write_report(args.out)
+    else:
+        check_writable(args.out / "results.json")
+        run_stream_bench(load_pipeline(args.model, args.device, _dtype(args.dtype)), args.out, args.context, tuple(args.budgets),
+                         args.captions, args.frames, args.every, args.steps, args.guidance, args.device,
+                         methods=args.methods, videos=not args.no_videos)
     print((args.out / "table.md").read_text())
-    print(f"wrote {args.out.resolve()} ({len(result['policies'])} methods)")
+    print(f"wrote {args.out.resolve()}")
+
+
+def method_range(text: str) -> slice:
+    start, sep, stop = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return slice(int(start) if start else None, int(stop) if stop else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give A:B (methods A to B-1), A: or :B") from None
 
 
 def kv_policy(text: str):
-    """`full`, `window:N`, `sinks:S:N` (S sink frames of N held), `deep-sink:N` or `participative:N`, each optionally
-    followed by `,last-step` (commit a chunk's last step) and `,int8` or `,int4` (KIVI: all but the newest 4 frames)."""
+    """`full`, `window:N`, `sinks:S:N` (S sink frames of N held), `deep-sink:N`, `participative:N` or `auto:M` (ours:
+    the KV memory of M exact frames, within 28 frames), each optionally followed by `,last-step` (commit a chunk's
+    last step) and, but for auto, `,int8` or `,int4` (KIVI: all but the newest 4 frames)."""
     from . import kv
 
     spec, *options = text.split(",")
@@ -94,11 +118,12 @@ def kv_policy(text: str):
                   ("window", 1): lambda: kv.SlidingWindow(frames=values[0], **common),
                   ("sinks", 2): lambda: kv.Sinks(sink_frames=values[0], frames=values[1], **common),
                   ("deep-sink", 1): lambda: kv.DeepSink(frames=values[0], **common),
-                  ("participative", 1): lambda: kv.Participative(frames=values[0], **common)}[(name, len(values))]
+                  ("participative", 1): lambda: kv.Participative(frames=values[0], **common),
+                  ("auto", 1): lambda: kv.Auto(memory_frames=values[0], **common)}[(name, len(values))]
     except (ValueError, KeyError):
         raise argparse.ArgumentTypeError(f"{text!r}: give full, window:N, sinks:S:N (S sink frames of N held), "
-                                         "deep-sink:N or participative:N, optionally followed by ,last-step and ,int8 "
-                                         "or ,int4") from None
+                                         "deep-sink:N, participative:N or auto:M, optionally followed by ,last-step and "
+                                         ",int8 or ,int4") from None
     return config()
 
 
@@ -283,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=positive_int, default=None, help="frames to make (default: until interrupted)")
     p.add_argument("--model", default="shapes-ar")
     p.add_argument("--kv", type=kv_policy, default="window:28", help="KV cache: full, window:N, sinks:S:N, "
-                   "deep-sink:N or participative:N, + ,last-step to commit a chunk's last step instead of re-encoding it, + ,int8 or ,int4 "
+                   "deep-sink:N, participative:N, auto:M (ours, in the KV memory of M exact frames), + ,last-step to commit a chunk's last step instead of re-encoding it, + ,int8 or ,int4 "
                    "to quantize all but the newest 4 frames; default window:28")
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps per chunk (default: the model's)")
     p.add_argument("--guidance", type=float, default=None)
@@ -302,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-full-kv", action="store_true", help="leave out full KV (its memory grows with length)")
     p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights and activations (bfloat16: flash attention on a GPU, several times faster)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--save", type=Path, default=None, help="also write the JSON to this file")
     p.set_defaults(run=_eval_stream)
@@ -309,12 +336,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stream-bench", help="every KV policy and the no-cache baseline side by side on a streaming model")
     p.add_argument("--model", default="shapes-ar")
     p.add_argument("--out", type=Path, default=Path("stream-bench"), help="folder for the results")
-    p.add_argument("--window", type=positive_int, default=28, help="frames every bounded method holds")
+    p.add_argument("--context", type=positive_int, default=28, help="the most frames a method holds")
+    p.add_argument("--budgets", type=positive_int, nargs=2, default=[8, 16],
+                   help="the two KV memory budgets, in exact frames, the bounded methods run at")
+    p.add_argument("--methods", type=method_range, default=slice(None),
+                   help="only methods A to B-1 of the list (A:B, either end may be left out; default: all), full KV always")
+    p.add_argument("--no-videos", action="store_true", help="leave out the videos and index.html (no imageio-ffmpeg)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only write the table, plots, videos and index.html from the results in --out")
     p.add_argument("--captions", type=positive_int, default=16)
     p.add_argument("--frames", type=positive_int, default=512)
     p.add_argument("--every", type=positive_int, default=32, help="frames between the windows read")
     p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights and activations (bfloat16: flash attention on a GPU, several times faster)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=_stream_bench)
 

@@ -16,9 +16,10 @@ from .reference.pipeline import ShapesPipeline
 OUTPUT_SUFFIXES = (".gif", ".png")
 
 
-def load_pipeline(model: str = "shapes-t2v", device: str | torch.device = "cpu") -> ShapesPipeline:
+def load_pipeline(model: str = "shapes-t2v", device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> ShapesPipeline:
     """A fresh pipeline for a shipped model, loaded from the package's own files (no network)."""
-    return ShapesPipeline.from_reference(model, check_device(device))
+    return ShapesPipeline.from_reference(model, check_device(device), dtype)
 
 
 def check_device(device: str | torch.device) -> torch.device:

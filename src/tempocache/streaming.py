@@ -62,6 +62,9 @@ class Stream(Attachment):
         self.generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompt) if self.batched else 1)]
         patch = pipe.transformer.config.patch_size
         self.layout = Layout(chunk, spec.size // patch[1], spec.size // patch[2])
+        config = pipe.transformer.config
+        kv.check_budget(2 * len(self.text) * self.layout.tokens * config.num_attention_heads * config.attention_head_dim
+                        * pipe.transformer.dtype.itemsize * len(pipe.transformer.blocks), chunk)
         self.cache = KVCache(kv, len(pipe.transformer.blocks), pipe.transformer.rope, self.layout)
         self.history: torch.Tensor | None = None  # with Recompute: the newest clean frames, re-run with each chunk
         self.clean: dict[int, torch.Tensor] = {}  # with "recache": each held frame, clean, (B, 3, H, W)

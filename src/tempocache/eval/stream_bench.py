@@ -3,12 +3,15 @@
 Methods: full KV (the reference); recomputing the history with each chunk (what a
 pipeline without a KV cache does; SkyReels-V2's diffusers pipeline re-runs its overlap
 history); Self-Forcing's sliding window; StreamingLLM / LongLive sinks; Deep Forcing's deep
-sink; participative eviction (H2O, by frame); KIVI-quantized windows. The model class has no KV cache of its own in diffusers
+sink; participative eviction (H2O, by frame); KIVI-quantized windows; our `kv.Auto`; and a window with the
+step cache on the chunk denoiser. The bounded methods run at two memory budgets (the KV of
+`budgets` frames kept exact); a quantized window holds as many frames as fit in its budget, up to
+the trained context. The model class has no KV cache of its own in diffusers
 (`SkyReelsV2DiffusionForcingPipeline` recomputes), so there is no diffusers cache to drive.
 transformers' `QuantizedCache` is not driven: it appends tokens to one growing sequence per
 layer and can evict nothing, where a video window evicts whole frames (from the middle,
 with sinks), and its backends (optimum-quanto, HQQ) are separate installs.
-Writes results.json, table.md, memory.png, accuracy.png, and index.html with each
+Writes results.json, samples.npz, table.md, memory.png, accuracy.png, and index.html with each
 method's video of the first caption beside full KV's.
 """
 
@@ -19,50 +22,97 @@ import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import tempocache  # noqa: E402
+
 from .. import kv  # noqa: E402
-from ..video import MP4Writer  # noqa: E402
-from .stream_quality import evaluate_stream  # noqa: E402
+from ..kv.quantized import quantized_bytes  # noqa: E402
+from .stream_quality import Method, evaluate_stream  # noqa: E402
 
 
-def default_methods(window: int) -> dict[str, kv.KVConfig]:
-    """The methods beside full KV, all holding at most `window` frames."""
-    return {
-        f"recompute history ({window} frames)": kv.Recompute(frames=window),
-        f"Self-Forcing window ({window})": kv.SlidingWindow(frames=window),
-        f"StreamingLLM sinks (3 + {window - 3})": kv.Sinks(frames=window, sink_frames=3),
-        f"tempocache DeepSink ({window})": kv.DeepSink(frames=window),
-        f"tempocache participative ({window})": kv.Participative(frames=window),
-        f"tempocache window ({window}), int8": kv.SlidingWindow(frames=window, quant=kv.KVQuant(bits=8)),
-        f"tempocache window ({window}), int4": kv.SlidingWindow(frames=window, quant=kv.KVQuant(bits=4)),
+def frames_within(pipe, budget: int, quant: kv.KVQuant, most: int) -> int:
+    """The frames a window quantized as `quant` holds in the KV memory of `budget` exact frames (at most `most`)."""
+    config, patch = pipe.transformer.config, pipe.transformer.config.patch_size
+    tokens = (pipe.spec.size // patch[1]) * (pipe.spec.size // patch[2])
+    exact = 2 * tokens * config.num_attention_heads * config.attention_head_dim * pipe.transformer.dtype.itemsize
+    quantized = quantized_bytes(1, tokens, config.num_attention_heads, config.attention_head_dim, quant.bits)
+    recent = max(quant.recent_frames, pipe.spec.chunk_frames)
+    return min(most, recent + (budget - recent) * exact // quantized)
+
+
+def default_methods(pipe, context: int, budgets: tuple[int, int]) -> dict[str, kv.KVConfig | Method]:
+    """The methods beside full KV, most telling first: each bounded one at the KV memory of `budgets` exact frames,
+    the peers also at `context` (the most frames the model was trained to attend to)."""
+    methods = {f"Self-Forcing window ({context})": kv.SlidingWindow(frames=context)}
+    for budget in budgets:
+        methods |= {
+            f"Self-Forcing window ({budget})": kv.SlidingWindow(frames=budget),
+            f"StreamingLLM sinks (3 + {budget - 3})": kv.Sinks(frames=budget, sink_frames=3),
+            f"tempocache Auto ({budget} frames' memory)": kv.Auto(frames=context, memory_frames=budget),
+        }
+        for bits in (8, 4):
+            quant = kv.KVQuant(bits=bits)
+            held = frames_within(pipe, budget, quant, context)
+            methods[f"tempocache window ({held}), int{bits}, {budget} frames' memory"] = kv.SlidingWindow(
+                frames=held, quant=quant)
+        methods[f"tempocache participative ({budget})"] = kv.Participative(frames=budget)
+        methods[f"tempocache DeepSink ({budget})"] = kv.DeepSink(frames=budget)
+    step_cache = tempocache.Auto(budget=0.5, zero_shot=True)
+    return methods | {
+        f"Self-Forcing window ({context}) + step cache Auto(0.5)": Method(kv.SlidingWindow(frames=context), step_cache),
+        f"StreamingLLM sinks (3 + {context - 3})": kv.Sinks(frames=context, sink_frames=3),
+        f"recompute history ({context} frames)": kv.Recompute(frames=context),
     }
 
 
-def run_stream_bench(pipe, out: Path, window: int = 28, captions: int = 16, frames: int = 512, every: int = 32,
-                     steps: int | None = None, guidance: float | None = None, device: str = "cpu",
-                     timing_chunks: int = 8) -> dict:
+def run_stream_bench(pipe, out: Path, context: int = 28, budgets: tuple[int, int] = (8, 16), captions: int = 16,
+                     frames: int = 512, every: int = 32, steps: int | None = None, guidance: float | None = None,
+                     device: str = "cpu", timing_chunks: int = 8, methods: slice = slice(None),
+                     videos: bool = True) -> dict:
+    """`methods`: which of `default_methods` to run beside full KV (a slice: a long bench can be split over runs). results.json and samples.npz (each
+    method's clip of the first caption) are rewritten after each method, so a run cut short keeps what it finished;
+    `write_report` then makes the rest from them (`videos=False`: all but the videos, which need imageio-ffmpeg)."""
     out.mkdir(parents=True, exist_ok=True)
-    result = evaluate_stream(pipe, default_methods(window), captions, frames, every, steps, guidance, device=device,
-                             timing_chunks=timing_chunks, keep_samples=1)
-    samples = result.pop("samples")
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    chosen = dict(list(default_methods(pipe, context, budgets).items())[methods])
+
+    def save(result: dict) -> None:
+        (out / "results.json").write_text(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
+        clips = [(clips[0] * 255).round().astype(np.uint8) for clips in result["samples"].values()]
+        np.savez_compressed(out / "samples.npz", *clips)
+        print(f"{list(result['policies'])[-1]}: {list(result['policies'].values())[-1]['seconds']} s", flush=True)
+
+    result = evaluate_stream(pipe, chosen, captions, frames, every, steps, guidance, device=device,
+                             timing_chunks=timing_chunks, keep_samples=1, progress=save)
+    result.pop("samples")
+    write_report(out, videos)
+    return result
+
+
+def write_report(out: Path, videos: bool = True) -> None:
+    """table.md, memory.png, accuracy.png and, with `videos`, index.html with each method's video of the first caption
+    beside full KV's, from the results.json and samples.npz of a run in `out`."""
+    result = json.loads((out / "results.json").read_text())
     (out / "table.md").write_text(table(result))
     plot(result, out)
-    videos = out / "videos"
-    videos.mkdir(exist_ok=True)
-    for i, (name, clips) in enumerate(samples.items()):
-        with MP4Writer(videos / f"{i}.mp4") as writer:
-            writer.write(clips[0])
+    if not videos:
+        return
+    from ..video import MP4Writer
+
+    (out / "videos").mkdir(exist_ok=True)
+    with np.load(out / "samples.npz") as samples:
+        for i in range(len(result["policies"])):
+            with MP4Writer(out / "videos" / f"{i}.mp4") as writer:
+                writer.write(samples[f"arr_{i}"] / 255.0)
     page = ["<html><body><h1>stream-bench</h1>", f"<p>{html.escape(result['model'])}: {result['captions']} held-out "
-            f"captions, {result['frames']} frames; first caption below</p><table>"]
-    for i, name in enumerate(samples):
+            f"captions, {result['frames']} frames; first caption below, full KV on the right</p><table>"]
+    for i, name in enumerate(result["policies"]):
         page.append(f"<tr><td>{html.escape(name)}</td><td><video src='videos/{i}.mp4' autoplay loop muted></video></td>"
                     f"<td><video src='videos/0.mp4' autoplay loop muted></video></td></tr>")
     (out / "index.html").write_text("\n".join(page + ["</table></body></html>"]))
-    return result
 
 
 def table(result: dict) -> str:

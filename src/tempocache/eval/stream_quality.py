@@ -11,19 +11,34 @@ frame and frames per second.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..kv import FullKV, KVConfig
+from ..step_cache import StepCacheConfig, enabled
 from ..reference import shapesworld
 from .evaluator import INPUT_FRAMES, STREAM_EVALUATOR_DIR, load_evaluator
 from .fidelity import fidelity
 from .metrics import frechet_distance, read_clips, semantic_accuracy
 
 REAL_SEED = 10_000
+
+
+@dataclass(frozen=True)
+class Method:
+    """A KV policy, with the step cache on the chunk denoiser or without."""
+
+    kv: KVConfig
+    step_cache: StepCacheConfig | None = None
+
+    def running(self, pipe) -> contextlib.AbstractContextManager:
+        return enabled(pipe, self.step_cache) if self.step_cache is not None else contextlib.nullcontext()
 
 
 def real_stream_windows(scenes: list, starts: list[int], seed: int, size: int) -> np.ndarray:
@@ -34,19 +49,22 @@ def real_stream_windows(scenes: list, starts: list[int], seed: int, size: int) -
                                for s, l in zip(scenes, layouts)]) for start in starts])
 
 
-def evaluate_stream(pipe, policies: dict[str, KVConfig], captions: int = 64, frames: int = 512, every: int = 32,
-                    steps: int | None = None, guidance: float | None = None, seed: int = 0, device: str = "cpu",
-                    full_kv: bool = True, timing_chunks: int = 8, keep_samples: int = 0) -> dict:
-    """The drift curve of each KV policy (by name) over `frames` frames of `captions` held-out captions; with
-    `full_kv`, also of full KV, the reference the others' PSNR is measured against (its memory grows with length).
-    Each policy also streams the first caption alone for `timing_chunks` chunks: time to first frame, frames/s.
-    `keep_samples`: the clips of that many captions per policy, under "samples" (arrays: not for JSON)."""
+def evaluate_stream(pipe, policies: dict[str, KVConfig | Method], captions: int = 64, frames: int = 512,
+                    every: int = 32, steps: int | None = None, guidance: float | None = None, seed: int = 0,
+                    device: str = "cpu", full_kv: bool = True, timing_chunks: int = 8, keep_samples: int = 0,
+                    progress: Callable[[dict], None] | None = None) -> dict:
+    """The drift curve of each KV policy (by name; a `Method` adds a step cache) over `frames` frames of `captions`
+    held-out captions; with `full_kv`, also of full KV, the reference the others' PSNR is measured against (its
+    memory grows with length). Each policy also streams the first caption alone for `timing_chunks` chunks: time
+    to first frame, frames/s. `keep_samples`: the clips of that many captions per policy, under "samples" (arrays:
+    not for JSON). `progress(result)` is called after each policy with the result so far."""
     spec = pipe.spec
     if captions < 2 or frames < INPUT_FRAMES or every < 1:
         raise ValueError(f"need at least 2 captions, {INPUT_FRAMES} frames and every >= 1, got {captions}, {frames}, {every}")
     policies = {"full KV": FullKV(), **policies} if full_kv else dict(policies)
-    for config in policies.values():
-        config.check(spec.chunk_frames)
+    methods = {name: m if isinstance(m, Method) else Method(m) for name, m in policies.items()}
+    for method in methods.values():
+        method.kv.check(spec.chunk_frames)
     scenes = shapesworld.held_out_scenes(captions, seed, motions=shapesworld.STREAM_MOTIONS)
     prompts = [s.caption() for s in scenes]
     starts = list(range(0, frames - INPUT_FRAMES + 1, every))
@@ -59,8 +77,12 @@ def evaluate_stream(pipe, policies: dict[str, KVConfig], captions: int = 64, fra
               "steps": steps or spec.default_steps, "guidance": guidance or spec.default_guidance, "seed": seed,
               "starts": starts, "frechet_real_vs_real": floor, "policies": {}}
     reference = None
-    for name, config in policies.items():
-        row = {"kv": repr(config), **_rollout_cost(pipe, prompts, frames, config, steps, guidance, seed, every)}
+    for name, method in methods.items():
+        with method.running(pipe):
+            row = {"kv": repr(method.kv), **_rollout_cost(pipe, prompts, frames, method.kv, steps, guidance, seed, every)}
+            row["timing"] = _timing(pipe, prompts[0], method.kv, steps, guidance, seed, timing_chunks)
+        if method.step_cache is not None:
+            row["step_cache"] = repr(method.step_cache)
         clips = row.pop("clips")
         windows = [clips[:, s:s + INPUT_FRAMES] for s in starts]
         read = [read_clips(evaluator, w) for w in windows]
@@ -70,10 +92,11 @@ def evaluate_stream(pipe, policies: dict[str, KVConfig], captions: int = 64, fra
             reference = clips
         elif reference is not None:
             row["psnr_vs_full_kv"] = [fidelity(w, reference[:, s:s + INPUT_FRAMES])["psnr"] for s, w in zip(starts, windows)]
-        row["timing"] = _timing(pipe, prompts[0], config, steps, guidance, seed, timing_chunks)
         result["policies"][name] = row
         if keep_samples:
             result.setdefault("samples", {})[name] = clips[:keep_samples]
+        if progress is not None:
+            progress(result)
     return result
 
 

@@ -1,6 +1,7 @@
 """`tempocache.kv`: the bounded KV cache of chunk-autoregressive video generation."""
 
 from .attention import installed, self_attentions
+from .auto import Auto
 from .cache import KVCache, KVLayer, Layout
 from .config import FullKV, KVConfig
 from .deep_sink import DeepSink
@@ -10,5 +11,5 @@ from .recompute import Recompute
 from .sinks import Sinks
 from .window import SlidingWindow
 
-__all__ = ["DeepSink", "FullKV", "KVCache", "KVConfig", "KVLayer", "KVQuant", "Layout", "Participative", "Recompute",
+__all__ = ["Auto", "DeepSink", "FullKV", "KVCache", "KVConfig", "KVLayer", "KVQuant", "Layout", "Participative", "Recompute",
            "Sinks", "SlidingWindow", "blockwise_attention", "installed", "self_attentions"]

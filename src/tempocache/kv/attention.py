@@ -63,7 +63,7 @@ def installed(transformer: nn.Module, cache: KVCache) -> Iterator[None]:
     originals = [a.processor for a in attentions]
     try:
         one_block = cache.layout.chunk_frames <= getattr(transformer.config, "num_frame_per_block", 1)
-        if cache.config.quant is not None and not one_block:
+        if cache.config.quantizes() and not one_block:
             raise ValueError("a quantized KV cache attends block by block without a mask: it needs chunks of one "
                              "block (chunk frames <= the model's num_frame_per_block)")
         for i, (a, original) in enumerate(zip(attentions, originals)):

@@ -5,20 +5,22 @@ All layers share one slot table (which frame each slot holds), so evicting a fra
 its slot is simply written by the next frame. While a chunk is denoised its keys and values
 are *pending*: each step's attention sees the committed frames plus the chunk's own
 current keys and values, and nothing is written. `commit()` then moves the chunk into the
-store, making room as the config says (`KVConfig.evict`), from either the last denoising
-step's keys and values (StreamDiffusionV2) or a re-encoding pass of the clean chunk
-(Self-Forcing, Ca2-VDM). The committed keys and values so serve every denoising step of
+store, from either the last denoising step's keys and values (StreamDiffusionV2) or a
+re-encoding pass of the clean chunk (Self-Forcing, Ca2-VDM), after making room as the config
+says: frames evicted (`KVConfig.evict`), or stored in fewer bits or dropped layer by layer
+(`KVConfig.precision`). The committed keys and values so serve every denoising step of
 the next chunk unchanged, as Ca2-VDM shares them.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
 
 from .config import KVConfig
-from .quantized import QuantizedFrame, blockwise_attention, quantize_frame
+from .quantized import QuantizedFrame, blockwise_attention, quantize_frame, quantized_bytes
 from .rope import FramePositions, rotate
 
 
@@ -31,10 +33,11 @@ class KVLayer:
         self.values: torch.Tensor | None = None
         self.quantized: dict[int, QuantizedFrame] = {}
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # the chunk's, from the last call
+        self.error: dict[int, float] = {}  # by bits: the relative error of this layer's latest quantized frame
 
     def reset(self) -> None:
         self.keys = self.values = self.pending = None
-        self.quantized = {}
+        self.quantized, self.error = {}, {}
 
     def nbytes(self) -> int:
         exact = sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
@@ -68,10 +71,24 @@ class KVLayer:
             self.values[:, rows] = value[:, i * tokens:(i + 1) * tokens]
         self.pending = None
 
-    def quantize(self, frame: int, slot: int, tokens: int, bits: int) -> None:
-        """Move the frame in `slot` to quantized storage (its slot is then free)."""
-        rows = slice(slot * tokens, (slot + 1) * tokens)
-        self.quantized[frame] = quantize_frame(self.keys[:, rows], self.values[:, rows], bits)
+    def lower(self, frame: int, slot: int | None, tokens: int, bits: int | None) -> None:
+        """Store `frame` in `bits` bits, from its exact `slot` (None: it is quantized already, in more bits), or
+        drop it from this layer (bits None). Records the relative error of each quantization, by bits."""
+        if bits is None:
+            self.quantized.pop(frame, None)
+            return
+        if slot is not None:
+            rows = slice(slot * tokens, (slot + 1) * tokens)
+            key, value = self.keys[:, rows], self.values[:, rows]
+        else:
+            stored = self.quantized[frame]
+            if stored.bits <= bits:
+                return
+            key, value = stored.keys(torch.float32), stored.values(torch.float32)
+        self.quantized[frame] = q = quantize_frame(key, value, bits)
+        error = ((q.keys(torch.float32) - key.float()).square().sum() + (q.values(torch.float32) - value.float())
+                 .square().sum()) / (key.float().square().sum() + value.float().square().sum()).clamp(min=1e-12)
+        self.error[bits] = error.sqrt().item()
 
 
 @dataclass
@@ -92,8 +109,9 @@ class KVCache:
 
     def __init__(self, config: KVConfig, num_layers: int, rope, layout: Layout):
         config.check(layout.chunk_frames)
+        self.head_dim = rope.t_dim + rope.h_dim + rope.w_dim
         if config.quant is not None:
-            config.quant.check(rope.t_dim + rope.h_dim + rope.w_dim)
+            config.quant.check(self.head_dim)
         self.config, self.layout = config, layout
         self.layers = [KVLayer() for _ in range(num_layers)]
         self.positions = FramePositions(rope, layout.rows, layout.cols)
@@ -105,9 +123,10 @@ class KVCache:
             layer.reset()
         self.slot_frames: list[int] = []  # the exact frame in slot s, -1 for a free slot
         self.slot_of: dict[int, int] = {}  # its inverse
-        self.quantized: list[int] = []  # frames in quantized storage, oldest first
+        self.quantized: list[int] = []  # frames quantized in at least one layer, oldest first
         self.frames_made = 0  # frames committed so far; the pending chunk's first frame has this index
-        self.attention: dict[int, float] = {}  # for a config that scores attention: the mass each held frame received
+        # for a config that scores attention: per layer, the mass each held frame received lately
+        self.attention: dict[int, list[float]] = {}
         self._rotary: dict = {}
 
     @property
@@ -118,6 +137,14 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
+    def frame_bytes(self, bits: int | None = None) -> int:
+        """One frame's keys and values at one layer, exact (bits None) or in `bits` bits; from the pending chunk."""
+        key = self.layers[0].pending[0]  # (B, chunk tokens, heads, head_dim)
+        batch, heads, tokens = key.shape[0], key.shape[2], self.layout.tokens
+        if bits is None:
+            return 2 * batch * tokens * heads * key.shape[3] * key.element_size()
+        return quantized_bytes(batch, tokens, heads, key.shape[3], bits)
+
     def _exact_slots(self) -> list[int]:
         return [s for s, f in enumerate(self.slot_frames) if f >= 0]
 
@@ -127,7 +154,7 @@ class KVCache:
         if not self._rotary:
             held_positions, chunk_positions = self.config.positions(self.held, self.layout.chunk_frames)
             position_of = dict(zip(self.held, held_positions))
-            size = self.config.quant.group_frames if self.config.quant else 1
+            size = self.config.group_frames()
             groups = [self.quantized[i:i + size] for i in range(0, len(self.quantized), size)]
             self._rotary = {
                 "exact": self.positions([position_of[self.slot_frames[s]] for s in self._exact_slots()], device),
@@ -143,68 +170,96 @@ class KVCache:
         rotary, store, tokens = self.rotary(query.device), self.layers[layer], self.layout.tokens
         store.pending = (key, value)
         query, keys, values = rotate(query, *rotary["chunk"]), rotate(key, *rotary["chunk"]), value
+        scores = [] if self.config.scores_attention else None  # (frames, a sample of queries' logits over them)
+        sample = _query_sample(query, self.config.query_sample) if scores is not None else None
         slots = self._exact_slots()
         if slots:
             held_keys, held_values = store.exact(slots, tokens)
-            keys = torch.cat([rotate(held_keys, *rotary["exact"]), keys], 1)
-            values = torch.cat([held_values, values], 1)
-        if self.config.scores_attention and slots:
-            self._score(query, keys[:, :len(slots) * tokens], slots)
-        if not self.quantized:
-            return attention(query, keys, values)
+            held_keys = rotate(held_keys, *rotary["exact"])
+            if scores is not None:
+                scores.append(([self.slot_frames[s] for s in slots], _logits(sample, held_keys)))
+            keys, values = torch.cat([held_keys, keys], 1), torch.cat([held_values, values], 1)
+        if not store.quantized:
+            out = attention(query, keys, values)
+        else:
+            out = blockwise_attention(query, self._blocks(store, rotary["groups"], keys, values, sample, scores))
+        if scores:
+            self._score(layer, scores)
+        return out
 
-        def blocks():
-            for frames, cos, sin in rotary["groups"]:  # one group rebuilt in full precision at a time
-                stored = [store.quantized[f] for f in frames]
-                group_keys = torch.cat([q.keys(key.dtype) for q in stored], 1)
-                yield rotate(group_keys, cos, sin), torch.cat([q.values(value.dtype) for q in stored], 1)
-            yield keys, values
+    @staticmethod
+    def _blocks(store: KVLayer, groups: list, keys: torch.Tensor, values: torch.Tensor, sample, scores):
+        """The keys and values attended to, block by block: each group of the quantized frames this layer holds,
+        rebuilt in full precision one group at a time, then the exact frames with the chunk."""
+        for frames, cos, sin in groups:
+            present = [i for i, f in enumerate(frames) if f in store.quantized]
+            if not present:
+                continue
+            if len(present) < len(frames):  # this layer dropped some of the group's frames
+                cos, sin = (t.unflatten(1, (len(frames), -1))[:, present].flatten(1, 2) for t in (cos, sin))
+            stored = [store.quantized[frames[i]] for i in present]
+            group_keys = rotate(torch.cat([q.keys(keys.dtype) for q in stored], 1), cos, sin)
+            if scores is not None:
+                scores.append(([frames[i] for i in present], _logits(sample, group_keys)))
+            yield group_keys, torch.cat([q.values(values.dtype) for q in stored], 1)
+        yield keys, values
 
-        return blockwise_attention(query, blocks())
-
-    def _score(self, query: torch.Tensor, held_keys: torch.Tensor, slots: list[int]) -> None:
-        """Add to each held frame the attention mass that a sample of the chunk's queries gives its tokens (the
-        softmax taken over the held keys), averaged over the layers."""
-        sample = query[:, ::max(1, query.shape[1] // self.config.query_sample)].transpose(1, 2).float()
-        scores = sample @ held_keys.transpose(1, 2).float().transpose(-1, -2) * query.shape[-1] ** -0.5
-        mass = scores.softmax(-1).mean((0, 1, 2)).unflatten(0, (len(slots), -1)).sum(-1) / len(self.layers)
-        for slot, m in zip(slots, mass.tolist()):
-            frame = self.slot_frames[slot]
-            self.attention[frame] = self.attention.get(frame, 0.0) + m
+    def _score(self, layer: int, scores: list) -> None:
+        """Add to each held frame, at `layer`, the attention mass that the sampled queries give its tokens (the
+        softmax taken over the held keys, averaged over the batch, heads and queries)."""
+        frames = [f for block, _ in scores for f in block]
+        mass = torch.cat([logits for _, logits in scores], -1).softmax(-1).mean((0, 1, 2))
+        for frame, m in zip(frames, mass.unflatten(0, (len(frames), -1)).sum(-1).tolist()):
+            self.attention.setdefault(frame, [0.0] * len(self.layers))[layer] += m
 
     def commit(self) -> None:
-        """Store the pending chunk (the keys and values of the last call), evicting as the config says, and with
-        quantization moving the exact frames older than the newest `recent_frames` to quantized storage."""
+        """Store the pending chunk (the keys and values of the last call): first evict and lower held frames as
+        the config says (`KVConfig.evict`, `KVConfig.precision`), then write the chunk into the free slots."""
         if any(layer.pending is None for layer in self.layers):
             raise RuntimeError("commit() needs a call on the pending chunk first")
-        chunk = range(self.frames_made, self.frames_made + self.layout.chunk_frames)
-        for frame in self.config.evict(self.held, self.layout.chunk_frames, self.attention):
-            self.attention.pop(frame, None)
-            if frame in self.slot_of:
-                self.slot_frames[self.slot_of.pop(frame)] = -1
-            else:
-                self.quantized.remove(frame)
-                for layer in self.layers:
-                    del layer.quantized[frame]
+        chunk = list(range(self.frames_made, self.frames_made + self.layout.chunk_frames))
+        mean = {f: sum(m) / len(m) for f, m in self.attention.items()}
+        for frame in self.config.evict(self.held, len(chunk), mean):
+            self._lower(frame, [None] * len(self.layers))
+        for frame, bits in self.config.precision(self, self.held + chunk).items():
+            self._lower(frame, bits)
         free = [s for s, f in enumerate(self.slot_frames) if f < 0][:len(chunk)]
         new = len(chunk) - len(free)
         slots = free + list(range(len(self.slot_frames), len(self.slot_frames) + new))
         self.slot_frames += [-1] * new
         for frame, slot in zip(chunk, slots):
             self.slot_frames[slot], self.slot_of[frame] = frame, slot
-        quant = self.config.quant
-        capacity = (quant.recent_frames + len(chunk)) if quant else self.config.capacity(self.layout.chunk_frames)
+        capacity = self.config.exact_capacity(self)
         for layer in self.layers:
             layer.write(slots, self.layout.tokens, capacity)
-        if quant is not None:
-            exact = sorted(self.slot_of)
-            for frame in exact[:max(0, len(exact) - quant.recent_frames)]:
-                slot = self.slot_of.pop(frame)
-                for layer in self.layers:
-                    layer.quantize(frame, slot, self.layout.tokens, quant.bits)
-                self.slot_frames[slot] = -1
-                self.quantized.append(frame)
         if self.config.scores_attention:
-            self.attention = {f: m * self.config.decay for f, m in self.attention.items()}
-        self.frames_made += self.layout.chunk_frames
+            self.attention = {f: [m * self.config.decay for m in ms] for f, ms in self.attention.items()}
+        self.frames_made += len(chunk)
         self._rotary = {}
+
+    def _lower(self, frame: int, bits: list[int | None]) -> None:
+        """Store a held frame in bits[i] bits at layer i, or drop it there (None): never in more bits than now."""
+        if frame >= self.frames_made:
+            raise ValueError(f"frame {frame} is not committed yet: the pending chunk is stored exact")
+        slot = self.slot_of.pop(frame, None)
+        if slot is not None:
+            self.slot_frames[slot] = -1
+        for layer, b in zip(self.layers, bits, strict=True):
+            if slot is not None or frame in layer.quantized:
+                layer.lower(frame, slot, self.layout.tokens, b)
+        if not any(frame in layer.quantized for layer in self.layers):
+            self.attention.pop(frame, None)
+            if frame in self.quantized:
+                self.quantized.remove(frame)
+        elif frame not in self.quantized:
+            bisect.insort(self.quantized, frame)
+
+
+def _query_sample(query: torch.Tensor, size: int) -> torch.Tensor:
+    """About `size` of the chunk's (rotated) queries, scaled: (B, heads, size, head_dim), float."""
+    return query[:, ::max(1, query.shape[1] // size)].transpose(1, 2).float() * query.shape[-1] ** -0.5
+
+
+def _logits(sample: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The sampled queries' attention logits over keys (B, N, heads, head_dim): (B, heads, size, N)."""
+    return sample @ keys.transpose(1, 2).float().transpose(-1, -2)

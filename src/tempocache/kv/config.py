@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .quantized import KVQuant
+
+if TYPE_CHECKING:
+    from .cache import KVCache
 
 COMMITS = ("reencode", "last_step")
 
@@ -34,12 +38,41 @@ class KVConfig:
         """The most frames ever held (None: no bound)."""
         return None
 
-    scores_attention = False  # whether evict() wants the attention mass each held frame received
+    def check_budget(self, frame_bytes: int, chunk_frames: int) -> None:
+        """Raise ValueError, before any compute, if a budget in bytes cannot hold what must be held; `frame_bytes`:
+        one frame's keys and values in every layer."""
+
+    def exact_capacity(self, cache: KVCache) -> int | None:
+        """The most frames ever held exact (None: no bound): with quant, the newest `recent_frames` or the chunk."""
+        chunk_frames = cache.layout.chunk_frames
+        held = self.capacity(chunk_frames)
+        if self.quant is None:
+            return held
+        exact = max(self.quant.recent_frames, chunk_frames)
+        return exact if held is None else min(held, exact)
+
+    def quantizes(self) -> bool:
+        return self.quant is not None
+
+    def group_frames(self) -> int:
+        """Quantized frames rebuilt in full precision at a time while attending."""
+        return self.quant.group_frames if self.quant is not None else 1
+
+    scores_attention = False  # whether the cache measures the attention mass each held frame receives, per layer
 
     def evict(self, held: list[int], chunk_frames: int, attention: dict[int, float] | None = None) -> list[int]:
         """The frames to drop before a chunk of `chunk_frames` frames is stored; `held` oldest first; `attention`: the
         attention mass each received lately, for a config that `scores_attention`."""
         return []
+
+    def precision(self, cache: KVCache, frames: list[int]) -> dict[int, list[int | None]]:
+        """Held frames to store in fewer bits, each with its bits per layer (8, 4, or None: dropped there); asked at
+        each commit with `frames` the held frames and the chunk's, oldest first. Frames not named keep their storage.
+        With quant: every frame but the newest `recent_frames`, in quant.bits."""
+        if self.quant is None:
+            return {}
+        older = frames[:max(0, len(frames) - self.quant.recent_frames)]
+        return {f: [self.quant.bits] * len(cache.layers) for f in older if f < cache.frames_made}
 
     def positions(self, held: list[int], chunk_frames: int) -> tuple[list[int], list[int]]:
         """Rotary positions of the held frames (oldest first) and of the pending chunk's: by rank, so a frame's

@@ -34,8 +34,6 @@ class Participative(SlidingWindow):
             raise ValueError(f"recent_frames ({self.recent_frames}) cannot exceed frames ({self.frames})")
         if not isinstance(self.decay, (int, float)) or not 0 <= self.decay <= 1:
             raise ValueError(f"decay must be between 0 and 1, got {self.decay!r}")
-        if self.quant is not None:
-            raise ValueError("Participative scores exact frames only: use it without quant")
 
     def evict(self, held: list[int], chunk_frames: int, attention: dict[int, float] | None = None) -> list[int]:
         over = self.overflow(held, chunk_frames)

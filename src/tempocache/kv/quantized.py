@@ -63,6 +63,12 @@ class QuantizedFrame:
         return _decode(self.value_codes, self.value_scale, self.value_zero, self.bits).to(dtype)
 
 
+def quantized_bytes(batch: int, tokens: int, heads: int, head_dim: int, bits: int) -> int:
+    """The bytes of one frame's `QuantizedFrame`: codes, the keys' scale and zero per channel, the values' per token."""
+    codes = batch * tokens * heads * head_dim * bits // 8
+    return 2 * codes + 2 * 4 * batch * heads * head_dim + 2 * 4 * batch * tokens * heads
+
+
 def quantize_frame(key: torch.Tensor, value: torch.Tensor, bits: int) -> QuantizedFrame:
     """key, value: (B, tokens, heads, head_dim), one frame, keys before rotation."""
     key_codes, key_scale, key_zero = _encode(key, bits, dim=1)

@@ -106,7 +106,8 @@ class AutoPolicy(Policy):
         if step.num_steps is None and (self.default_steps is None or step.steps_unknown):
             step.require_num_steps("Auto")
         num_steps = step.num_steps or max(self.default_steps, step.index + 1)
-        self.schedule = self.planned(num_steps)
+        # one step (a streaming model's pass over its clean chunk) has nothing to reuse: computed at any budget
+        self.schedule = self.planned(num_steps) if num_steps > 1 else [[Action.COMPUTE] for _ in self.edges[1:]]
 
     def decide(self, step: Step, segment: int, x: State, memory: BranchMemory) -> Action:
         return self.schedule[segment][step.index]
