@@ -285,6 +285,9 @@ def test_a_quantized_cache_keeps_its_newest_frames_exact_and_the_rest_close(pipe
         assert len(s.cache.quantized) == 8 and len(s.cache.slot_of) == 4
         mse = float(((out - exact) ** 2).mean())
         assert 0 < mse and 10 * np.log10(1 / mse) > least_psnr
+        # by default each layer rebuilds its quantized frames at once for the fused attention: the same result
+        fused = chunks(stream(pipe, PROMPT, frames=24, steps=2, kv=kv.SlidingWindow(frames=12, quant=kv.KVQuant(bits=bits))))
+        np.testing.assert_allclose(fused, out, atol=1e-4)
     full_bytes = stream(pipe, PROMPT, frames=24, steps=2, kv=window)
     list(full_bytes)
     assert sizes[4] < sizes[8] < full_bytes.stats()["peak_kv_bytes"]

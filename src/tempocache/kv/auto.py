@@ -30,7 +30,7 @@ class Auto(SlidingWindow):
     the bytes of that many frames kept exact; frames: the most frames held (the context); exact_frames: the newest
     frames kept exact (default: chosen from the budget); query_sample, decay: the attention profile's queries per
     call and what is left of a frame's mass after each commit; rebuild_frames: quantized frames rebuilt in full
-    precision at a time while attending."""
+    precision at a time while attending, block by block (None: a layer's at once, read by fused attention)."""
 
     frames: int = 28
     memory: int | None = None
@@ -38,7 +38,7 @@ class Auto(SlidingWindow):
     exact_frames: int | None = None
     query_sample: int = 64
     decay: float = 0.5
-    rebuild_frames: int = 4
+    rebuild_frames: int | None = None
     scores_attention = True
 
     def check(self, chunk_frames: int) -> None:
@@ -60,7 +60,8 @@ class Auto(SlidingWindow):
         elif isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
             raise ValueError(f"memory must be a positive number of bytes, got {self.memory!r}")
         check_frames("query_sample", self.query_sample)
-        check_frames("rebuild_frames", self.rebuild_frames)
+        if self.rebuild_frames is not None:
+            check_frames("rebuild_frames", self.rebuild_frames)
         if not isinstance(self.decay, (int, float)) or not 0 <= self.decay <= 1:
             raise ValueError(f"decay must be between 0 and 1, got {self.decay!r}")
 
@@ -72,7 +73,7 @@ class Auto(SlidingWindow):
     def quantizes(self) -> bool:
         return True
 
-    def group_frames(self) -> int:
+    def group_frames(self) -> int | None:
         return self.rebuild_frames
 
     def budget(self, cache: KVCache) -> int:

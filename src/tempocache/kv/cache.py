@@ -154,7 +154,7 @@ class KVCache:
         if not self._rotary:
             held_positions, chunk_positions = self.config.positions(self.held, self.layout.chunk_frames)
             position_of = dict(zip(self.held, held_positions))
-            size = self.config.group_frames()
+            size = self.config.group_frames() or max(1, len(self.quantized))
             groups = [self.quantized[i:i + size] for i in range(0, len(self.quantized), size)]
             self._rotary = {
                 "exact": self.positions([position_of[self.slot_frames[s]] for s in self._exact_slots()], device),
@@ -182,7 +182,12 @@ class KVCache:
         if not store.quantized:
             out = attention(query, keys, values)
         else:
-            out = blockwise_attention(query, self._blocks(store, rotary["groups"], keys, values, sample, scores))
+            blocks = self._blocks(store, rotary["groups"], keys, values, sample, scores)
+            if self.config.group_frames() is None:  # the layer's frames rebuilt at once, for the fused attention
+                held = list(blocks)
+                out = attention(query, torch.cat([k for k, _ in held], 1), torch.cat([v for _, v in held], 1))
+            else:
+                out = blockwise_attention(query, blocks)
         if scores:
             self._score(layer, scores)
         return out

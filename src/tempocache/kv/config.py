@@ -54,9 +54,9 @@ class KVConfig:
     def quantizes(self) -> bool:
         return self.quant is not None
 
-    def group_frames(self) -> int:
-        """Quantized frames rebuilt in full precision at a time while attending."""
-        return self.quant.group_frames if self.quant is not None else 1
+    def group_frames(self) -> int | None:
+        """Quantized frames rebuilt in full precision at a time while attending, block by block (None: a layer's)."""
+        return self.quant.group_frames if self.quant is not None else None
 
     scores_attention = False  # whether the cache measures the attention mass each held frame receives, per layer
 

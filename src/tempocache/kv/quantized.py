@@ -3,10 +3,12 @@
 A frame leaving the `recent_frames` newest is stored in 8 or 4 bits (asymmetric min-max,
 two 4-bit codes per byte), keys with a scale and zero per channel over the frame's tokens
 (key outliers sit in channels), values per token. Keys are quantized before rotation.
-Attention never dequantizes the whole cache at once: it reads the quantized frames
-`group_frames` at a time, merging the blocks' softmax exactly (`blockwise_attention`); the
-study of 33 KV methods on Self-Forcing found methods that rebuild a full-precision cache
-to attend exceeding the uncompressed peak memory.
+Attention never dequantizes the whole cache at once: by default each layer rebuilds its own
+quantized frames (a layer's share of the cache) and reads them with the model's fused
+attention; with `group_frames` it reads them that many frames at a time, merging the blocks'
+softmax exactly (`blockwise_attention`), in plain PyTorch. The study of 33 KV methods on
+Self-Forcing found methods that rebuild a full-precision cache to attend exceeding the
+uncompressed peak memory.
 """
 
 from __future__ import annotations
@@ -22,17 +24,19 @@ BITS = (8, 4)
 @dataclass(frozen=True)
 class KVQuant:
     """bits: 8 or 4; recent_frames: the newest committed frames kept exact; group_frames: quantized frames
-    dequantized at a time while attending (the most full-precision KV ever rebuilt at once)."""
+    dequantized at a time while attending, read block by block (None: a layer's at once, read by fused attention)."""
 
     bits: int = 8
     recent_frames: int = 4
-    group_frames: int = 4
+    group_frames: int | None = None
 
     def check(self, head_dim: int) -> None:
         if self.bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {self.bits!r}")
         for name, least in (("recent_frames", 0), ("group_frames", 1)):
             value = getattr(self, name)
+            if name == "group_frames" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
         if self.bits == 4 and head_dim % 2:
