@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .kv import FullKV, KVCache, KVConfig, Layout, Recompute, installed
+from .kv.quantized import exact_bytes
 from .models import STREAM, Attachment, attach, attached, cache_context, detach
 from .reference.models import predict_velocity
 from .reference.pipeline import ShapesPipeline
@@ -63,8 +64,9 @@ class Stream(Attachment):
         patch = pipe.transformer.config.patch_size
         self.layout = Layout(chunk, spec.size // patch[1], spec.size // patch[2])
         config = pipe.transformer.config
-        kv.check_budget(2 * len(self.text) * self.layout.tokens * config.num_attention_heads * config.attention_head_dim
-                        * pipe.transformer.dtype.itemsize * len(pipe.transformer.blocks), chunk)
+        frame = exact_bytes(len(self.text), self.layout.tokens, config.num_attention_heads, config.attention_head_dim,
+                            pipe.transformer.dtype.itemsize)
+        kv.check_budget(frame * len(pipe.transformer.blocks), chunk)
         self.cache = KVCache(kv, len(pipe.transformer.blocks), pipe.transformer.rope, self.layout)
         self.history: torch.Tensor | None = None  # with Recompute: the newest clean frames, re-run with each chunk
         self.clean: dict[int, torch.Tensor] = {}  # with "recache": each held frame, clean, (B, 3, H, W)

@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import tempocache  # noqa: E402
 
 from .. import kv  # noqa: E402
-from ..kv.quantized import quantized_bytes  # noqa: E402
+from ..kv.quantized import exact_bytes, quantized_bytes  # noqa: E402
 from .stream_quality import Method, evaluate_stream  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def frames_within(pipe, budget: int, quant: kv.KVQuant, most: int) -> int:
     """The frames a window quantized as `quant` holds in the KV memory of `budget` exact frames (at most `most`)."""
     config, patch = pipe.transformer.config, pipe.transformer.config.patch_size
     tokens = (pipe.spec.size // patch[1]) * (pipe.spec.size // patch[2])
-    exact = 2 * tokens * config.num_attention_heads * config.attention_head_dim * pipe.transformer.dtype.itemsize
+    exact = exact_bytes(1, tokens, config.num_attention_heads, config.attention_head_dim, pipe.transformer.dtype.itemsize)
     quantized = quantized_bytes(1, tokens, config.num_attention_heads, config.attention_head_dim, quant.bits)
     recent = max(quant.recent_frames, pipe.spec.chunk_frames)
     return min(most, recent + (budget - recent) * exact // quantized)

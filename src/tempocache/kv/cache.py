@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import KVConfig
-from .quantized import QuantizedFrame, blockwise_attention, quantize_frame, quantized_bytes
+from .quantized import QuantizedFrame, blockwise_attention, exact_bytes, quantize_frame, quantized_bytes
 from .rope import FramePositions, rotate
 
 
@@ -142,7 +142,7 @@ class KVCache:
         key = self.layers[0].pending[0]  # (B, chunk tokens, heads, head_dim)
         batch, heads, tokens = key.shape[0], key.shape[2], self.layout.tokens
         if bits is None:
-            return 2 * batch * tokens * heads * key.shape[3] * key.element_size()
+            return exact_bytes(batch, tokens, heads, key.shape[3], key.element_size())
         return quantized_bytes(batch, tokens, heads, key.shape[3], bits)
 
     def _exact_slots(self) -> list[int]:

@@ -67,6 +67,11 @@ class QuantizedFrame:
         return _decode(self.value_codes, self.value_scale, self.value_zero, self.bits).to(dtype)
 
 
+def exact_bytes(batch: int, tokens: int, heads: int, head_dim: int, itemsize: int) -> int:
+    """The bytes of one frame's keys and values at one layer, unquantized."""
+    return 2 * batch * tokens * heads * head_dim * itemsize
+
+
 def quantized_bytes(batch: int, tokens: int, heads: int, head_dim: int, bits: int) -> int:
     """The bytes of one frame's `QuantizedFrame`: codes, the keys' scale and zero per channel, the values' per token."""
     codes = batch * tokens * heads * head_dim * bits // 8
