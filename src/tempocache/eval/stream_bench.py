@@ -73,9 +73,10 @@ def run_stream_bench(pipe, out: Path, context: int = 28, budgets: tuple[int, int
                      frames: int = 512, every: int = 32, steps: int | None = None, guidance: float | None = None,
                      device: str = "cpu", timing_chunks: int = 8, methods: slice = slice(None),
                      videos: bool = True) -> dict:
-    """`methods`: which of `default_methods` to run beside full KV (a slice: a long bench can be split over runs). results.json and samples.npz (each
-    method's clip of the first caption) are rewritten after each method, so a run cut short keeps what it finished;
-    `write_report` then makes the rest from them (`videos=False`: all but the videos, which need imageio-ffmpeg)."""
+    """`methods`: which of `default_methods` to run beside full KV (a slice: a long bench can be split over runs).
+    results.json and samples.npz (each method's clip of the first caption) are rewritten after each method, so a run
+    cut short keeps what it finished; `write_report` then makes the rest from them (`videos=False`: all but the
+    videos, which need imageio-ffmpeg)."""
     out.mkdir(parents=True, exist_ok=True)
     chosen = dict(list(default_methods(pipe, context, budgets).items())[methods])
 
