@@ -96,6 +96,7 @@ BOUNDED = {"SlidingWindow": kv.SlidingWindow(frames=8), "Sinks": kv.Sinks(frames
            "DeepSink": kv.DeepSink(frames=12), "Participative": kv.Participative(frames=8, recent_frames=4),
            "Sinks int4": kv.Sinks(frames=12, sink_frames=4, quant=kv.KVQuant(bits=4)),
            "Participative int8": kv.Participative(frames=12, quant=kv.KVQuant(bits=8)),
+           "TempCache": kv.TempCache(frames=12, keep=0.25), "SoftPrune": kv.SoftPrune(frames=12, kept_frames=4),
            "Recompute": kv.Recompute(frames=8)}
 
 
@@ -266,8 +267,10 @@ def test_blockwise_attention_equals_attention_over_the_whole():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 10, 3, 8, generator=g) for _ in range(3))
     k, v = torch.cat([k, torch.randn(2, 13, 3, 8, generator=g)], 1), torch.cat([v, torch.randn(2, 13, 3, 8, generator=g)], 1)
-    whole = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    blocks = [(k[:, i:i + 5], v[:, i:i + 5]) for i in range(0, 23, 5)]
+    bias = torch.rand(2, 23, generator=g).log1p() * (torch.arange(23) < 15)  # logit corrections on the first blocks
+    whole = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                             attn_mask=bias[:, None, None])
+    blocks = [(k[:, i:i + 5], v[:, i:i + 5], bias[:, i:i + 5] if i < 15 else None) for i in range(0, 23, 5)]
     torch.testing.assert_close(kv.blockwise_attention(q, blocks), whole.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
@@ -282,7 +285,7 @@ def test_a_quantized_cache_keeps_its_newest_frames_exact_and_the_rest_close(pipe
         s = stream(pipe, PROMPT, frames=24, steps=2, kv=config)
         out = chunks(s)
         sizes[bits] = s.stats()["peak_kv_bytes"]
-        assert len(s.cache.quantized) == 8 and len(s.cache.slot_of) == 4
+        assert len(s.cache.compact) == 8 and len(s.cache.slot_of) == 4
         mse = float(((out - exact) ** 2).mean())
         assert 0 < mse and 10 * np.log10(1 / mse) > least_psnr
         # by default each layer rebuilds its quantized frames at once for the fused attention: the same result
@@ -320,16 +323,16 @@ def test_the_stream_bench_writes_its_report(pipe, tmp_path):
     result = run_stream_bench(pipe, tmp_path, context=12, budgets=(8, 10), captions=2, frames=16, every=8, steps=2,
                               timing_chunks=2)
     policies = result["policies"]
-    assert len(policies) == 19 and policies["full KV"]["kv_bytes"][16] > 0
+    assert len(policies) == 23 and policies["full KV"]["kv_bytes"][16] > 0
     assert policies["recompute history (12 frames)"]["kv_bytes"][16] == 0
     for budget in (8, 10):  # every bounded method within its budget's memory
         names = [n for n in policies if f"({budget})" in n or f"{budget} frames' memory" in n or f"+ {budget - 3})" in n]
-        assert len(names) == 7
+        assert len(names) == 9
         window = policies[f"Self-Forcing window ({budget})"]["kv_bytes"][16]
         assert all(policies[n]["kv_bytes"][16] <= window for n in names), names
     assert any(n.startswith("tempocache window (12), int4, 8 frames'") for n in policies)  # more frames in 4 bits
     assert policies["Self-Forcing window (12) + step cache Auto(0.5)"]["step_cache"].startswith("Auto(")
-    for name in ("results.json", "samples.npz", "table.md", "memory.png", "accuracy.png", "index.html", "videos/18.mp4"):
+    for name in ("results.json", "samples.npz", "table.md", "memory.png", "accuracy.png", "index.html", "videos/22.mp4"):
         assert (tmp_path / name).is_file(), name
     assert "| Self-Forcing window (8) |" in (tmp_path / "table.md").read_text()
 
@@ -363,7 +366,7 @@ def test_quantized_bytes_are_what_a_quantized_frame_holds():
 def _bits(cache: kv.KVCache) -> dict[tuple[int, int], int]:
     """(frame, layer) -> the bits it is held in there: 16 exact, 8 or 4."""
     bits = {(f, i): 16 for f in cache.slot_of for i in range(len(cache.layers))}
-    return bits | {(f, i): q.bits for i, layer in enumerate(cache.layers) for f, q in layer.quantized.items()}
+    return bits | {(f, i): q.bits for i, layer in enumerate(cache.layers) for f, q in layer.compact.items()}
 
 
 def test_auto_fits_its_memory_budget_choosing_bits_by_layer_and_frame(pipe):
@@ -396,5 +399,91 @@ def test_auto_needs_a_budget_it_can_meet(pipe):
                           (kv.Auto(memory_frames=8, exact_frames=30), "cannot exceed"),
                           (kv.Auto(memory_frames=8, quant=kv.KVQuant()), "leave quant None"),
                           (kv.Auto(frames=2, memory_frames=8), "cannot hold one chunk")):
+        with pytest.raises(ValueError, match=error):
+            stream(pipe, PROMPT, kv=config)
+
+
+def _attend_chunks(config: kv.KVConfig, rope, chunks_kv, query) -> list[torch.Tensor]:
+    """The chunk outputs of one layer's cache, fed each chunk's (key, value) in turn and committing each."""
+    cache = kv.KVCache(config, 1, rope, kv.Layout(SPEC.chunk_frames, 8, 8))
+
+    def sdpa(q, k, v, bias):
+        mask = None if bias is None else bias[:, None, None].to(q.dtype)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
+
+    outs = []
+    for key, value in chunks_kv:
+        outs.append(cache.attend(0, query, key, value, sdpa))
+        cache.commit()
+    return outs
+
+
+def test_temporal_merging_is_exact_for_exact_duplicates(pipe):
+    g = torch.Generator().manual_seed(0)
+    rope, t_dim, shape = pipe.transformer.rope, pipe.transformer.rope.t_dim, (2, 64, 2, 24)  # (B, places, heads, D)
+    background_key, background_value = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    background_key[..., :t_dim] = 0  # keys without a temporal part: equal after rotation at any frame's position
+    frames_kv = []
+    for _ in range(7 * SPEC.chunk_frames):  # a static background and 8 places that change every frame
+        key, value = background_key.clone(), background_value.clone()
+        key[:, 20:28], value[:, 20:28] = torch.randn(2, 8, 2, 24, generator=g), torch.randn(2, 8, 2, 24, generator=g)
+        frames_kv.append((key, value))
+    chunks_kv = [tuple(torch.cat(part, 1) for part in zip(*frames_kv[i:i + SPEC.chunk_frames]))
+                 for i in range(0, len(frames_kv), SPEC.chunk_frames)]
+    query = torch.randn(2, SPEC.chunk_frames * 64, 2, 24, generator=g)
+    window = _attend_chunks(kv.SlidingWindow(frames=12), rope, chunks_kv, query)
+    merged = _attend_chunks(kv.TempCache(frames=12, recent_frames=4, keep=0.125), rope, chunks_kv, query)
+    for a, b in zip(window, merged):  # the window slides past merged frames: their counts follow it
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    unmerged = _attend_chunks(kv.TempCache(frames=12, recent_frames=4, keep=0.125), rope,
+                              [(k + 0.5 * torch.randn(k.shape, generator=g), v) for k, v in chunks_kv], query)
+    assert not torch.allclose(unmerged[-1], window[-1], atol=1e-3)  # the same test can fail
+
+
+def test_a_summary_is_exact_for_a_frame_of_one_token_repeated(pipe):
+    g = torch.Generator().manual_seed(1)
+    rope = pipe.transformer.rope
+    cos, sin = kv.cache.FramePositions(rope, 8, 8)([0], torch.device("cpu"))  # each place's rotation in a frame
+    frames_kv = []
+    for _ in range(6 * SPEC.chunk_frames):  # each frame one key (rotated back from its places) and one value
+        key = kv.rope.rotate(torch.randn(2, 1, 2, 24, generator=g).expand(2, 64, 2, 24), cos, -sin)
+        frames_kv.append((key, torch.randn(2, 1, 2, 24, generator=g).expand(2, 64, 2, 24)))
+    chunks_kv = [tuple(torch.cat(part, 1) for part in zip(*frames_kv[i:i + SPEC.chunk_frames]))
+                 for i in range(0, len(frames_kv), SPEC.chunk_frames)]
+    query = torch.randn(2, SPEC.chunk_frames * 64, 2, 24, generator=g)
+    window = _attend_chunks(kv.SlidingWindow(frames=12), rope, chunks_kv, query)
+    pruned = _attend_chunks(kv.SoftPrune(frames=12, recent_frames=4, kept_frames=0), rope, chunks_kv, query)
+    for a, b in zip(window, pruned):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_merging_and_soft_pruning_change_nothing_until_a_frame_leaves_the_exact_ones(pipe):
+    window = chunks(stream(pipe, PROMPT, frames=24, steps=2, kv=kv.SlidingWindow(frames=12)))
+    for config in (kv.TempCache(frames=12, recent_frames=12), kv.SoftPrune(frames=12, recent_frames=12, kept_frames=0)):
+        assert np.array_equal(chunks(stream(pipe, PROMPT, frames=24, steps=2, kv=config)), window)
+    # every token kept apart: merged frames read with a logit correction of zero
+    kept = chunks(stream(pipe, PROMPT, frames=24, steps=2, kv=kv.TempCache(frames=12, keep=1.0)))
+    np.testing.assert_allclose(kept, window, atol=1e-4)
+
+
+def test_merging_and_soft_pruning_hold_less_than_their_window(pipe):
+    sizes = {}
+    for name, config in (("window", kv.SlidingWindow(frames=12)), ("merged", kv.TempCache(frames=12, keep=0.25)),
+                         ("pruned", kv.SoftPrune(frames=12, kept_frames=4)), ("small", kv.SlidingWindow(frames=4))):
+        s = stream(pipe, PROMPT, frames=32, steps=1, kv=config)
+        out = chunks(s)
+        sizes[name] = s.stats()["peak_kv_bytes"]
+        assert np.isfinite(out).all()
+    assert sizes["small"] < sizes["pruned"] < sizes["window"] and sizes["small"] < sizes["merged"] < sizes["window"]
+
+
+def test_bad_merging_and_soft_pruning_settings_are_refused(pipe):
+    for config, error in ((kv.TempCache(keep=0), "keep must be"), (kv.TempCache(keep=1.5), "keep must be"),
+                          (kv.TempCache(frames=8, recent_frames=9), "cannot exceed"),
+                          (kv.TempCache(quant=kv.KVQuant()), "leave quant None"),
+                          (kv.SoftPrune(frames=8, recent_frames=4, kept_frames=5), "cannot exceed"),
+                          (kv.SoftPrune(bits=2), "bits must be one of"),
+                          (kv.SoftPrune(novelty=-1), "novelty must be")):
         with pytest.raises(ValueError, match=error):
             stream(pipe, PROMPT, kv=config)

@@ -99,10 +99,14 @@ def method_range(text: str) -> slice:
         raise argparse.ArgumentTypeError(f"{text!r}: give A:B (methods A to B-1), A: or :B") from None
 
 
+KV_FORMS = ("full, window:N, sinks:S:N (S sink frames of N held), deep-sink:N, participative:N, tempcache:N (merging), "
+            "soft-prune:N (int4 and summaries) or auto:M (ours, in the KV memory of M exact frames), optionally followed "
+            "by ,last-step (commit a chunk's last step instead of re-encoding it) and ,int8 or ,int4 (all but the newest "
+            "4 frames; not for tempcache, soft-prune, auto)")
+
+
 def kv_policy(text: str):
-    """`full`, `window:N`, `sinks:S:N` (S sink frames of N held), `deep-sink:N`, `participative:N` or `auto:M` (ours:
-    the KV memory of M exact frames, within 28 frames), each optionally followed by `,last-step` (commit a chunk's
-    last step) and, but for auto, `,int8` or `,int4` (KIVI: all but the newest 4 frames)."""
+    """A KV policy from its command-line form (`KV_FORMS`)."""
     from . import kv
 
     spec, *options = text.split(",")
@@ -119,11 +123,12 @@ def kv_policy(text: str):
                   ("sinks", 2): lambda: kv.Sinks(sink_frames=values[0], frames=values[1], **common),
                   ("deep-sink", 1): lambda: kv.DeepSink(frames=values[0], **common),
                   ("participative", 1): lambda: kv.Participative(frames=values[0], **common),
+                  ("tempcache", 1): lambda: kv.TempCache(frames=values[0], **common),
+                  ("soft-prune", 1): lambda: kv.SoftPrune(frames=values[0], kept_frames=max(0, min(8, values[0] - 4)),
+                                                          **common),
                   ("auto", 1): lambda: kv.Auto(memory_frames=values[0], **common)}[(name, len(values))]
     except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"{text!r}: give full, window:N, sinks:S:N (S sink frames of N held), "
-                                         "deep-sink:N, participative:N or auto:M, optionally followed by ,last-step and "
-                                         ",int8 or ,int4") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: give {KV_FORMS}") from None
     return config()
 
 
@@ -307,9 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=Path("stream.mp4"), help="an .mp4 file (playable if interrupted)")
     p.add_argument("--frames", type=positive_int, default=None, help="frames to make (default: until interrupted)")
     p.add_argument("--model", default="shapes-ar")
-    p.add_argument("--kv", type=kv_policy, default="window:28", help="KV cache: full, window:N, sinks:S:N, "
-                   "deep-sink:N, participative:N, auto:M (ours, in the KV memory of M exact frames), + ,last-step to commit a chunk's last step instead of re-encoding it, + ,int8 or ,int4 "
-                   "to quantize all but the newest 4 frames; default window:28")
+    p.add_argument("--kv", type=kv_policy, default="window:28", help=f"KV cache: {KV_FORMS}; default window:28")
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps per chunk (default: the model's)")
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -30,18 +30,46 @@ import matplotlib.pyplot as plt  # noqa: E402
 import tempocache  # noqa: E402
 
 from .. import kv  # noqa: E402
+from ..kv.merged import merged_bytes  # noqa: E402
 from ..kv.quantized import exact_bytes, quantized_bytes  # noqa: E402
 from .stream_quality import Method, evaluate_stream  # noqa: E402
 
 
-def frames_within(pipe, budget: int, quant: kv.KVQuant, most: int) -> int:
-    """The frames a window quantized as `quant` holds in the KV memory of `budget` exact frames (at most `most`)."""
+def _frame_bytes(pipe) -> tuple[int, int, int, int]:
+    """Tokens, heads, head_dim and bytes per element of one frame's keys and values at one layer (batch 1)."""
     config, patch = pipe.transformer.config, pipe.transformer.config.patch_size
     tokens = (pipe.spec.size // patch[1]) * (pipe.spec.size // patch[2])
-    exact = exact_bytes(1, tokens, config.num_attention_heads, config.attention_head_dim, pipe.transformer.dtype.itemsize)
-    quantized = quantized_bytes(1, tokens, config.num_attention_heads, config.attention_head_dim, quant.bits)
+    return tokens, config.num_attention_heads, config.attention_head_dim, pipe.transformer.dtype.itemsize
+
+
+def frames_within(pipe, budget: int, quant: kv.KVQuant, most: int) -> int:
+    """The frames a window quantized as `quant` holds in the KV memory of `budget` exact frames (at most `most`)."""
+    tokens, heads, head_dim, itemsize = _frame_bytes(pipe)
+    exact = exact_bytes(1, tokens, heads, head_dim, itemsize)
+    quantized = quantized_bytes(1, tokens, heads, head_dim, quant.bits)
     recent = max(quant.recent_frames, pipe.spec.chunk_frames)
     return min(most, recent + (budget - recent) * exact // quantized)
+
+
+def merging_within(pipe, budget: int, frames: int, recent: int) -> kv.TempCache:
+    """A TempCache of `frames` frames keeping as many tokens per merged frame as the KV memory of `budget` exact
+    frames allows (its newest merged frame holds every place)."""
+    tokens, heads, head_dim, itemsize = _frame_bytes(pipe)
+    left = budget * exact_bytes(1, tokens, heads, head_dim, itemsize) - recent * exact_bytes(
+        1, tokens, heads, head_dim, itemsize) - merged_bytes(1, tokens, heads, head_dim, itemsize)
+    kept = max(1, min(tokens, left // ((frames - recent - 1) * merged_bytes(1, 1, heads, head_dim, itemsize))))
+    return kv.TempCache(frames=frames, recent_frames=recent, keep=kept / tokens)
+
+
+def pruning_within(pipe, budget: int, frames: int, recent: int, bits: int = 4) -> kv.SoftPrune:
+    """A SoftPrune of `frames` frames keeping as many older frames in `bits` bits as the KV memory of `budget` exact
+    frames allows, the others as summaries."""
+    tokens, heads, head_dim, itemsize = _frame_bytes(pipe)
+    left = (budget - recent) * exact_bytes(1, tokens, heads, head_dim, itemsize)
+    summaries = (frames - recent) * merged_bytes(1, 1, heads, head_dim, itemsize)
+    kept = (left - summaries) // (quantized_bytes(1, tokens, heads, head_dim, bits)
+                                  - merged_bytes(1, 1, heads, head_dim, itemsize))
+    return kv.SoftPrune(frames=frames, recent_frames=recent, kept_frames=min(frames - recent, kept), bits=bits)
 
 
 def default_methods(pipe, context: int, budgets: tuple[int, int]) -> dict[str, kv.KVConfig | Method]:
@@ -62,11 +90,17 @@ def default_methods(pipe, context: int, budgets: tuple[int, int]) -> dict[str, k
         methods[f"tempocache participative ({budget})"] = kv.Participative(frames=budget)
         methods[f"tempocache DeepSink ({budget})"] = kv.DeepSink(frames=budget)
     step_cache = tempocache.Auto(budget=0.5, zero_shot=True)
-    return methods | {
+    methods |= {
         f"Self-Forcing window ({context}) + step cache Auto(0.5)": Method(kv.SlidingWindow(frames=context), step_cache),
         f"StreamingLLM sinks (3 + {context - 3})": kv.Sinks(frames=context, sink_frames=3),
         f"recompute history ({context} frames)": kv.Recompute(frames=context),
     }
+    recent = pipe.spec.chunk_frames
+    for budget in budgets:  # after the rest, so that the earlier methods keep their numbers for `methods`
+        merging, pruning = merging_within(pipe, budget, context, recent), pruning_within(pipe, budget, context, recent)
+        methods[f"TempCache merging ({context}, {merging.keep:.0%} kept), {budget} frames' memory"] = merging
+        methods[f"soft-prune int4 ({context}, {pruning.kept_frames} in int4), {budget} frames' memory"] = pruning
+    return methods
 
 
 def run_stream_bench(pipe, out: Path, context: int = 28, budgets: tuple[int, int] = (8, 16), captions: int = 16,

@@ -9,7 +9,9 @@ from .participative import Participative
 from .quantized import KVQuant, blockwise_attention
 from .recompute import Recompute
 from .sinks import Sinks
+from .soft_prune import SoftPrune
+from .temporal_merge import TempCache
 from .window import SlidingWindow
 
 __all__ = ["Auto", "DeepSink", "FullKV", "KVCache", "KVConfig", "KVLayer", "KVQuant", "Layout", "Participative", "Recompute",
-           "Sinks", "SlidingWindow", "blockwise_attention", "installed", "self_attentions"]
+           "Sinks", "SlidingWindow", "SoftPrune", "TempCache", "blockwise_attention", "installed", "self_attentions"]

@@ -36,10 +36,12 @@ class StreamingSelfAttention:
         value = value.unflatten(2, (attn.heads, -1))
         mask = None if self.chunk_is_one_block else attention_mask  # an all-true mask only slows attention down
 
-        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
             m = mask
             if m is not None:  # the model's block-causal mask over the chunk: every cached frame is before it
                 m = torch.cat([m.new_ones(*m.shape[:-1], k.shape[1] - key.shape[1]), m], -1)
+            if bias is not None:  # merged tokens' logit corrections (B, keys); a compact cache has no mask (one block)
+                m = bias[:, None, None].to(q.dtype)
             return dispatch_attention_fn(q, k, v, attn_mask=m, dropout_p=0.0, is_causal=False, backend=self.backend)
 
         out = self.cache.attend(self.layer, query, key, value, attention)
@@ -63,8 +65,8 @@ def installed(transformer: nn.Module, cache: KVCache) -> Iterator[None]:
     originals = [a.processor for a in attentions]
     try:
         one_block = cache.layout.chunk_frames <= getattr(transformer.config, "num_frame_per_block", 1)
-        if cache.config.quantizes() and not one_block:
-            raise ValueError("a quantized KV cache attends block by block without a mask: it needs chunks of one "
+        if cache.config.compacts() and not one_block:
+            raise ValueError("a quantized or merged KV cache attends without the model's mask: it needs chunks of one "
                              "block (chunk frames <= the model's num_frame_per_block)")
         for i, (a, original) in enumerate(zip(attentions, originals)):
             a.set_processor(StreamingSelfAttention(cache, i, getattr(original, "_attention_backend", None), one_block))

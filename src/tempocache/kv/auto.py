@@ -70,7 +70,7 @@ class Auto(SlidingWindow):
             raise ValueError(f"a budget of {self.memory} bytes is less than the KV of the {self.exact_frames or chunk_frames}"
                              f" frames kept exact ({frame_bytes} bytes a frame, every layer): raise memory")
 
-    def quantizes(self) -> bool:
+    def compacts(self) -> bool:
         return True
 
     def group_frames(self) -> int | None:
@@ -103,7 +103,7 @@ class Auto(SlidingWindow):
         cost = {b: cache.frame_bytes(b) for b in bits}
 
         def now(frame: int, layer: int) -> int:  # the bits it is stored in there (16: exact, 0: dropped)
-            stored = cache.layers[layer].quantized.get(frame)
+            stored = cache.layers[layer].compact.get(frame)
             return 16 if frame in cache.slot_of else stored.bits if stored else 0
 
         def kept(layer: int, b: int) -> float:  # the share of a frame's keys and values that b bits keep there

@@ -7,9 +7,9 @@ are *pending*: each step's attention sees the committed frames plus the chunk's 
 current keys and values, and nothing is written. `commit()` then moves the chunk into the
 store, from either the last denoising step's keys and values (StreamDiffusionV2) or a
 re-encoding pass of the clean chunk (Self-Forcing, Ca2-VDM), after making room as the config
-says: frames evicted (`KVConfig.evict`), or stored in fewer bits or dropped layer by layer
-(`KVConfig.precision`). The committed keys and values so serve every denoising step of
-the next chunk unchanged, as Ca2-VDM shares them.
+says: frames evicted (`KVConfig.evict`), or, layer by layer, stored in fewer bits, merged into
+fewer tokens, or dropped (`KVConfig.precision`). The committed keys and values so serve every
+denoising step of the next chunk unchanged, as Ca2-VDM shares them.
 """
 
 from __future__ import annotations
@@ -20,28 +20,30 @@ from dataclasses import dataclass
 import torch
 
 from .config import KVConfig
+from .merged import MergedFrame, Summary, TemporalMerge, fold, summary, whole_frame
 from .quantized import QuantizedFrame, blockwise_attention, exact_bytes, quantize_frame, quantized_bytes
 from .rope import FramePositions, rotate
 
 
 class KVLayer:
     """One layer's committed keys (before rotation) and values: exact ones in slots, (B, slots x tokens per frame,
-    heads, head_dim) each, and with quantization, older frames' in `quantized` by frame."""
+    heads, head_dim) each, and older frames' held otherwise (quantized or merged) in `compact`, by frame."""
 
     def __init__(self):
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
-        self.quantized: dict[int, QuantizedFrame] = {}
+        self.compact: dict[int, QuantizedFrame | MergedFrame] = {}
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # the chunk's, from the last call
         self.error: dict[int, float] = {}  # by bits: the relative error of this layer's latest quantized frame
+        self.unfolded: int | None = None  # the merged frame that still holds every place, where the next one merges
 
     def reset(self) -> None:
-        self.keys = self.values = self.pending = None
-        self.quantized, self.error = {}, {}
+        self.keys = self.values = self.pending = self.unfolded = None
+        self.compact, self.error = {}, {}
 
     def nbytes(self) -> int:
         exact = sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
-        return exact + sum(q.nbytes() for q in self.quantized.values())
+        return exact + sum(q.nbytes() for q in self.compact.values())
 
     def exact(self, slots: list[int], tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values of `slots`, in that order."""
@@ -71,21 +73,32 @@ class KVLayer:
             self.values[:, rows] = value[:, i * tokens:(i + 1) * tokens]
         self.pending = None
 
-    def lower(self, frame: int, slot: int | None, tokens: int, bits: int | None) -> None:
-        """Store `frame` in `bits` bits, from its exact `slot` (None: it is quantized already, in more bits), or
-        drop it from this layer (bits None). Records the relative error of each quantization, by bits."""
+    def lower(self, frame: int, slot: int | None, tokens: int, bits, places: tuple | None) -> None:
+        """Hold `frame` as `bits` says (8 or 4 bits, `TemporalMerge`, `Summary`), from its exact `slot` (None: it is
+        held in `compact` already, and only quantized frames are lowered further), or drop it from this layer (bits
+        None). `places`: the (cos, sin) of each place within a frame. Records each quantization's relative error."""
         if bits is None:
-            self.quantized.pop(frame, None)
+            self.compact.pop(frame, None)
             return
         if slot is not None:
             rows = slice(slot * tokens, (slot + 1) * tokens)
             key, value = self.keys[:, rows], self.values[:, rows]
         else:
-            stored = self.quantized[frame]
-            if stored.bits <= bits:
-                return
+            stored = self.compact[frame]
+            if isinstance(stored, MergedFrame) or not (isinstance(bits, Summary) or
+                                                       isinstance(bits, int) and bits < stored.bits):
+                return  # a frame merged stays so; one quantized is only lowered to fewer bits or its summary
             key, value = stored.keys(torch.float32), stored.values(torch.float32)
-        self.quantized[frame] = q = quantize_frame(key, value, bits)
+        if isinstance(bits, Summary):
+            self.compact[frame] = summary(key, value, *places, frame, self.keys.dtype)
+            return
+        if isinstance(bits, TemporalMerge):
+            merged = whole_frame(key, value, frame)
+            if self.unfolded in self.compact:
+                self.compact[self.unfolded] = fold(self.compact[self.unfolded], merged, bits.keep)
+            self.compact[frame], self.unfolded = merged, frame
+            return
+        self.compact[frame] = q = quantize_frame(key, value, bits)
         error = ((q.keys(torch.float32) - key.float()).square().sum() + (q.values(torch.float32) - value.float())
                  .square().sum()) / (key.float().square().sum() + value.float().square().sum()).clamp(min=1e-12)
         self.error[bits] = error.sqrt().item()
@@ -123,7 +136,7 @@ class KVCache:
             layer.reset()
         self.slot_frames: list[int] = []  # the exact frame in slot s, -1 for a free slot
         self.slot_of: dict[int, int] = {}  # its inverse
-        self.quantized: list[int] = []  # frames quantized in at least one layer, oldest first
+        self.compact: list[int] = []  # frames held quantized or merged in at least one layer, oldest first
         self.frames_made = 0  # frames committed so far; the pending chunk's first frame has this index
         # for a config that scores attention: per layer, the mass each held frame received lately
         self.attention: dict[int, list[float]] = {}
@@ -132,7 +145,7 @@ class KVCache:
     @property
     def held(self) -> list[int]:
         """The frames held, oldest first."""
-        return sorted([*self.slot_of, *self.quantized])
+        return sorted([*self.slot_of, *self.compact])
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
@@ -149,17 +162,19 @@ class KVCache:
         return [s for s, f in enumerate(self.slot_frames) if f >= 0]
 
     def rotary(self, device: torch.device) -> dict:
-        """(cos, sin) for the exact slots in slot order ("exact"), for each group of quantized frames ("groups",
-        with the frames), and for the pending chunk ("chunk"); all by the config's positions."""
+        """(cos, sin) for the exact slots in slot order ("exact"), for each group of compact frames ("groups", with
+        the frames), and for the pending chunk ("chunk"); all by the config's positions. "oldest": the oldest frame
+        held, from which merged tokens count the frames they stand for."""
         if not self._rotary:
             held_positions, chunk_positions = self.config.positions(self.held, self.layout.chunk_frames)
             position_of = dict(zip(self.held, held_positions))
-            size = self.config.group_frames() or max(1, len(self.quantized))
-            groups = [self.quantized[i:i + size] for i in range(0, len(self.quantized), size)]
+            size = self.config.group_frames() or max(1, len(self.compact))
+            groups = [self.compact[i:i + size] for i in range(0, len(self.compact), size)]
             self._rotary = {
                 "exact": self.positions([position_of[self.slot_frames[s]] for s in self._exact_slots()], device),
                 "groups": [(g, *self.positions([position_of[f] for f in g], device)) for g in groups],
                 "chunk": self.positions(chunk_positions, device),
+                "oldest": self.held[0] if self.held else self.frames_made,
             }
         return self._rotary
 
@@ -170,22 +185,27 @@ class KVCache:
         rotary, store, tokens = self.rotary(query.device), self.layers[layer], self.layout.tokens
         store.pending = (key, value)
         query, keys, values = rotate(query, *rotary["chunk"]), rotate(key, *rotary["chunk"]), value
-        scores = [] if self.config.scores_attention else None  # (frames, a sample of queries' logits over them)
+        scores = [] if self.config.scores_attention else None  # (frames, their tokens, sampled queries' logits)
         sample = _query_sample(query, self.config.query_sample) if scores is not None else None
         slots = self._exact_slots()
         if slots:
             held_keys, held_values = store.exact(slots, tokens)
             held_keys = rotate(held_keys, *rotary["exact"])
             if scores is not None:
-                scores.append(([self.slot_frames[s] for s in slots], _logits(sample, held_keys)))
+                scores.append(([self.slot_frames[s] for s in slots], [tokens] * len(slots), _logits(sample, held_keys)))
             keys, values = torch.cat([held_keys, keys], 1), torch.cat([held_values, values], 1)
-        if not store.quantized:
-            out = attention(query, keys, values)
+        if not store.compact:
+            out = attention(query, keys, values, None)
         else:
-            blocks = self._blocks(store, rotary["groups"], keys, values, sample, scores)
+            blocks = self._blocks(store, rotary, keys, values, sample, scores)
             if self.config.group_frames() is None:  # the layer's frames rebuilt at once, for the fused attention
                 held = list(blocks)
-                out = attention(query, torch.cat([k for k, _ in held], 1), torch.cat([v for _, v in held], 1))
+                bias = None
+                if any(b is not None for _, _, b in held):
+                    bias = torch.cat([k.new_zeros(k.shape[:2], dtype=torch.float32) if b is None else b
+                                      for k, _, b in held], 1)
+                out = attention(query, torch.cat([k for k, _, _ in held], 1), torch.cat([v for _, v, _ in held], 1),
+                                bias)
             else:
                 out = blockwise_attention(query, blocks)
         if scores:
@@ -193,28 +213,46 @@ class KVCache:
         return out
 
     @staticmethod
-    def _blocks(store: KVLayer, groups: list, keys: torch.Tensor, values: torch.Tensor, sample, scores):
-        """The keys and values attended to, block by block: each group of the quantized frames this layer holds,
-        rebuilt in full precision one group at a time, then the exact frames with the chunk."""
-        for frames, cos, sin in groups:
-            present = [i for i, f in enumerate(frames) if f in store.quantized]
+    def _blocks(store: KVLayer, rotary: dict, keys: torch.Tensor, values: torch.Tensor, sample, scores):
+        """The keys, values and logit corrections (None: none) attended to, block by block: each group of the
+        compact frames this layer holds, rebuilt in full precision one group at a time, then the exact frames with
+        the chunk."""
+        for frames, cos, sin in rotary["groups"]:
+            present = [i for i, f in enumerate(frames) if f in store.compact]
             if not present:
                 continue
-            if len(present) < len(frames):  # this layer dropped some of the group's frames
+            stored = [store.compact[frames[i]] for i in present]
+            merged = [q for q in stored if isinstance(q, MergedFrame)]
+            if merged:  # each held token takes its own place's rotation
+                batch = keys.shape[0]
+                by_frame = [t.unflatten(1, (len(frames), -1)) for t in (cos, sin)]  # (1, frames, tokens, 1, D)
+                cos, sin = (torch.cat([t[0, i][q.place.long()] if isinstance(q, MergedFrame) else
+                                       t[:, i].expand(batch, -1, -1, -1) for i, q in zip(present, stored)], 1)
+                            for t in by_frame)
+            elif len(present) < len(frames):  # this layer dropped some of the group's frames
                 cos, sin = (t.unflatten(1, (len(frames), -1))[:, present].flatten(1, 2) for t in (cos, sin))
-            stored = [store.quantized[frames[i]] for i in present]
             group_keys = rotate(torch.cat([q.keys(keys.dtype) for q in stored], 1), cos, sin)
+            bias = torch.cat([q.log_count(rotary["oldest"]) if isinstance(q, MergedFrame) else
+                              torch.zeros(keys.shape[0], len(q), device=keys.device)
+                              for q in stored], 1) if merged else None
             if scores is not None:
-                scores.append(([frames[i] for i in present], _logits(sample, group_keys)))
-            yield group_keys, torch.cat([q.values(values.dtype) for q in stored], 1)
-        yield keys, values
+                logits = _logits(sample, group_keys)
+                scores.append(([frames[i] for i in present], [len(q) for q in stored],
+                               logits if bias is None else logits + bias[:, None, None]))
+            yield group_keys, torch.cat([q.values(values.dtype) for q in stored], 1), bias
+        yield keys, values, None
 
     def _score(self, layer: int, scores: list) -> None:
         """Add to each held frame, at `layer`, the attention mass that the sampled queries give its tokens (the
         softmax taken over the held keys, averaged over the batch, heads and queries)."""
-        frames = [f for block, _ in scores for f in block]
-        mass = torch.cat([logits for _, logits in scores], -1).softmax(-1).mean((0, 1, 2))
-        for frame, m in zip(frames, mass.unflatten(0, (len(frames), -1)).sum(-1).tolist()):
+        frames = [f for block, _, _ in scores for f in block]
+        sizes = [n for _, block, _ in scores for n in block]
+        mass = torch.cat([logits for _, _, logits in scores], -1).softmax(-1).mean((0, 1, 2))
+        if len(set(sizes)) == 1:
+            per_frame = mass.unflatten(0, (len(frames), -1)).sum(-1)
+        else:
+            per_frame = torch.stack([m.sum() for m in mass.split(sizes)])
+        for frame, m in zip(frames, per_frame.tolist()):
             self.attention.setdefault(frame, [0.0] * len(self.layers))[layer] += m
 
     def commit(self) -> None:
@@ -249,15 +287,18 @@ class KVCache:
         slot = self.slot_of.pop(frame, None)
         if slot is not None:
             self.slot_frames[slot] = -1
+        places = None  # the rotation of each place within a frame, for a summary
+        if any(isinstance(b, Summary) for b in bits):
+            places = self.positions([0], self.layers[0].keys.device)
         for layer, b in zip(self.layers, bits, strict=True):
-            if slot is not None or frame in layer.quantized:
-                layer.lower(frame, slot, self.layout.tokens, b)
-        if not any(frame in layer.quantized for layer in self.layers):
+            if slot is not None or frame in layer.compact:
+                layer.lower(frame, slot, self.layout.tokens, b, places)
+        if not any(frame in layer.compact for layer in self.layers):
             self.attention.pop(frame, None)
-            if frame in self.quantized:
-                self.quantized.remove(frame)
-        elif frame not in self.quantized:
-            bisect.insort(self.quantized, frame)
+            if frame in self.compact:
+                self.compact.remove(frame)
+        elif frame not in self.compact:
+            bisect.insort(self.compact, frame)
 
 
 def _query_sample(query: torch.Tensor, size: int) -> torch.Tensor:

@@ -51,7 +51,8 @@ class KVConfig:
         exact = max(self.quant.recent_frames, chunk_frames)
         return exact if held is None else min(held, exact)
 
-    def quantizes(self) -> bool:
+    def compacts(self) -> bool:
+        """Whether some frames are held other than exact (quantized or merged)."""
         return self.quant is not None
 
     def group_frames(self) -> int | None:
@@ -65,10 +66,11 @@ class KVConfig:
         attention mass each received lately, for a config that `scores_attention`."""
         return []
 
-    def precision(self, cache: KVCache, frames: list[int]) -> dict[int, list[int | None]]:
-        """Held frames to store in fewer bits, each with its bits per layer (8, 4, or None: dropped there); asked at
-        each commit with `frames` the held frames and the chunk's, oldest first. Frames not named keep their storage.
-        With quant: every frame but the newest `recent_frames`, in quant.bits."""
+    def precision(self, cache: KVCache, frames: list[int]) -> dict[int, list]:
+        """Held frames to store in less, each with its form per layer: 8 or 4 bits, `merged.TemporalMerge`,
+        `merged.Summary`, or None (dropped there); asked at each commit with `frames` the held frames and the chunk's,
+        oldest first. Frames not named keep their storage. With quant: every frame but the newest `recent_frames`,
+        in quant.bits."""
         if self.quant is None:
             return {}
         older = frames[:max(0, len(frames) - self.quant.recent_frames)]

@@ -56,6 +56,9 @@ class QuantizedFrame:
     value_zero: torch.Tensor
     bits: int
 
+    def __len__(self) -> int:
+        return self.key_codes.shape[1]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.key_codes, self.key_scale, self.key_zero,
                                                           self.value_codes, self.value_scale, self.value_zero))
@@ -101,13 +104,17 @@ def _decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: 
     return codes.float() * scale + zero
 
 
-def blockwise_attention(query: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Softmax attention of query (B, Nq, heads, head_dim) over key/value blocks (B, Nk_i, heads, head_dim), one block
-    in memory at a time, the blocks' partial softmaxes merged exactly (running maximum and sum, as flash attention)."""
+def blockwise_attention(query: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+                        ) -> torch.Tensor:
+    """Softmax attention of query (B, Nq, heads, head_dim) over blocks of keys and values (B, Nk_i, heads, head_dim)
+    and a correction added to their logits (B, Nk_i) or None, one block in memory at a time, the blocks' partial
+    softmaxes merged exactly (running maximum and sum, as flash attention)."""
     q = query.transpose(1, 2).float() * query.shape[-1] ** -0.5  # (B, heads, Nq, D)
     top = total = out = None
-    for key, value in blocks:
+    for key, value, bias in blocks:
         scores = q @ key.transpose(1, 2).float().transpose(-1, -2)  # (B, heads, Nq, Nk_i)
+        if bias is not None:
+            scores = scores + bias[:, None, None]
         block_top = scores.amax(-1, keepdim=True)
         new_top = block_top if top is None else torch.maximum(top, block_top)
         weights = (scores - new_top).exp()
