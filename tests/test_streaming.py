@@ -323,16 +323,16 @@ def test_the_stream_bench_writes_its_report(pipe, tmp_path):
     result = run_stream_bench(pipe, tmp_path, context=12, budgets=(8, 10), captions=2, frames=16, every=8, steps=2,
                               timing_chunks=2)
     policies = result["policies"]
-    assert len(policies) == 23 and policies["full KV"]["kv_bytes"][16] > 0
+    assert len(policies) == 25 and policies["full KV"]["kv_bytes"][16] > 0
     assert policies["recompute history (12 frames)"]["kv_bytes"][16] == 0
     for budget in (8, 10):  # every bounded method within its budget's memory
         names = [n for n in policies if f"({budget})" in n or f"{budget} frames' memory" in n or f"+ {budget - 3})" in n]
-        assert len(names) == 9
+        assert len(names) == 10
         window = policies[f"Self-Forcing window ({budget})"]["kv_bytes"][16]
         assert all(policies[n]["kv_bytes"][16] <= window for n in names), names
     assert any(n.startswith("tempocache window (12), int4, 8 frames'") for n in policies)  # more frames in 4 bits
     assert policies["Self-Forcing window (12) + step cache Auto(0.5)"]["step_cache"].startswith("Auto(")
-    for name in ("results.json", "samples.npz", "table.md", "memory.png", "accuracy.png", "index.html", "videos/22.mp4"):
+    for name in ("results.json", "samples.npz", "table.md", "memory.png", "accuracy.png", "index.html", "videos/24.mp4"):
         assert (tmp_path / name).is_file(), name
     assert "| Self-Forcing window (8) |" in (tmp_path / "table.md").read_text()
 
@@ -364,9 +364,9 @@ def test_quantized_bytes_are_what_a_quantized_frame_holds():
 
 
 def _bits(cache: kv.KVCache) -> dict[tuple[int, int], int]:
-    """(frame, layer) -> the bits it is held in there: 16 exact, 8 or 4."""
+    """(frame, layer) -> the bits it is held in there: 16 exact, 8 or 4, 1 a summary."""
     bits = {(f, i): 16 for f in cache.slot_of for i in range(len(cache.layers))}
-    return bits | {(f, i): q.bits for i, layer in enumerate(cache.layers) for f, q in layer.compact.items()}
+    return bits | {(f, i): getattr(q, "bits", 1) for i, layer in enumerate(cache.layers) for f, q in layer.compact.items()}
 
 
 def test_auto_fits_its_memory_budget_choosing_bits_by_layer_and_frame(pipe):
@@ -375,7 +375,8 @@ def test_auto_fits_its_memory_budget_choosing_bits_by_layer_and_frame(pipe):
         next(window)
     budget = window.stats()["kv_bytes"]  # what a window of 8 exact frames holds
     window.close()
-    for config in (kv.Auto(frames=24, memory=budget), kv.Auto(frames=24, memory_frames=8)):
+    for config in (kv.Auto(frames=24, memory=budget), kv.Auto(frames=24, memory_frames=8),
+                   kv.Auto(frames=24, memory=budget, exact_frames=6, summaries=True)):  # too little for all in 4 bits
         s = stream(pipe, [PROMPT, OTHER], steps=1, kv=config)
         before, mixed = {}, False
         for _ in range(60):
@@ -389,6 +390,8 @@ def test_auto_fits_its_memory_budget_choosing_bits_by_layer_and_frame(pipe):
             before = now
         assert len(s.cache.held) > 8 and s.cache.held[-1] == s.made - 1  # more frames than the window holds
         assert mixed  # some frame held in different bits, or dropped, layer by layer
+        if config.summaries:  # nothing within the context dropped: what is not quantized is summarized
+            assert len(now) == len(s.cache.held) * len(s.cache.layers) and 1 in now.values()
         s.close()
 
 

@@ -100,6 +100,8 @@ def default_methods(pipe, context: int, budgets: tuple[int, int]) -> dict[str, k
         merging, pruning = merging_within(pipe, budget, context, recent), pruning_within(pipe, budget, context, recent)
         methods[f"TempCache merging ({context}, {merging.keep:.0%} kept), {budget} frames' memory"] = merging
         methods[f"soft-prune int4 ({context}, {pruning.kept_frames} in int4), {budget} frames' memory"] = pruning
+        methods[f"tempocache Auto + summaries ({budget} frames' memory)"] = kv.Auto(
+            frames=context, memory_frames=budget, summaries=True)
     return methods
 
 

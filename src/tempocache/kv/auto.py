@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .config import check_frames
+from .merged import Summary
 from .window import SlidingWindow
 
 if TYPE_CHECKING:
@@ -30,7 +31,8 @@ class Auto(SlidingWindow):
     the bytes of that many frames kept exact; frames: the most frames held (the context); exact_frames: the newest
     frames kept exact (default: chosen from the budget); query_sample, decay: the attention profile's queries per
     call and what is left of a frame's mass after each commit; rebuild_frames: quantized frames rebuilt in full
-    precision at a time while attending, block by block (None: a layer's at once, read by fused attention)."""
+    precision at a time while attending, block by block (None: a layer's at once, read by fused attention);
+    summaries: hold an older frame at least as its mean token (soft pruning's summary) where it would be dropped."""
 
     frames: int = 28
     memory: int | None = None
@@ -39,6 +41,7 @@ class Auto(SlidingWindow):
     query_sample: int = 64
     decay: float = 0.5
     rebuild_frames: int | None = None
+    summaries: bool = False
     scores_attention = True
 
     def check(self, chunk_frames: int) -> None:
@@ -93,7 +96,7 @@ class Auto(SlidingWindow):
     def _bits(cache: KVCache) -> tuple[int, ...]:
         return (8, 4) if cache.head_dim % 2 == 0 else (8,)  # 4-bit codes pack in pairs along the head dimension
 
-    def precision(self, cache: KVCache, frames: list[int]) -> dict[int, list[int | None]]:
+    def precision(self, cache: KVCache, frames: list[int]) -> dict[int, list]:
         exact = self.exact_capacity(cache)
         older = frames[:max(0, len(frames) - exact)]
         if not older:
@@ -102,26 +105,38 @@ class Auto(SlidingWindow):
         left = self.budget(cache) - len(layers) * exact * cache.frame_bytes()
         cost = {b: cache.frame_bytes(b) for b in bits}
 
-        def now(frame: int, layer: int) -> int:  # the bits it is stored in there (16: exact, 0: dropped)
+        def now(frame: int, layer: int) -> int:  # the bits it is stored in there (16 exact, 1 a summary, 0 dropped)
             stored = cache.layers[layer].compact.get(frame)
-            return 16 if frame in cache.slot_of else stored.bits if stored else 0
+            return 16 if frame in cache.slot_of else 0 if stored is None else getattr(stored, "bits", 1)
 
-        def kept(layer: int, b: int) -> float:  # the share of a frame's keys and values that b bits keep there
-            return 1 - cache.layers[layer].error.get(b, 2.0**-b)  # until measured: a uniform quantizer's error
+        def kept(layer: int, b) -> float:  # the share of a frame's keys and values that b bits (or a summary) keep
+            guess = 0.1 if isinstance(b, Summary) else 1 - 2.0**-b  # until measured (a uniform quantizer's error)
+            return 1 - cache.layers[layer].error[b] if b in cache.layers[layer].error else guess
+
+        # with summaries every frame held is at least its mean token there, paid for first, newest first
+        plan, summary = {f: [None for _ in layers] for f in older}, Summary()
+        cost[summary] = cache.frame_bytes(summary)
+        if self.summaries:
+            for f in reversed(older):
+                for i in layers:
+                    if now(f, i) >= 1 and cost[summary] <= left:
+                        plan[f][i], left = summary, left - cost[summary]
 
         low, options = min(bits), []  # (worth per byte, frame, layer, bits), for holding in `low`, raising to 8
         for f in older:
             mass = cache.attention.get(f, [0.0] * len(layers))
             for i in layers:
+                base = plan[f][i] == summary
                 if now(f, i) >= low:
-                    options.append((mass[i] * kept(i, low) / cost[low], f, i, low))
+                    options.append((mass[i] * (kept(i, low) - base * kept(i, summary)) /
+                                    (cost[low] - base * cost[summary]), f, i, low))
                 if low == 4 and now(f, i) >= 8:
                     options.append((mass[i] * (kept(i, 8) - kept(i, 4)) / (cost[8] - cost[4]), f, i, 8))
-        plan = {f: [None for _ in layers] for f in older}
         options.sort(key=lambda o: (-o[0], -o[1], o[2], -o[3]))
         for _ in range(2):  # a second pass raises what was held only after its raise came up
             for _, f, i, b in options:
-                step = cost[b] - (cost[low] if b != low else 0)
-                if step <= left and (plan[f][i] is None if b == low else plan[f][i] == low):
+                held = plan[f][i]
+                step = cost[b] - (cost[low] if b != low else cost[summary] if held == summary else 0)
+                if step <= left and (not isinstance(held, int) if b == low else held == low):
                     plan[f][i], left = b, left - step
         return plan

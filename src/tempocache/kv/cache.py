@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import KVConfig
-from .merged import MergedFrame, Summary, TemporalMerge, fold, summary, whole_frame
+from .merged import MergedFrame, Summary, TemporalMerge, fold, merged_bytes, summary, whole_frame
 from .quantized import QuantizedFrame, blockwise_attention, exact_bytes, quantize_frame, quantized_bytes
 from .rope import FramePositions, rotate
 
@@ -34,7 +34,7 @@ class KVLayer:
         self.values: torch.Tensor | None = None
         self.compact: dict[int, QuantizedFrame | MergedFrame] = {}
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # the chunk's, from the last call
-        self.error: dict[int, float] = {}  # by bits: the relative error of this layer's latest quantized frame
+        self.error: dict = {}  # by bits (or Summary()): the relative error of this layer's latest such frame
         self.unfolded: int | None = None  # the merged frame that still holds every place, where the next one merges
 
     def reset(self) -> None:
@@ -90,7 +90,11 @@ class KVLayer:
                 return  # a frame merged stays so; one quantized is only lowered to fewer bits or its summary
             key, value = stored.keys(torch.float32), stored.values(torch.float32)
         if isinstance(bits, Summary):
-            self.compact[frame] = summary(key, value, *places, frame, self.keys.dtype)
+            self.compact[frame] = q = summary(key, value, *places, frame, self.keys.dtype)
+            rotated = rotate(key.float(), *places)
+            error = ((rotated - q.key.float()).square().sum() + (value.float() - q.value.float()).square().sum()) / (
+                rotated.square().sum() + value.float().square().sum()).clamp(min=1e-12)
+            self.error[bits] = error.sqrt().item()
             return
         if isinstance(bits, TemporalMerge):
             merged = whole_frame(key, value, frame)
@@ -150,12 +154,15 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
-    def frame_bytes(self, bits: int | None = None) -> int:
-        """One frame's keys and values at one layer, exact (bits None) or in `bits` bits; from the pending chunk."""
+    def frame_bytes(self, bits: int | Summary | None = None) -> int:
+        """One frame's keys and values at one layer, exact (bits None), in `bits` bits or as its summary; from the
+        pending chunk."""
         key = self.layers[0].pending[0]  # (B, chunk tokens, heads, head_dim)
         batch, heads, tokens = key.shape[0], key.shape[2], self.layout.tokens
         if bits is None:
             return exact_bytes(batch, tokens, heads, key.shape[3], key.element_size())
+        if isinstance(bits, Summary):
+            return merged_bytes(batch, 1, heads, key.shape[3], key.element_size())
         return quantized_bytes(batch, tokens, heads, key.shape[3], bits)
 
     def _exact_slots(self) -> list[int]:

@@ -19,19 +19,18 @@ import torch
 from .config import check_frames
 from .merged import MergedFrame, Summary
 from .quantized import BITS
-from .window import SlidingWindow
+from .window import CompactWindow
 
 if TYPE_CHECKING:
     from .cache import KVCache
 
 
 @dataclass(frozen=True)
-class SoftPrune(SlidingWindow):
+class SoftPrune(CompactWindow):
     """frames: committed frames held; recent_frames: the newest, exact; kept_frames: older frames held in `bits` bits,
     the rest as their summaries; novelty, recency: the weights of a frame's score."""
 
     frames: int = 28
-    recent_frames: int = 4
     kept_frames: int = 8
     bits: int = 4
     novelty: float = 0.7
@@ -39,24 +38,15 @@ class SoftPrune(SlidingWindow):
 
     def check(self, chunk_frames: int) -> None:
         super().check(chunk_frames)
-        check_frames("recent_frames", self.recent_frames, least=0)
         check_frames("kept_frames", self.kept_frames, least=0)
         if self.recent_frames + self.kept_frames > self.frames:
             raise ValueError(f"recent_frames + kept_frames ({self.recent_frames + self.kept_frames}) cannot exceed "
                              f"frames ({self.frames})")
-        if self.quant is not None:
-            raise ValueError("SoftPrune quantizes in its own `bits`: leave quant None")
         if self.bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {self.bits!r}")
         for name in ("novelty", "recency"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a weight of at least 0, got {getattr(self, name)!r}")
-
-    def compacts(self) -> bool:
-        return True
-
-    def exact_capacity(self, cache: KVCache) -> int:
-        return min(self.frames, max(self.recent_frames, cache.layout.chunk_frames))
 
     def precision(self, cache: KVCache, frames: list[int]) -> dict[int, list]:
         older = frames[:max(0, len(frames) - self.recent_frames)]

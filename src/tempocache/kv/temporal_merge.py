@@ -18,41 +18,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .config import check_frames
 from .merged import TemporalMerge
-from .window import SlidingWindow
+from .window import CompactWindow
 
 if TYPE_CHECKING:
     from .cache import KVCache
 
 
 @dataclass(frozen=True)
-class TempCache(SlidingWindow):
+class TempCache(CompactWindow):
     """frames: committed frames held; recent_frames: the newest, exact; keep: the share of an older frame's tokens
     held as they are, the rest merged into the next frame."""
 
     frames: int = 28
-    recent_frames: int = 4
     keep: float = 0.25
 
     def check(self, chunk_frames: int) -> None:
         super().check(chunk_frames)
-        check_frames("recent_frames", self.recent_frames, least=0)
-        if self.recent_frames > self.frames:
-            raise ValueError(f"recent_frames ({self.recent_frames}) cannot exceed frames ({self.frames})")
-        if self.quant is not None:
-            raise ValueError("TempCache merges exact frames: leave quant None")
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
             raise ValueError(f"keep must be a share of a frame's tokens in (0, 1], got {self.keep!r}")
 
-    def compacts(self) -> bool:
-        return True
-
     def kept_tokens(self, tokens: int) -> int:
         return max(1, round(self.keep * tokens))
-
-    def exact_capacity(self, cache: KVCache) -> int:
-        return min(self.frames, max(self.recent_frames, cache.layout.chunk_frames))
 
     def precision(self, cache: KVCache, frames: list[int]) -> dict[int, list]:
         older = frames[:max(0, len(frames) - self.recent_frames)]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .config import KVConfig, check_frames
+
+if TYPE_CHECKING:
+    from .cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -29,3 +33,25 @@ class SlidingWindow(KVConfig):
 
     def evict(self, held: list[int], chunk_frames: int, attention: dict[int, float] | None = None) -> list[int]:
         return held[:self.overflow(held, chunk_frames)]
+
+
+@dataclass(frozen=True)
+class CompactWindow(SlidingWindow):
+    """A window whose newest `recent_frames` frames are exact and the older ones held compact, as a subclass's
+    `precision` says (`TempCache`, `SoftPrune`)."""
+
+    recent_frames: int = 4
+
+    def check(self, chunk_frames: int) -> None:
+        super().check(chunk_frames)
+        check_frames("recent_frames", self.recent_frames, least=0)
+        if self.recent_frames > self.frames:
+            raise ValueError(f"recent_frames ({self.recent_frames}) cannot exceed frames ({self.frames})")
+        if self.quant is not None:
+            raise ValueError(f"{type(self).__name__} holds its older frames its own way: leave quant None")
+
+    def compacts(self) -> bool:
+        return True
+
+    def exact_capacity(self, cache: KVCache) -> int:
+        return min(self.frames, max(self.recent_frames, cache.layout.chunk_frames))
