@@ -10,7 +10,9 @@ time to first frame of a fresh stream, median seconds per chunk (denoiser, and e
 with decoding), pixel frames per second, KV bytes and peak memory after the stream.
 Then one long denoiser-only stream (no decoding) to show memory flat with length and no
 position overflow. Settings: commit by re-encoding (one more forward per chunk) or from the
-last step; bf16 or FP8 linears (`tempocache.quantize`, last, since it is one-way).
+last step; bf16, FP8 self-attention alone (cuDNN's, over the cache's keys and the chunk's) and
+FP8 linears with FP8 attention (`tempocache.quantize`, last, since it is one-way). `--profile`
+adds the CUDA kernels' time over a few bf16 chunks, by kernel.
 
     python benchmarks/stream_speed.py --out benchmarks/results/stream_speed.json
     python benchmarks/stream_speed.py --tiny --out /tmp/stream_speed.json   # a CPU smoke run
@@ -31,6 +33,8 @@ from step_cache_overhead import WAN_1_3B
 
 import tempocache as tc
 from tempocache import kv
+from tempocache.models import QUANT, add_hook, attention_modules, find_blocks, remove_hook
+from tempocache.quant.attention import FP8AttentionHook, FP8AttentionMode
 
 LATENT = (16, 3, 60, 104)  # channels, latent frames per chunk, height, width: 480x832
 TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=16, out_channels=16,
@@ -122,6 +126,32 @@ def run_setting(model, vae, text, config, latent, steps, chunks, device) -> dict
 
 
 @torch.no_grad()
+def kernel_profile(model, text, config, latent, steps, chunks, device, top: int = 15) -> list[dict]:
+    """The `top` CUDA kernels by total time over `chunks` chunks of a warm stream: name, ms per chunk, share."""
+    streamer = Streamer(model, text, config, latent, steps, device)
+    with kv.installed(model, streamer.cache):
+        for _ in range(3):
+            streamer.chunk()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(chunks):
+                streamer.chunk()
+            sync(device)
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    events.sort(key=lambda e: -e.device_time_total)
+    return [{"kernel": e.key[:120], "ms_per_chunk": round(e.device_time_total / 1000 / chunks, 2),
+             "share": round(e.device_time_total / total, 3)} for e in events[:top]]
+
+
+def with_fp8_attention(model) -> FP8AttentionMode:
+    """FP8 self-attention alone, the linears left in bf16 (`tempocache.quantize` takes both or the linears)."""
+    mode = FP8AttentionMode()
+    for module in attention_modules(find_blocks(model)):
+        add_hook(module, FP8AttentionHook(mode), QUANT)
+    return mode
+
+
+@torch.no_grad()
 def long_stream(model, text, config, latent, steps, chunks, device, checkpoints: tuple[int, ...], seconds: float) -> dict:
     """Denoiser only, for `chunks` chunks or `seconds`, whichever ends first: KV bytes and memory at each checkpoint
     (chunks made), and whether the last chunk's values are finite."""
@@ -151,6 +181,7 @@ def main() -> None:
     parser.add_argument("--long-seconds", type=float, default=240, help="time limit of the long stream")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--window", type=int, default=12, help="latent frames held")
+    parser.add_argument("--profile", action="store_true", help="also the CUDA kernels' time, by kernel")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script, measures nothing")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -172,17 +203,27 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
 
-    for label, commit in (("bf16, re-encode commit", "reencode"), ("bf16, last-step commit", "last_step")):
-        row = run_setting(model, vae, text, kv.SlidingWindow(frames=args.window, commit=commit), latent, args.steps, args.chunks, device)
+    def measure(label: str, commit: str, fp8_calls=None) -> None:
+        config = kv.SlidingWindow(frames=args.window, commit=commit)
+        row = run_setting(model, vae, text, config, latent, args.steps, args.chunks, device)
+        if fp8_calls is not None:
+            row["fp8_attention_calls"] = fp8_calls()
         result["settings"][label] = row
         print(label, json.dumps(row), flush=True)
         save()
-    tc.quantize(model, tc.W8A8("fp8"))
-    for label, commit in (("FP8 linears, re-encode commit", "reencode"), ("FP8 linears, last-step commit", "last_step")):
-        row = run_setting(model, vae, text, kv.SlidingWindow(frames=args.window, commit=commit), latent, args.steps, args.chunks, device)
-        result["settings"][label] = row
-        print(label, json.dumps(row), flush=True)
+
+    measure("bf16, re-encode commit", "reencode")
+    measure("bf16, last-step commit", "last_step")
+    if args.profile and device.type == "cuda":
+        result["kernels_bf16_last_step"] = kernel_profile(model, text, kv.SlidingWindow(frames=args.window, commit="last_step"),
+                                                          latent, args.steps, 3, device)
         save()
+    mode = with_fp8_attention(model)
+    measure("FP8 attention, last-step commit", "last_step", lambda: mode.fp8_calls)
+    for module in attention_modules(find_blocks(model)):
+        remove_hook(module, QUANT)
+    state = tc.quantize(model, tc.W8A8("fp8", attention=True))
+    measure("FP8 linears + FP8 attention, last-step commit", "last_step", lambda: state.stats()["attention_fp8_calls"])
     checkpoints = (100, args.long_chunks) if args.long_chunks > 100 else (args.long_chunks,)
     result["long_stream"] = long_stream(model, text, kv.SlidingWindow(frames=args.window, commit="last_step"), latent,
                                         args.steps, args.long_chunks, device, checkpoints, args.long_seconds)

@@ -403,8 +403,16 @@ def test_fp8_attention_numerics():
         assert torch.equal(nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
                            nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
         nn.functional.scaled_dot_product_attention(q, k[:, :, :50], v[:, :, :50])
-    assert mode.fp8_calls == 1
-    assert mode.exact_calls == {"mask, dropout, causal or grouped heads": 2, "not self-attention": 1}
+        cached_k, cached_v = torch.cat([k, k.flip(2)], 2), torch.cat([v, v.flip(2)], 2)  # a cache's keys and the chunk's
+        nn.functional.scaled_dot_product_attention(q, cached_k, cached_v)  # not from a self-attention module: exact
+        mode.more_keys = True  # what FP8AttentionHook sets in a module with is_cross_attention False
+        over_cache = nn.functional.scaled_dot_product_attention(q, cached_k, cached_v)
+        nn.functional.scaled_dot_product_attention(q, k[:, :, :50], v[:, :, :50])  # fewer keys: cross-attention
+    assert mode.fp8_calls == 2
+    assert mode.exact_calls == {"mask, dropout, causal or grouped heads": 2, "not self-attention": 3}
+    assert torch.equal(over_cache, fp8_attention(q, cached_k, cached_v))
+    exact = nn.functional.scaled_dot_product_attention(q, cached_k, cached_v)
+    assert 0.01 < ((over_cache - exact).norm() / exact.norm()).item() < 0.1
 
 
 @pytest.mark.parametrize("name", ["wan", "flux"])

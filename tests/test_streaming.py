@@ -7,6 +7,8 @@ not leak into each other; bounded policies must hold memory flat.
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -27,10 +29,10 @@ PROMPT = "a red circle moves right on a black background"
 OTHER = "a blue square moves up on a white background"
 
 
-def tiny_pipe(seed: int = 0) -> ShapesPipeline:
+def tiny_pipe(seed: int = 0, head_dim: int = 24) -> ShapesPipeline:
     torch.manual_seed(seed)
     transformer = SkyReelsV2Transformer3DModel(
-        patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=24, in_channels=3, out_channels=3,
+        patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=head_dim, in_channels=3, out_channels=3,
         text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64,
         num_frame_per_block=SPEC.chunk_frames).eval()
     text_encoder = WordEncoder(len(make_tokenizer().words), 20, TEXT_DIM).eval()
@@ -228,6 +230,20 @@ def test_the_step_cache_composes_with_streaming(pipe):
         assert np.isfinite(cached).all() and not np.array_equal(cached, plain)
 
 
+def test_fp8_attention_reads_the_cache_in_self_attention_only():
+    exact, fp8 = tiny_pipe(head_dim=32), tiny_pipe(head_dim=32)  # FP8 attention takes head dims in 16s
+    state = tempocache.quantize(fp8.transformer, tempocache.W8A8("fp8", attention=True))
+    tempocache.quantize(exact.transformer, tempocache.W8A8("fp8"))
+    frames, window = 4 * SPEC.chunk_frames, kv.SlidingWindow(frames=8)
+    reference, streamed = (chunks(stream(p, PROMPT, frames=frames, steps=2, kv=window)) for p in (exact, fp8))
+    calls = 4 * 3 * 2 * len(fp8.transformer.blocks)  # chunks x (2 steps + re-encoding) x (attn1, attn2) per block
+    stats = state.stats()
+    assert stats["attention_fp8_calls"] == calls // 2  # every self-attention, over the cache's keys and the chunk's
+    assert stats["attention_exact_calls"] == {"not self-attention": calls // 2}  # the text cross-attention
+    error = np.abs(streamed - reference).mean() / np.abs(reference).mean()
+    assert 0 < error < 0.01  # e4m3 rounding, not a wrong result
+
+
 def test_prompts_streamed_side_by_side_match_their_streams_alone(pipe):
     together = chunks(stream(pipe, [PROMPT, OTHER], frames=8, steps=2, seed=7))  # (prompts x frames) chunk by chunk
     assert together.shape == (2 * 2, 4, 32, 32, 3)
@@ -318,6 +334,7 @@ def test_recomputing_the_history_equals_a_window_until_a_frame_leaves_it(pipe):
 
 
 def test_the_stream_bench_writes_its_report(pipe, tmp_path):
+    from tempocache.cli import method_range
     from tempocache.eval.stream_bench import run_stream_bench
 
     result = run_stream_bench(pipe, tmp_path, context=12, budgets=(8, 10), captions=2, frames=16, every=8, steps=2,
@@ -335,6 +352,12 @@ def test_the_stream_bench_writes_its_report(pipe, tmp_path):
     for name in ("results.json", "samples.npz", "table.md", "memory.png", "accuracy.png", "index.html", "videos/24.mp4"):
         assert (tmp_path / name).is_file(), name
     assert "| Self-Forcing window (8) |" in (tmp_path / "table.md").read_text()
+    picked = run_stream_bench(pipe, tmp_path / "picked", context=12, budgets=(8, 10), captions=2, frames=8, every=8,
+                              steps=2, timing_chunks=1, methods=method_range("3,1"), full_kv=False, videos=False)
+    assert list(picked["policies"]) == ["tempocache Auto (8 frames' memory)", "Self-Forcing window (8)"]
+    assert all("psnr_vs_full_kv" not in row for row in picked["policies"].values())
+    with pytest.raises(argparse.ArgumentTypeError, match="0:4,7"):
+        method_range("1-3")
 
 
 def test_participative_eviction_keeps_the_frames_attended_to(pipe):

@@ -84,19 +84,23 @@ def _stream_bench(args: argparse.Namespace) -> None:
         check_writable(args.out / "results.json")
         run_stream_bench(load_pipeline(args.model, args.device, _dtype(args.dtype)), args.out, args.context, tuple(args.budgets),
                          args.captions, args.frames, args.every, args.steps, args.guidance, args.device,
-                         methods=args.methods, videos=not args.no_videos)
+                         methods=args.methods, videos=not args.no_videos, full_kv=not args.no_full_kv)
     print((args.out / "table.md").read_text())
     print(f"wrote {args.out.resolve()}")
 
 
-def method_range(text: str) -> slice:
-    start, sep, stop = text.partition(":")
-    try:
-        if not sep:
-            raise ValueError
-        return slice(int(start) if start else None, int(stop) if stop else None)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give A:B (methods A to B-1), A: or :B") from None
+def method_range(text: str) -> list[slice]:
+    """Comma-separated A:B (methods A to B-1, either end may be left out) or single method numbers."""
+    ranges = []
+    for part in text.split(","):
+        start, sep, stop = part.partition(":")
+        try:
+            ranges.append(slice(int(start) if start else None, int(stop) if stop else None) if sep else
+                          slice(int(part), int(part) + 1))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give A:B (methods A to B-1), A:, :B or N, separated by "
+                                             "commas (e.g. 0:4,7)") from None
+    return ranges
 
 
 KV_FORMS = ("full, window:N, sinks:S:N (S sink frames of N held), deep-sink:N, participative:N, tempcache:N (merging), "
@@ -342,8 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=positive_int, default=28, help="the most frames a method holds")
     p.add_argument("--budgets", type=positive_int, nargs=2, default=[8, 16],
                    help="the two KV memory budgets, in exact frames, the bounded methods run at")
-    p.add_argument("--methods", type=method_range, default=slice(None),
-                   help="only methods A to B-1 of the list (A:B, either end may be left out; default: all), full KV always")
+    p.add_argument("--methods", type=method_range, default=[slice(None)],
+                   help="only these methods of the list: A:B (A to B-1, either end may be left out), or N, separated by "
+                        "commas (default: all); full KV always, unless --no-full-kv")
+    p.add_argument("--no-full-kv", action="store_true",
+                   help="leave full KV out (the longest to run), and with it the PSNR against it")
     p.add_argument("--no-videos", action="store_true", help="leave out the videos and index.html (no imageio-ffmpeg)")
     p.add_argument("--report-only", action="store_true",
                    help="only write the table, plots, videos and index.html from the results in --out")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib
 import numpy as np
@@ -107,14 +108,17 @@ def default_methods(pipe, context: int, budgets: tuple[int, int]) -> dict[str, k
 
 def run_stream_bench(pipe, out: Path, context: int = 28, budgets: tuple[int, int] = (8, 16), captions: int = 16,
                      frames: int = 512, every: int = 32, steps: int | None = None, guidance: float | None = None,
-                     device: str = "cpu", timing_chunks: int = 8, methods: slice = slice(None),
-                     videos: bool = True) -> dict:
-    """`methods`: which of `default_methods` to run beside full KV (a slice: a long bench can be split over runs).
+                     device: str = "cpu", timing_chunks: int = 8, methods: Sequence[slice] = (slice(None),),
+                     videos: bool = True, full_kv: bool = True) -> dict:
+    """`methods`: which of `default_methods` to run beside full KV (slices of it, in the order given: a long bench can
+    be split over runs;
+    `full_kv=False` leaves full KV out, and with it the PSNR against it).
     results.json and samples.npz (each method's clip of the first caption) are rewritten after each method, so a run
     cut short keeps what it finished; `write_report` then makes the rest from them (`videos=False`: all but the
     videos, which need imageio-ffmpeg)."""
     out.mkdir(parents=True, exist_ok=True)
-    chosen = dict(list(default_methods(pipe, context, budgets).items())[methods])
+    listed = list(default_methods(pipe, context, budgets).items())
+    chosen = dict(item for part in methods for item in listed[part])
 
     def save(result: dict) -> None:
         (out / "results.json").write_text(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
@@ -123,7 +127,7 @@ def run_stream_bench(pipe, out: Path, context: int = 28, budgets: tuple[int, int
         print(f"{list(result['policies'])[-1]}: {list(result['policies'].values())[-1]['seconds']} s", flush=True)
 
     result = evaluate_stream(pipe, chosen, captions, frames, every, steps, guidance, device=device,
-                             timing_chunks=timing_chunks, keep_samples=1, progress=save)
+                             full_kv=full_kv, timing_chunks=timing_chunks, keep_samples=1, progress=save)
     result.pop("samples")
     write_report(out, videos)
     return result

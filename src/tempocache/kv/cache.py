@@ -34,11 +34,14 @@ class KVLayer:
         self.values: torch.Tensor | None = None
         self.compact: dict[int, QuantizedFrame | MergedFrame] = {}
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # the chunk's, from the last call
+        # the exact frames' rotated keys and their values with room for the chunk's after them, (B, (held + chunk)
+        # tokens, heads, head_dim) each: built at the chunk's first call, its tail rewritten at each later one
+        self.context: tuple[torch.Tensor, torch.Tensor] | None = None
         self.error: dict = {}  # by bits (or Summary()): the relative error of this layer's latest such frame
         self.unfolded: int | None = None  # the merged frame that still holds every place, where the next one merges
 
     def reset(self) -> None:
-        self.keys = self.values = self.pending = self.unfolded = None
+        self.keys = self.values = self.pending = self.unfolded = self.context = None
         self.compact, self.error = {}, {}
 
     def nbytes(self) -> int:
@@ -196,11 +199,10 @@ class KVCache:
         sample = _query_sample(query, self.config.query_sample) if scores is not None else None
         slots = self._exact_slots()
         if slots:
-            held_keys, held_values = store.exact(slots, tokens)
-            held_keys = rotate(held_keys, *rotary["exact"])
+            keys, values = self._context(store, slots, keys, values)
             if scores is not None:
+                held_keys = keys[:, :len(slots) * tokens]
                 scores.append(([self.slot_frames[s] for s in slots], [tokens] * len(slots), _logits(sample, held_keys)))
-            keys, values = torch.cat([held_keys, keys], 1), torch.cat([held_values, values], 1)
         if not store.compact:
             out = attention(query, keys, values, None)
         else:
@@ -218,6 +220,19 @@ class KVCache:
         if scores:
             self._score(layer, scores)
         return out
+
+    def _context(self, store: KVLayer, slots: list[int], keys: torch.Tensor, values: torch.Tensor):
+        """The exact frames' rotated keys and their values followed by the chunk's (rotated) `keys` and `values`.
+        The held frames are the same at every call on one chunk, so they are rotated and copied once a chunk (Ca2-VDM
+        shares them so across steps), at the cost of that copy's memory while the chunk is made."""
+        if store.context is None:
+            held_keys, held_values = store.exact(slots, self.layout.tokens)
+            held_keys = rotate(held_keys, *self.rotary(keys.device)["exact"])
+            store.context = torch.cat([held_keys, keys], 1), torch.cat([held_values, values], 1)
+        else:
+            context_keys, context_values = store.context
+            context_keys[:, -keys.shape[1]:], context_values[:, -values.shape[1]:] = keys, values
+        return store.context
 
     @staticmethod
     def _blocks(store: KVLayer, rotary: dict, keys: torch.Tensor, values: torch.Tensor, sample, scores):
@@ -282,6 +297,7 @@ class KVCache:
         capacity = self.config.exact_capacity(self)
         for layer in self.layers:
             layer.write(slots, self.layout.tokens, capacity)
+            layer.context = None
         if self.config.scores_attention:
             self.attention = {f: [m * self.config.decay for m in ms] for f, ms in self.attention.items()}
         self.frames_made += len(chunk)

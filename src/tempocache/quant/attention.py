@@ -17,8 +17,10 @@ agrees with `simulated_attention` to within the rounding of P (3.8% relative on 
 The scales are per tensor, over the whole batch: a sample's result depends slightly on the others in its batch.
 
 What runs in FP8: `F.scaled_dot_product_attention` calls inside the transformer blocks' attention modules
-that are self-attention (as many keys as queries: Wan's attn1, FLUX's joint attention) without a mask,
-dropout, causal flag or grouped heads. Cross-attention to a short prompt is left exact: quantizing its
+that are self-attention (as many keys as queries: Wan's attn1, FLUX's joint attention; or more keys than
+queries in a module that says it is no cross-attention, `is_cross_attention` False: a streaming chunk's
+queries over the cached frames' keys and its own, `tempocache.kv`) without a mask, dropout, causal flag or
+grouped heads. Cross-attention to a short prompt is left exact: quantizing its
 queries costs more than its tiny product saves. The calls are caught by a TorchFunctionMode entered around
 each attention module's forward, so any attention processor on diffusers' native backend is covered
 without changing its code.
@@ -52,11 +54,12 @@ def _per_tensor(x: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tenso
     return scaled.to(FP8).transpose(1, 2), scale.reshape(1, 1, 1, 1)
 
 
-def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int = 0) -> tuple[torch.Tensor, ...]:
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_tokens: int = 0,
+                 kv_tokens: int = 0) -> tuple[torch.Tensor, ...]:
     """(q8, k8, v8, s_q, s_k, s_v) of the module's docstring from (batch, heads, tokens, head dim) tensors of any
-    strides; the 8-bit ones padded with zero tokens up to `tokens`, if more."""
+    strides; the 8-bit ones padded with zero tokens up to `q_tokens` (q8) and `kv_tokens` (k8, v8), if more."""
     k = k.float() - k.float().mean(dim=-2, keepdim=True)
-    (q8, s_q), (k8, s_k), (v8, s_v) = (_per_tensor(x, tokens) for x in (q, k, v))
+    (q8, s_q), (k8, s_k), (v8, s_v) = (_per_tensor(x, n) for x, n in ((q, q_tokens), (k, kv_tokens), (v, kv_tokens)))
     return q8, k8, v8, s_q, s_k, s_v
 
 
@@ -95,7 +98,8 @@ class _CudnnAttention:
         self.graphs: dict[tuple, tuple | str] = {}  # a string: why cuDNN declined
         self.handles: dict[torch.device, object] = {}
 
-    def build(self, q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, o8: torch.Tensor, tokens: int, scale: float):
+    def build(self, q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, o8: torch.Tensor, tokens: tuple[int, int],
+              scale: float):
         import cudnn
 
         handle = self.handles.setdefault(q8.device, cudnn.create_handle())
@@ -107,7 +111,7 @@ class _CudnnAttention:
                    for name in ("s_q", "s_k", "s_v", "descale_p", "scale_p", "scale_o")}
         batch = q8.shape[0]
         lengths = {name: graph.tensor(name=name, dim=[batch, 1, 1, 1], stride=[1, 1, 1, 1], data_type=cudnn.data_type.INT32)
-                   for name in ("q_tokens", "kv_tokens")} if tokens < q8.shape[-2] else {}
+                   for name in ("q_tokens", "kv_tokens")} if tokens != (q8.shape[-2], k8.shape[-2]) else {}
         o, _, amax_p, amax_o = graph.sdpa_fp8(
             q=fp8["q"], k=fp8["k"], v=fp8["v"], descale_q=scalars["s_q"], descale_k=scalars["s_k"], descale_v=scalars["s_v"],
             descale_s=scalars["descale_p"], scale_s=scalars["scale_p"], scale_o=scalars["scale_o"],
@@ -124,16 +128,18 @@ class _CudnnAttention:
         one = torch.ones(1, 1, 1, 1, device=q8.device)
         constants = {scalars["scale_p"]: one * FP8_MAX, scalars["descale_p"]: one / FP8_MAX,
                      amax_p: torch.empty_like(one), amax_o: torch.empty_like(one),
-                     **{t: torch.full((batch, 1, 1, 1), tokens, dtype=torch.int32, device=q8.device) for t in lengths.values()}}
+                     **{lengths[name]: torch.full((batch, 1, 1, 1), n, dtype=torch.int32, device=q8.device)
+                        for name, n in zip(("q_tokens", "kv_tokens"), tokens) if lengths}}
         workspace = torch.empty(graph.get_workspace_size(), device=q8.device, dtype=torch.uint8)
         return graph, handle, fp8, scalars, o, constants, workspace
 
-    def __call__(self, q8, k8, v8, s_q, s_k, s_v, tokens: int, scale: float) -> torch.Tensor:
-        """O8 of (batch, heads, padded tokens, head dim) q8, k8, v8 whose first `tokens` tokens are valid."""
+    def __call__(self, q8, k8, v8, s_q, s_k, s_v, tokens: tuple[int, int], scale: float) -> torch.Tensor:
+        """O8 of (batch, heads, padded tokens, head dim) q8, k8, v8 whose first tokens[0] queries and tokens[1] keys
+        and values are valid."""
         import cudnn
 
         o8 = torch.empty_like(q8)
-        key = (q8.shape, q8.stride(), k8.stride(), v8.stride(), o8.stride(), tokens, q8.device, scale)
+        key = (q8.shape, k8.shape, q8.stride(), k8.stride(), v8.stride(), o8.stride(), tokens, q8.device, scale)
         if key not in self.graphs:
             try:
                 self.graphs[key] = self.build(q8, k8, v8, o8, tokens, scale)
@@ -163,19 +169,22 @@ class FP8Attention:
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         if not q.is_cuda:
             return simulated_attention(*quantize_qkv(q, k, v), scale, q.dtype)
-        tokens = q.shape[-2]
+        tokens = q.shape[-2], k.shape[-2]
         # fused kernels (torch.compile): in eager mode the passes over q, k and v cost a third of what FP8 saves
-        q8, k8, v8, s_q, s_k, s_v = compiled(quantize_qkv)(q, k, v, -(-tokens // TILE) * TILE)
+        q8, k8, v8, s_q, s_k, s_v = compiled(quantize_qkv)(q, k, v, *(-(-n // TILE) * TILE for n in tokens))
         o8 = self.cudnn(q8, k8, v8, s_q, s_k, s_v, tokens, scale)
-        return compiled(_dequantize)(o8, s_v, tokens, q.dtype)
+        return compiled(_dequantize)(o8, s_v, tokens[0], q.dtype)
 
 
-def _fp8_call(attention: FP8Attention, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-              enable_gqa=False):
-    """A scaled_dot_product_attention call: (its FP8 output, None) where it qualifies, else (None, why it stays exact)."""
+def _fp8_call(attention: FP8Attention, more_keys: bool, query, key, value, attn_mask=None, dropout_p=0.0,
+              is_causal=False, scale=None, enable_gqa=False):
+    """A scaled_dot_product_attention call: (its FP8 output, None) where it qualifies, else (None, why it stays exact).
+    `more_keys`: the call is a self-attention module's, where more keys than queries are a cache's."""
     if attn_mask is not None or dropout_p or is_causal or enable_gqa:
         return None, "mask, dropout, causal or grouped heads"
-    if query.dim() != 4 or not query.shape == key.shape == value.shape:
+    same = query.dim() == 4 and key.shape == value.shape and query.shape[:2] == key.shape[:2] and \
+        query.shape[-1] == key.shape[-1]
+    if not same or key.shape[-2] < query.shape[-2] or key.shape[-2] > query.shape[-2] and not more_keys:
         return None, "not self-attention"
     if query.shape[-1] % 16:
         return None, f"head dim {query.shape[-1]} not a multiple of 16"
@@ -193,11 +202,12 @@ class FP8AttentionMode(TorchFunctionMode):
         self.attention = FP8Attention()
         self.fp8_calls = 0
         self.exact_calls: Counter[str] = Counter()
+        self.more_keys = False  # set per module by FP8AttentionHook: may it attend to more keys than queries?
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            out, reason = _fp8_call(self.attention, *args, **kwargs)
+            out, reason = _fp8_call(self.attention, self.more_keys, *args, **kwargs)
             if out is not None:
                 self.fp8_calls += 1
                 return out
@@ -211,5 +221,6 @@ class FP8AttentionHook(Hook):
         self.mode = mode
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
+        self.mode.more_keys = getattr(module, "is_cross_attention", None) is False
         with self.mode:
             return self.original(*args, **kwargs)
