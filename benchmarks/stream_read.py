@@ -1,5 +1,6 @@
 """How reading quantized frames costs on shapes-ar: a window of 8 exact frames beside `kv.Auto` at the same KV memory,
-its quantized frames read by fused attention a layer at a time (the default) or blockwise, 4 frames at a time.
+its quantized frames read by fused attention a layer at a time at every call (the default), rebuilt once a chunk and
+held for its steps (`rebuild_frames="chunk"`), or blockwise, 4 frames at a time.
 
 Two captions streamed side by side, 3 steps, guidance 2; the median seconds per chunk over chunks 9 to 12.
 
@@ -24,6 +25,7 @@ from tempocache.streaming import stream
 
 PROMPTS = ["a red circle moves right on a black background", "a blue square moves up on a white background"]
 SETTINGS = {"window 8": kv.SlidingWindow(frames=8), "Auto, 8 frames' memory, fused read": kv.Auto(memory_frames=8),
+            "Auto, 8 frames' memory, fused read, rebuilt once a chunk": kv.Auto(memory_frames=8, rebuild_frames="chunk"),
             "Auto, 8 frames' memory, blockwise read (4 frames)": kv.Auto(memory_frames=8, rebuild_frames=4)}
 
 

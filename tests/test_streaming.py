@@ -307,6 +307,9 @@ def test_a_quantized_cache_keeps_its_newest_frames_exact_and_the_rest_close(pipe
         # by default each layer rebuilds its quantized frames at once for the fused attention: the same result
         fused = chunks(stream(pipe, PROMPT, frames=24, steps=2, kv=kv.SlidingWindow(frames=12, quant=kv.KVQuant(bits=bits))))
         np.testing.assert_allclose(fused, out, atol=1e-4)
+        # rebuilt once a chunk and held for its steps: the very same numbers
+        once = kv.SlidingWindow(frames=12, quant=kv.KVQuant(bits=bits, group_frames="chunk"))
+        assert np.array_equal(chunks(stream(pipe, PROMPT, frames=24, steps=2, kv=once)), fused)
     full_bytes = stream(pipe, PROMPT, frames=24, steps=2, kv=window)
     list(full_bytes)
     assert sizes[4] < sizes[8] < full_bytes.stats()["peak_kv_bytes"]
@@ -315,7 +318,8 @@ def test_a_quantized_cache_keeps_its_newest_frames_exact_and_the_rest_close(pipe
 def test_bad_quantization_settings_are_refused(pipe):
     with pytest.raises(ValueError, match="odd here"):
         kv.KVQuant(bits=4).check(25)
-    for quant, error in ((kv.KVQuant(bits=3), "bits must be one of"), (kv.KVQuant(group_frames=0), "group_frames")):
+    for quant, error in ((kv.KVQuant(bits=3), "bits must be one of"), (kv.KVQuant(group_frames=0), "group_frames"),
+                         (kv.KVQuant(group_frames="layer"), "None or 'chunk'")):
         with pytest.raises(ValueError, match=error):
             stream(pipe, PROMPT, kv=kv.SlidingWindow(frames=8, quant=quant))
     with pytest.raises(TypeError, match="quant must be a kv.KVQuant"):
@@ -424,9 +428,18 @@ def test_auto_needs_a_budget_it_can_meet(pipe):
                           (kv.Auto(memory=1000), "bytes is less than the KV"),
                           (kv.Auto(memory_frames=8, exact_frames=30), "cannot exceed"),
                           (kv.Auto(memory_frames=8, quant=kv.KVQuant()), "leave quant None"),
-                          (kv.Auto(frames=2, memory_frames=8), "cannot hold one chunk")):
+                          (kv.Auto(frames=2, memory_frames=8), "cannot hold one chunk"),
+                          (kv.Auto(memory_frames=8, rebuild_frames="all"), "None, 'chunk' or an integer")):
         with pytest.raises(ValueError, match=error):
             stream(pipe, PROMPT, kv=config)
+
+
+def test_auto_rebuilding_once_a_chunk_changes_nothing(pipe):
+    for summaries in (False, True):
+        every_call, once = (kv.Auto(frames=24, memory_frames=8, exact_frames=4, summaries=summaries, rebuild_frames=r)
+                            for r in (None, "chunk"))
+        assert np.array_equal(chunks(stream(pipe, PROMPT, frames=32, steps=2, kv=once)),
+                              chunks(stream(pipe, PROMPT, frames=32, steps=2, kv=every_call)))
 
 
 def _attend_chunks(config: kv.KVConfig, rope, chunks_kv, query) -> list[torch.Tensor]:

@@ -149,7 +149,8 @@ def write_report(out: Path, videos: bool = True) -> None:
             with MP4Writer(out / "videos" / f"{i}.mp4") as writer:
                 writer.write(samples[f"arr_{i}"] / 255.0)
     page = ["<html><body><h1>stream-bench</h1>", f"<p>{html.escape(result['model'])}: {result['captions']} held-out "
-            f"captions, {result['frames']} frames; first caption below, full KV on the right</p><table>"]
+            f"captions, {result['frames']} frames; first caption below, {html.escape(next(iter(result['policies'])))} "
+            "(the first method) on the right</p><table>"]
     for i, name in enumerate(result["policies"]):
         page.append(f"<tr><td>{html.escape(name)}</td><td><video src='videos/{i}.mp4' autoplay loop muted></video></td>"
                     f"<td><video src='videos/0.mp4' autoplay loop muted></video></td></tr>")

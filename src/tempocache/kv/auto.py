@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from .config import check_frames
 from .merged import Summary
+from .quantized import REBUILD_ONCE
 from .window import SlidingWindow
 
 if TYPE_CHECKING:
@@ -31,7 +32,8 @@ class Auto(SlidingWindow):
     the bytes of that many frames kept exact; frames: the most frames held (the context); exact_frames: the newest
     frames kept exact (default: chosen from the budget); query_sample, decay: the attention profile's queries per
     call and what is left of a frame's mass after each commit; rebuild_frames: quantized frames rebuilt in full
-    precision at a time while attending, block by block (None: a layer's at once, read by fused attention);
+    precision at a time while attending, block by block (None: a layer's at once at every call, read by fused
+    attention; "chunk": a layer's once a chunk, held for its steps: faster, every layer's in full precision at once);
     summaries: hold an older frame at least as its mean token (soft pruning's summary) where it would be dropped."""
 
     frames: int = 28
@@ -40,7 +42,7 @@ class Auto(SlidingWindow):
     exact_frames: int | None = None
     query_sample: int = 64
     decay: float = 0.5
-    rebuild_frames: int | None = None
+    rebuild_frames: int | str | None = None
     summaries: bool = False
     scores_attention = True
 
@@ -63,8 +65,11 @@ class Auto(SlidingWindow):
         elif isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
             raise ValueError(f"memory must be a positive number of bytes, got {self.memory!r}")
         check_frames("query_sample", self.query_sample)
-        if self.rebuild_frames is not None:
-            check_frames("rebuild_frames", self.rebuild_frames)
+        rebuild = self.rebuild_frames
+        if rebuild not in (None, REBUILD_ONCE) and (isinstance(rebuild, bool) or not isinstance(rebuild, int) or
+                                                    rebuild < 1):
+            raise ValueError(f"rebuild_frames must be None, {REBUILD_ONCE!r} or an integer of at least 1 frame, "
+                             f"got {rebuild!r}")
         if not isinstance(self.decay, (int, float)) or not 0 <= self.decay <= 1:
             raise ValueError(f"decay must be between 0 and 1, got {self.decay!r}")
 
@@ -76,7 +81,7 @@ class Auto(SlidingWindow):
     def compacts(self) -> bool:
         return True
 
-    def group_frames(self) -> int | None:
+    def group_frames(self) -> int | str | None:
         return self.rebuild_frames
 
     def budget(self, cache: KVCache) -> int:

@@ -21,7 +21,8 @@ import torch
 
 from .config import KVConfig
 from .merged import MergedFrame, Summary, TemporalMerge, fold, merged_bytes, summary, whole_frame
-from .quantized import QuantizedFrame, blockwise_attention, exact_bytes, quantize_frame, quantized_bytes
+from .quantized import (REBUILD_ONCE, QuantizedFrame, blockwise_attention, exact_bytes, quantize_frame,
+                        quantized_bytes)
 from .rope import FramePositions, rotate
 
 
@@ -34,9 +35,7 @@ class KVLayer:
         self.values: torch.Tensor | None = None
         self.compact: dict[int, QuantizedFrame | MergedFrame] = {}
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # the chunk's, from the last call
-        # the exact frames' rotated keys and their values with room for the chunk's after them, (B, (held + chunk)
-        # tokens, heads, head_dim) each: built at the chunk's first call, its tail rewritten at each later one
-        self.context: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.context: Context | None = None  # what the chunk attends to, built at its first call
         self.error: dict = {}  # by bits (or Summary()): the relative error of this layer's latest such frame
         self.unfolded: int | None = None  # the merged frame that still holds every place, where the next one merges
 
@@ -112,6 +111,33 @@ class KVLayer:
 
 
 @dataclass
+class Context:
+    """What a layer's chunk attends to: the held frames' rotated keys and values, then the chunk's, (B, (held + chunk)
+    tokens, heads, head_dim) each; the merged tokens' logit corrections (B, tokens) or None; the held frames in key
+    order and the tokens each holds."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    bias: torch.Tensor | None
+    frames: list[int]
+    sizes: list[int]
+
+    def part(self) -> tuple:
+        """This context as one of `_join`'s parts."""
+        return self.frames, self.sizes, self.keys, self.values, self.bias
+
+
+def _join(parts: list[tuple]) -> Context:
+    """One context of parts (frames, their tokens, keys, values, logit corrections or None), in order."""
+    bias = None
+    if any(b is not None for *_, b in parts):
+        bias = torch.cat([k.new_zeros(k.shape[:2], dtype=torch.float32) if b is None else b
+                          for _, _, k, _, b in parts], 1)
+    return Context(torch.cat([k for _, _, k, _, _ in parts], 1), torch.cat([v for _, _, _, v, _ in parts], 1), bias,
+                   [f for frames, *_ in parts for f in frames], [n for _, sizes, *_ in parts for n in sizes])
+
+
+@dataclass
 class Layout:
     """What every call of one stream shares: frames per chunk and each frame's token grid."""
 
@@ -178,7 +204,8 @@ class KVCache:
         if not self._rotary:
             held_positions, chunk_positions = self.config.positions(self.held, self.layout.chunk_frames)
             position_of = dict(zip(self.held, held_positions))
-            size = self.config.group_frames() or max(1, len(self.compact))
+            size = self.config.group_frames()
+            size = size if isinstance(size, int) else max(1, len(self.compact))
             groups = [self.compact[i:i + size] for i in range(0, len(self.compact), size)]
             self._rotary = {
                 "exact": self.positions([position_of[self.slot_frames[s]] for s in self._exact_slots()], device),
@@ -190,55 +217,73 @@ class KVCache:
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention) -> torch.Tensor:
         """The pending chunk's attention output at layer `layer`, from its un-rotated query, key and value
-        (B, tokens, heads, head_dim); `attention(q, k, v)` is the model's attention over whole tensors. The chunk's
-        key and value are kept as pending (`commit` stores those of the last call)."""
-        rotary, store, tokens = self.rotary(query.device), self.layers[layer], self.layout.tokens
+        (B, tokens, heads, head_dim); `attention(q, k, v, bias)` is the model's attention over whole tensors. The
+        chunk's key and value are kept as pending (`commit` stores those of the last call)."""
+        rotary, store = self.rotary(query.device), self.layers[layer]
         store.pending = (key, value)
         query, keys, values = rotate(query, *rotary["chunk"]), rotate(key, *rotary["chunk"]), value
         scores = [] if self.config.scores_attention else None  # (frames, their tokens, sampled queries' logits)
         sample = _query_sample(query, self.config.query_sample) if scores is not None else None
-        slots = self._exact_slots()
-        if slots:
-            keys, values = self._context(store, slots, keys, values)
+        slots, rebuild = self._exact_slots(), self.config.group_frames()
+        if store.compact and isinstance(rebuild, int):  # a group of frames rebuilt at a time
+            out = blockwise_attention(query, self._blockwise(store, rotary, slots, keys, values, sample, scores))
+        elif slots or store.compact:
+            context = self._context(store, rotary, slots, keys, values, compact=rebuild == REBUILD_ONCE)
+            if store.compact and rebuild is None:  # rebuilt at every call, a layer's at a time
+                context = _join([*self._compact(store, rotary, keys), context.part()])
+            out = attention(query, context.keys, context.values, context.bias)
             if scores is not None:
-                held_keys = keys[:, :len(slots) * tokens]
-                scores.append(([self.slot_frames[s] for s in slots], [tokens] * len(slots), _logits(sample, held_keys)))
-        if not store.compact:
-            out = attention(query, keys, values, None)
+                held = sum(context.sizes)
+                logits = _logits(sample, context.keys[:, :held])
+                if context.bias is not None:
+                    logits = logits + context.bias[:, None, None, :held]
+                scores.append((context.frames, context.sizes, logits))
         else:
-            blocks = self._blocks(store, rotary, keys, values, sample, scores)
-            if self.config.group_frames() is None:  # the layer's frames rebuilt at once, for the fused attention
-                held = list(blocks)
-                bias = None
-                if any(b is not None for _, _, b in held):
-                    bias = torch.cat([k.new_zeros(k.shape[:2], dtype=torch.float32) if b is None else b
-                                      for k, _, b in held], 1)
-                out = attention(query, torch.cat([k for k, _, _ in held], 1), torch.cat([v for _, v, _ in held], 1),
-                                bias)
-            else:
-                out = blockwise_attention(query, blocks)
+            out = attention(query, keys, values, None)
         if scores:
             self._score(layer, scores)
         return out
 
-    def _context(self, store: KVLayer, slots: list[int], keys: torch.Tensor, values: torch.Tensor):
-        """The exact frames' rotated keys and their values followed by the chunk's (rotated) `keys` and `values`.
-        The held frames are the same at every call on one chunk, so they are rotated and copied once a chunk (Ca2-VDM
-        shares them so across steps), at the cost of that copy's memory while the chunk is made."""
+    def _context(self, store: KVLayer, rotary: dict, slots: list[int], keys: torch.Tensor, values: torch.Tensor,
+                 compact: bool) -> Context:
+        """The exact frames' rotated keys and values (with `compact`, after the layer's compact frames, rebuilt in
+        full precision), followed by the chunk's (rotated) `keys` and `values`. The held frames are the same at every
+        call on one chunk, so they are built once a chunk (Ca2-VDM shares them so across steps) and later calls
+        rewrite only the chunk's tail, at the cost of this copy's memory while the chunk is made."""
         if store.context is None:
-            held_keys, held_values = store.exact(slots, self.layout.tokens)
-            held_keys = rotate(held_keys, *self.rotary(keys.device)["exact"])
-            store.context = torch.cat([held_keys, keys], 1), torch.cat([held_values, values], 1)
+            parts = list(self._compact(store, rotary, keys)) if compact else []
+            if slots:
+                held_keys, held_values = store.exact(slots, self.layout.tokens)
+                parts.append(([self.slot_frames[s] for s in slots], [self.layout.tokens] * len(slots),
+                              rotate(held_keys, *rotary["exact"]), held_values, None))
+            store.context = _join(parts + [([], [], keys, values, None)])
         else:
-            context_keys, context_values = store.context
-            context_keys[:, -keys.shape[1]:], context_values[:, -values.shape[1]:] = keys, values
+            store.context.keys[:, -keys.shape[1]:], store.context.values[:, -values.shape[1]:] = keys, values
         return store.context
 
+    def _blockwise(self, store: KVLayer, rotary: dict, slots: list[int], keys: torch.Tensor, values: torch.Tensor,
+                   sample, scores):
+        """The keys, values and logit corrections (None: none) attended to, block by block, as `blockwise_attention`
+        takes them: each group of the layer's compact frames, then the exact frames with the chunk; the sampled
+        queries' logits over each added to `scores`."""
+        for frames, sizes, group_keys, group_values, bias in self._compact(store, rotary, keys):
+            if scores is not None:
+                logits = _logits(sample, group_keys)
+                scores.append((frames, sizes, logits if bias is None else logits + bias[:, None, None]))
+            yield group_keys, group_values, bias
+        if slots:
+            held_keys, held_values = store.exact(slots, self.layout.tokens)
+            held_keys = rotate(held_keys, *rotary["exact"])
+            if scores is not None:
+                scores.append(([self.slot_frames[s] for s in slots], [self.layout.tokens] * len(slots),
+                               _logits(sample, held_keys)))
+            keys, values = torch.cat([held_keys, keys], 1), torch.cat([held_values, values], 1)
+        yield keys, values, None
+
     @staticmethod
-    def _blocks(store: KVLayer, rotary: dict, keys: torch.Tensor, values: torch.Tensor, sample, scores):
-        """The keys, values and logit corrections (None: none) attended to, block by block: each group of the
-        compact frames this layer holds, rebuilt in full precision one group at a time, then the exact frames with
-        the chunk."""
+    def _compact(store: KVLayer, rotary: dict, keys: torch.Tensor):
+        """Each group of the compact frames this layer holds, rebuilt in full precision one group at a time: (its
+        frames, their tokens, rotated keys, values, logit corrections or None)."""
         for frames, cos, sin in rotary["groups"]:
             present = [i for i, f in enumerate(frames) if f in store.compact]
             if not present:
@@ -257,12 +302,8 @@ class KVCache:
             bias = torch.cat([q.log_count(rotary["oldest"]) if isinstance(q, MergedFrame) else
                               torch.zeros(keys.shape[0], len(q), device=keys.device)
                               for q in stored], 1) if merged else None
-            if scores is not None:
-                logits = _logits(sample, group_keys)
-                scores.append(([frames[i] for i in present], [len(q) for q in stored],
-                               logits if bias is None else logits + bias[:, None, None]))
-            yield group_keys, torch.cat([q.values(values.dtype) for q in stored], 1), bias
-        yield keys, values, None
+            yield ([frames[i] for i in present], [len(q) for q in stored], group_keys,
+                   torch.cat([q.values(keys.dtype) for q in stored], 1), bias)
 
     def _score(self, layer: int, scores: list) -> None:
         """Add to each held frame, at `layer`, the attention mass that the sampled queries give its tokens (the

@@ -55,8 +55,9 @@ class KVConfig:
         """Whether some frames are held other than exact (quantized or merged)."""
         return self.quant is not None
 
-    def group_frames(self) -> int | None:
-        """Quantized frames rebuilt in full precision at a time while attending, block by block (None: a layer's)."""
+    def group_frames(self) -> int | str | None:
+        """Quantized frames rebuilt in full precision at a time while attending, block by block (None: a layer's at
+        every call; "chunk": a layer's once a chunk, held for its steps)."""
         return self.quant.group_frames if self.quant is not None else None
 
     scores_attention = False  # whether the cache measures the attention mass each held frame receives, per layer

@@ -8,7 +8,8 @@ quantized frames (a layer's share of the cache) and reads them with the model's 
 attention; with `group_frames` it reads them that many frames at a time, merging the blocks'
 softmax exactly (`blockwise_attention`), in plain PyTorch. The study of 33 KV methods on
 Self-Forcing found methods that rebuild a full-precision cache to attend exceeding the
-uncompressed peak memory.
+uncompressed peak memory. Only `group_frames="chunk"`, asked for, trades that away for speed:
+each layer's frames are rebuilt once a chunk and held for all of its denoising steps.
 """
 
 from __future__ import annotations
@@ -20,25 +21,29 @@ import torch
 
 BITS = (8, 4)
 
+REBUILD_ONCE = "chunk"  # compact frames rebuilt once a chunk and held for its steps
+
 
 @dataclass(frozen=True)
 class KVQuant:
     """bits: 8 or 4; recent_frames: the newest committed frames kept exact; group_frames: quantized frames
-    dequantized at a time while attending, read block by block (None: a layer's at once, read by fused attention)."""
+    dequantized at a time while attending, read block by block (None: a layer's at once at every call, read by fused
+    attention; "chunk": a layer's once a chunk, held in full precision for its steps, every layer's at once)."""
 
     bits: int = 8
     recent_frames: int = 4
-    group_frames: int | None = None
+    group_frames: int | str | None = None
 
     def check(self, head_dim: int) -> None:
         if self.bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {self.bits!r}")
         for name, least in (("recent_frames", 0), ("group_frames", 1)):
             value = getattr(self, name)
-            if name == "group_frames" and value is None:
+            if name == "group_frames" and value in (None, REBUILD_ONCE):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+                raise ValueError(f"{name} must be an integer of at least {least}" + (
+                    f", None or {REBUILD_ONCE!r}" if name == "group_frames" else "") + f", got {value!r}")
         if self.bits == 4 and head_dim % 2:
             raise ValueError(f"4-bit keys and values pack two codes per byte along the head dimension, which is odd "
                              f"here ({head_dim}): use bits=8")
