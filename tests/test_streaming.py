@@ -99,6 +99,7 @@ BOUNDED = {"SlidingWindow": kv.SlidingWindow(frames=8), "Sinks": kv.Sinks(frames
            "Sinks int4": kv.Sinks(frames=12, sink_frames=4, quant=kv.KVQuant(bits=4)),
            "Participative int8": kv.Participative(frames=12, quant=kv.KVQuant(bits=8)),
            "TempCache": kv.TempCache(frames=12, keep=0.25), "SoftPrune": kv.SoftPrune(frames=12, kept_frames=4),
+           "HeavyHitters": kv.HeavyHitters(frames=12, keep=0.25),
            "Recompute": kv.Recompute(frames=8)}
 
 
@@ -344,16 +345,16 @@ def test_the_stream_bench_writes_its_report(pipe, tmp_path):
     result = run_stream_bench(pipe, tmp_path, context=12, budgets=(8, 10), captions=2, frames=16, every=8, steps=2,
                               timing_chunks=2)
     policies = result["policies"]
-    assert len(policies) == 25 and policies["full KV"]["kv_bytes"][16] > 0
+    assert len(policies) == 27 and policies["full KV"]["kv_bytes"][16] > 0
     assert policies["recompute history (12 frames)"]["kv_bytes"][16] == 0
     for budget in (8, 10):  # every bounded method within its budget's memory
         names = [n for n in policies if f"({budget})" in n or f"{budget} frames' memory" in n or f"+ {budget - 3})" in n]
-        assert len(names) == 10
+        assert len(names) == 11
         window = policies[f"Self-Forcing window ({budget})"]["kv_bytes"][16]
         assert all(policies[n]["kv_bytes"][16] <= window for n in names), names
     assert any(n.startswith("tempocache window (12), int4, 8 frames'") for n in policies)  # more frames in 4 bits
     assert policies["Self-Forcing window (12) + step cache Auto(0.5)"]["step_cache"].startswith("Auto(")
-    for name in ("results.json", "samples.npz", "table.md", "memory.png", "accuracy.png", "index.html", "videos/24.mp4"):
+    for name in ("results.json", "samples.npz", "table.md", "memory.png", "accuracy.png", "index.html", "videos/26.mp4"):
         assert (tmp_path / name).is_file(), name
     assert "| Self-Forcing window (8) |" in (tmp_path / "table.md").read_text()
     picked = run_stream_bench(pipe, tmp_path / "picked", context=12, budgets=(8, 10), captions=2, frames=8, every=8,
@@ -445,17 +446,37 @@ def test_auto_rebuilding_once_a_chunk_changes_nothing(pipe):
 def _attend_chunks(config: kv.KVConfig, rope, chunks_kv, query) -> list[torch.Tensor]:
     """The chunk outputs of one layer's cache, fed each chunk's (key, value) in turn and committing each."""
     cache = kv.KVCache(config, 1, rope, kv.Layout(SPEC.chunk_frames, 8, 8))
-
-    def sdpa(q, k, v, bias):
-        mask = None if bias is None else bias[:, None, None].to(q.dtype)
-        return torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
-
     outs = []
     for key, value in chunks_kv:
-        outs.append(cache.attend(0, query, key, value, sdpa))
+        outs.append(cache.attend(0, query, key, value, _sdpa))
         cache.commit()
     return outs
+
+
+def _sdpa(q, k, v, bias):
+    mask = None if bias is None else bias[:, None, None].to(q.dtype)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
+
+
+def test_heavy_hitters_keep_each_layers_most_attended_tokens(pipe):
+    g = torch.Generator().manual_seed(2)
+    config = kv.HeavyHitters(frames=12, recent_frames=4, keep=0.25)
+    cache = kv.KVCache(config, 2, pipe.transformer.rope, kv.Layout(SPEC.chunk_frames, 8, 8))
+    query = torch.randn(2, SPEC.chunk_frames * 64, 2, 24, generator=g)
+    for _ in range(5):
+        key, value = (torch.randn(2, SPEC.chunk_frames * 64, 2, 24, generator=g) for _ in range(2))
+        for layer in range(2):
+            cache.attend(layer, query, key * (1 + layer), value, _sdpa)  # the layers attend differently
+        leaving = {f: [m.clone() for m in cache.token_attention[f]] for f in cache.slot_of}  # all but the chunk
+        cache.commit()
+        for frame, masses in leaving.items():
+            for layer, mass in enumerate(masses):
+                held = cache.layers[layer].compact[frame]
+                assert len(held) == 16 and set(held.place[0].tolist()) == set(mass.topk(16).indices.tolist())
+    places = [cache.layers[layer].compact[cache.compact[0]].place[0].tolist() for layer in range(2)]
+    assert places[0] != places[1]  # each layer its own tokens
+    assert len(cache.held) == 12 and len(cache.compact) == 8 and not cache.token_attention.keys() - set(cache.slot_of)
 
 
 def test_temporal_merging_is_exact_for_exact_duplicates(pipe):
@@ -499,22 +520,35 @@ def test_a_summary_is_exact_for_a_frame_of_one_token_repeated(pipe):
 
 def test_merging_and_soft_pruning_change_nothing_until_a_frame_leaves_the_exact_ones(pipe):
     window = chunks(stream(pipe, PROMPT, frames=24, steps=2, kv=kv.SlidingWindow(frames=12)))
-    for config in (kv.TempCache(frames=12, recent_frames=12), kv.SoftPrune(frames=12, recent_frames=12, kept_frames=0)):
+    for config in (kv.TempCache(frames=12, recent_frames=12), kv.SoftPrune(frames=12, recent_frames=12, kept_frames=0),
+                   kv.HeavyHitters(frames=12, recent_frames=12)):
         assert np.array_equal(chunks(stream(pipe, PROMPT, frames=24, steps=2, kv=config)), window)
-    # every token kept apart: merged frames read with a logit correction of zero
-    kept = chunks(stream(pipe, PROMPT, frames=24, steps=2, kv=kv.TempCache(frames=12, keep=1.0)))
-    np.testing.assert_allclose(kept, window, atol=1e-4)
+    # every token kept: merged frames read with a logit correction of zero
+    for config in (kv.TempCache(frames=12, keep=1.0), kv.HeavyHitters(frames=12, keep=1.0)):
+        np.testing.assert_allclose(chunks(stream(pipe, PROMPT, frames=24, steps=2, kv=config)), window, atol=1e-4)
 
 
 def test_merging_and_soft_pruning_hold_less_than_their_window(pipe):
     sizes = {}
     for name, config in (("window", kv.SlidingWindow(frames=12)), ("merged", kv.TempCache(frames=12, keep=0.25)),
-                         ("pruned", kv.SoftPrune(frames=12, kept_frames=4)), ("small", kv.SlidingWindow(frames=4))):
+                         ("pruned", kv.SoftPrune(frames=12, kept_frames=4)), ("small", kv.SlidingWindow(frames=4)),
+                         ("hitters", kv.HeavyHitters(frames=12, keep=0.25))):
         s = stream(pipe, PROMPT, frames=32, steps=1, kv=config)
         out = chunks(s)
         sizes[name] = s.stats()["peak_kv_bytes"]
         assert np.isfinite(out).all()
     assert sizes["small"] < sizes["pruned"] < sizes["window"] and sizes["small"] < sizes["merged"] < sizes["window"]
+    assert sizes["small"] < sizes["hitters"] < sizes["window"]
+
+
+def test_the_kv_forms_of_the_command_line():
+    from tempocache.cli import kv_policy
+
+    assert kv_policy("heavy-hitters:12,last-step") == kv.HeavyHitters(frames=12, commit="last_step")
+    assert kv_policy("tempcache:28") == kv.TempCache(frames=28)
+    assert kv_policy("auto:8,int4") == kv.Auto(memory_frames=8, quant=kv.KVQuant(bits=4))  # refused when streamed
+    with pytest.raises(argparse.ArgumentTypeError, match="heavy-hitters:N"):
+        kv_policy("hitters:12")
 
 
 def test_bad_merging_and_soft_pruning_settings_are_refused(pipe):
@@ -523,6 +557,8 @@ def test_bad_merging_and_soft_pruning_settings_are_refused(pipe):
                           (kv.TempCache(quant=kv.KVQuant()), "leave quant None"),
                           (kv.SoftPrune(frames=8, recent_frames=4, kept_frames=5), "cannot exceed"),
                           (kv.SoftPrune(bits=2), "bits must be one of"),
-                          (kv.SoftPrune(novelty=-1), "novelty must be")):
+                          (kv.SoftPrune(novelty=-1), "novelty must be"),
+                          (kv.HeavyHitters(keep=0), "keep must be"), (kv.HeavyHitters(decay=2), "decay must be"),
+                          (kv.HeavyHitters(quant=kv.KVQuant()), "leave quant None")):
         with pytest.raises(ValueError, match=error):
             stream(pipe, PROMPT, kv=config)

@@ -104,9 +104,10 @@ def method_range(text: str) -> list[slice]:
 
 
 KV_FORMS = ("full, window:N, sinks:S:N (S sink frames of N held), deep-sink:N, participative:N, tempcache:N (merging), "
-            "soft-prune:N (int4 and summaries) or auto:M (ours, in the KV memory of M exact frames), optionally followed "
-            "by ,last-step (commit a chunk's last step instead of re-encoding it) and ,int8 or ,int4 (all but the newest "
-            "4 frames; not for tempcache, soft-prune, auto)")
+            "soft-prune:N (int4 and summaries), heavy-hitters:N (the tokens attended to most) or auto:M (ours, in the "
+            "KV memory of M exact frames), optionally followed by ,last-step (commit a chunk's last step instead of "
+            "re-encoding it) and ,int8 or ,int4 (all but the newest 4 frames; not for tempcache, soft-prune, "
+            "heavy-hitters, auto)")
 
 
 def kv_policy(text: str):
@@ -130,6 +131,7 @@ def kv_policy(text: str):
                   ("tempcache", 1): lambda: kv.TempCache(frames=values[0], **common),
                   ("soft-prune", 1): lambda: kv.SoftPrune(frames=values[0], kept_frames=max(0, min(8, values[0] - 4)),
                                                           **common),
+                  ("heavy-hitters", 1): lambda: kv.HeavyHitters(frames=values[0], **common),
                   ("auto", 1): lambda: kv.Auto(memory_frames=values[0], **common)}[(name, len(values))]
     except (ValueError, KeyError):
         raise argparse.ArgumentTypeError(f"{text!r}: give {KV_FORMS}") from None

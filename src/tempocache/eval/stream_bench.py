@@ -3,8 +3,9 @@
 Methods: full KV (the reference); recomputing the history with each chunk (what a
 pipeline without a KV cache does; SkyReels-V2's diffusers pipeline re-runs its overlap
 history); Self-Forcing's sliding window; StreamingLLM / LongLive sinks; Deep Forcing's deep
-sink; participative eviction (H2O, by frame); KIVI-quantized windows; our `kv.Auto`; and a window with the
-step cache on the chunk denoiser. The bounded methods run at two memory budgets (the KV of
+sink; participative eviction (H2O, by frame); KIVI-quantized windows; our `kv.Auto`; a window with the
+step cache on the chunk denoiser; TempCache merging, soft-prune INT4, `kv.Auto` with summaries and
+heavy hitters (H2O, by token) at each budget. The bounded methods run at two memory budgets (the KV of
 `budgets` frames kept exact); a quantized window holds as many frames as fit in its budget, up to
 the trained context. The model class has no KV cache of its own in diffusers
 (`SkyReelsV2DiffusionForcingPipeline` recomputes), so there is no diffusers cache to drive.
@@ -62,6 +63,15 @@ def merging_within(pipe, budget: int, frames: int, recent: int) -> kv.TempCache:
     return kv.TempCache(frames=frames, recent_frames=recent, keep=kept / tokens)
 
 
+def hitters_within(pipe, budget: int, frames: int, recent: int) -> kv.HeavyHitters:
+    """A HeavyHitters of `frames` frames keeping as many tokens per older frame as the KV memory of `budget` exact
+    frames allows."""
+    tokens, heads, head_dim, itemsize = _frame_bytes(pipe)
+    left = (budget - recent) * exact_bytes(1, tokens, heads, head_dim, itemsize)
+    kept = max(1, min(tokens, left // ((frames - recent) * merged_bytes(1, 1, heads, head_dim, itemsize))))
+    return kv.HeavyHitters(frames=frames, recent_frames=recent, keep=kept / tokens)
+
+
 def pruning_within(pipe, budget: int, frames: int, recent: int, bits: int = 4) -> kv.SoftPrune:
     """A SoftPrune of `frames` frames keeping as many older frames in `bits` bits as the KV memory of `budget` exact
     frames allows, the others as summaries."""
@@ -103,6 +113,8 @@ def default_methods(pipe, context: int, budgets: tuple[int, int]) -> dict[str, k
         methods[f"soft-prune int4 ({context}, {pruning.kept_frames} in int4), {budget} frames' memory"] = pruning
         methods[f"tempocache Auto + summaries ({budget} frames' memory)"] = kv.Auto(
             frames=context, memory_frames=budget, summaries=True)
+        hitters = hitters_within(pipe, budget, context, recent)
+        methods[f"heavy hitters ({context}, {hitters.keep:.0%} kept), {budget} frames' memory"] = hitters
     return methods
 
 

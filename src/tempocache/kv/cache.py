@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import KVConfig
-from .merged import MergedFrame, Summary, TemporalMerge, fold, merged_bytes, summary, whole_frame
+from .merged import (KeepTokens, MergedFrame, Summary, TemporalMerge, fold, merged_bytes, some_tokens, summary,
+                     whole_frame)
 from .quantized import (REBUILD_ONCE, QuantizedFrame, blockwise_attention, exact_bytes, quantize_frame,
                         quantized_bytes)
 from .rope import FramePositions, rotate
@@ -76,9 +77,9 @@ class KVLayer:
         self.pending = None
 
     def lower(self, frame: int, slot: int | None, tokens: int, bits, places: tuple | None) -> None:
-        """Hold `frame` as `bits` says (8 or 4 bits, `TemporalMerge`, `Summary`), from its exact `slot` (None: it is
-        held in `compact` already, and only quantized frames are lowered further), or drop it from this layer (bits
-        None). `places`: the (cos, sin) of each place within a frame. Records each quantization's relative error."""
+        """Hold `frame` as `bits` says (8 or 4 bits, `TemporalMerge`, `Summary`, `KeepTokens`), from its exact `slot`
+        (None: it is held in `compact` already, and only quantized frames are lowered further), or drop it from this
+        layer (bits None). `places`: the (cos, sin) of each place within a frame. Records each quantization's relative error."""
         if bits is None:
             self.compact.pop(frame, None)
             return
@@ -91,6 +92,9 @@ class KVLayer:
                                                        isinstance(bits, int) and bits < stored.bits):
                 return  # a frame merged stays so; one quantized is only lowered to fewer bits or its summary
             key, value = stored.keys(torch.float32), stored.values(torch.float32)
+        if isinstance(bits, KeepTokens):
+            self.compact[frame] = some_tokens(key, value, bits.index, frame)
+            return
         if isinstance(bits, Summary):
             self.compact[frame] = q = summary(key, value, *places, frame, self.keys.dtype)
             rotated = rotate(key.float(), *places)
@@ -173,6 +177,8 @@ class KVCache:
         self.frames_made = 0  # frames committed so far; the pending chunk's first frame has this index
         # for a config that scores attention: per layer, the mass each held frame received lately
         self.attention: dict[int, list[float]] = {}
+        # for a config that scores tokens: per exact frame and layer, the mass each of its tokens received, (tokens,)
+        self.token_attention: dict[int, list[torch.Tensor | None]] = {}
         self._rotary: dict = {}
 
     @property
@@ -317,6 +323,11 @@ class KVCache:
             per_frame = torch.stack([m.sum() for m in mass.split(sizes)])
         for frame, m in zip(frames, per_frame.tolist()):
             self.attention.setdefault(frame, [0.0] * len(self.layers))[layer] += m
+        if self.config.scores_tokens:
+            for frame, tokens in zip(frames, mass.split(sizes)):
+                if frame in self.slot_of:
+                    per_layer = self.token_attention.setdefault(frame, [None] * len(self.layers))
+                    per_layer[layer] = tokens if per_layer[layer] is None else per_layer[layer] + tokens
 
     def commit(self) -> None:
         """Store the pending chunk (the keys and values of the last call): first evict and lower held frames as
@@ -341,6 +352,8 @@ class KVCache:
             layer.context = None
         if self.config.scores_attention:
             self.attention = {f: [m * self.config.decay for m in ms] for f, ms in self.attention.items()}
+            self.token_attention = {f: [None if m is None else m * self.config.decay for m in ms]
+                                    for f, ms in self.token_attention.items()}
         self.frames_made += len(chunk)
         self._rotary = {}
 
@@ -351,6 +364,7 @@ class KVCache:
         slot = self.slot_of.pop(frame, None)
         if slot is not None:
             self.slot_frames[slot] = -1
+        self.token_attention.pop(frame, None)  # scored only while exact
         places = None  # the rotation of each place within a frame, for a summary
         if any(isinstance(b, Summary) for b in bits):
             places = self.positions([0], self.layers[0].keys.device)

@@ -61,6 +61,7 @@ class KVConfig:
         return self.quant.group_frames if self.quant is not None else None
 
     scores_attention = False  # whether the cache measures the attention mass each held frame receives, per layer
+    scores_tokens = False  # and, with it, the mass each token of an exact frame receives
 
     def evict(self, held: list[int], chunk_frames: int, attention: dict[int, float] | None = None) -> list[int]:
         """The frames to drop before a chunk of `chunk_frames` frames is stored; `held` oldest first; `attention`: the

@@ -2,9 +2,10 @@
 log n, so that attending to it once is attending to its n copies (TempCache, "Fast Autoregressive Video Diffusion
 and World Models with Temporal Cache Compression and Sparse Attention", 2026). For exact duplicates that is exact.
 
-Two ways in, named in a config's `precision` plan: `TemporalMerge(keep)` merges a frame's
+Three ways in, named in a config's `precision` plan: `TemporalMerge(keep)` merges a frame's
 tokens into the same place of the next frame where their keys are most alike (`kv.TempCache`),
-`Summary()` stands a whole frame for by its mean token (soft pruning, `kv.SoftPrune`). Keys
+`Summary()` stands a whole frame for by its mean token (soft pruning, `kv.SoftPrune`),
+`KeepTokens(index)` holds some of its tokens as they are (`kv.HeavyHitters`). Keys
 are stored before the temporal rotation; a merged token is read at its newest frame's position
 and at its own place in the frame (a summary, its keys rotated to their places before averaging,
 at the frame's first place, where the rotation within a frame is the identity).
@@ -29,6 +30,13 @@ class TemporalMerge:
 @dataclass(frozen=True)
 class Summary:
     """Plan value: hold the frame as one token per head, its keys' and values' mean, standing for all its tokens."""
+
+
+@dataclass(frozen=True, eq=False)
+class KeepTokens:
+    """Plan value: hold only the frame's tokens at `index` (B, k), each standing for itself (`kv.HeavyHitters`)."""
+
+    index: torch.Tensor
 
 
 @dataclass
@@ -66,6 +74,14 @@ def whole_frame(key: torch.Tensor, value: torch.Tensor, frame: int) -> MergedFra
     batch, tokens = key.shape[:2]
     place = torch.arange(tokens, dtype=torch.int32, device=key.device).expand(batch, -1).contiguous()
     return MergedFrame(key.clone(), value.clone(), place, torch.ones(batch, tokens, device=key.device),
+                       torch.full_like(place, frame), frame)
+
+
+def some_tokens(key: torch.Tensor, value: torch.Tensor, index: torch.Tensor, frame: int) -> MergedFrame:
+    """The tokens at `index` (B, k) of a frame (B, tokens, heads, head_dim), each standing for itself."""
+    pick = index.to(key.device).long()[..., None, None].expand(-1, -1, *key.shape[2:])
+    place = index.to(key.device, torch.int32)
+    return MergedFrame(key.gather(1, pick), value.gather(1, pick), place, torch.ones(place.shape, device=key.device),
                        torch.full_like(place, frame), frame)
 
 

@@ -4,8 +4,8 @@ Keep what recent queries attend to: every call, a sample of the chunk's queries 
 held frames by the attention mass they receive (averaged over layers, heads and the
 batch, decayed at each commit); when the window is full, the frames evicted are those
 that received least, the newest `recent_frames` always kept. Deep Forcing and H2O keep
-individual tokens; here whole frames are kept or dropped, so the ring buffer of frames
-holds.
+individual tokens (`heavy_hitters.py`); here whole frames are kept or dropped, so the ring
+buffer of frames holds.
 """
 
 from __future__ import annotations
