@@ -254,18 +254,21 @@ class KVCache:
                  compact: bool) -> Context:
         """The exact frames' rotated keys and values (with `compact`, after the layer's compact frames, rebuilt in
         full precision), followed by the chunk's (rotated) `keys` and `values`. The held frames are the same at every
-        call on one chunk, so they are built once a chunk (Ca2-VDM shares them so across steps) and later calls
-        rewrite only the chunk's tail, at the cost of this copy's memory while the chunk is made."""
-        if store.context is None:
-            parts = list(self._compact(store, rotary, keys)) if compact else []
-            if slots:
-                held_keys, held_values = store.exact(slots, self.layout.tokens)
-                parts.append(([self.slot_frames[s] for s in slots], [self.layout.tokens] * len(slots),
-                              rotate(held_keys, *rotary["exact"]), held_values, None))
-            store.context = _join(parts + [([], [], keys, values, None)])
-        else:
+        call on one chunk, so a bounded policy builds them once a chunk (Ca2-VDM shares them so across steps) and
+        later calls rewrite only the chunk's tail, at the cost of this copy's memory while the chunk is made; an
+        unbounded one (full KV) builds them at every call rather than double a cache that grows without end."""
+        if store.context is not None:
             store.context.keys[:, -keys.shape[1]:], store.context.values[:, -values.shape[1]:] = keys, values
-        return store.context
+            return store.context
+        parts = list(self._compact(store, rotary, keys)) if compact else []
+        if slots:
+            held_keys, held_values = store.exact(slots, self.layout.tokens)
+            parts.append(([self.slot_frames[s] for s in slots], [self.layout.tokens] * len(slots),
+                          rotate(held_keys, *rotary["exact"]), held_values, None))
+        context = _join(parts + [([], [], keys, values, None)])
+        if self.config.capacity(self.layout.chunk_frames) is not None:
+            store.context = context
+        return context
 
     def _blockwise(self, store: KVLayer, rotary: dict, slots: list[int], keys: torch.Tensor, values: torch.Tensor,
                    sample, scores):
