@@ -1,13 +1,16 @@
-"""ShapesWorld edits: one change per triplet, its mask the pixels that differ, a held-out split over combinations."""
+"""ShapesWorld edits: one change per triplet, its mask the pixels that differ, a held-out split over combinations;
+the editor's velocity with the reference image in context."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 
-from tempocache.reference.edits import (KINDS, check_instruction, held_out_edits, render_edit,
-                                        sample_edit, vocabulary)
+from tempocache.reference.edits import (KINDS, check_instruction, held_out_edits, render_edit, sample_edit,
+                                        sample_edit_batch, vocabulary)
+from tempocache.reference.models import TEXT_DIM, edit_velocity
 from tempocache.reference.shapesworld import parse_caption
 
 
@@ -82,3 +85,39 @@ def test_instructions_outside_the_grammar_are_refused_naming_the_problem():
     with pytest.raises(ValueError, match="unknown split"):
         sample_edit(np.random.default_rng(0), split="test")
     assert {"make", "remove", "add", "move", "left"} <= set(vocabulary())
+
+
+def tiny_flux() -> FluxTransformer2DModel:
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=12, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
+                                  axes_dims_rope=(4, 6, 6)).eval()
+
+
+def test_the_edited_image_takes_its_reference_in_context_as_flux_kontext_places_it():
+    transformer, g = tiny_flux(), torch.Generator().manual_seed(0)
+    x, reference = (torch.randn(2, 3, 1, 8, 8, generator=g) for _ in range(2))
+    sigma, text = torch.tensor([0.3, 0.7]), torch.randn(2, 5, TEXT_DIM, generator=g)
+    with torch.no_grad():
+        out = edit_velocity(transformer, x, reference, sigma, text)
+        pack, ids = FluxKontextPipeline._pack_latents, FluxKontextPipeline._prepare_latent_image_ids
+        reference_ids = ids(2, 4, 4, "cpu", torch.float32)
+        reference_ids[..., 0] = 1  # as FluxKontextPipeline.prepare_latents offsets the image it edits
+        direct = transformer(hidden_states=torch.cat([pack(x[:, :, 0], 2, 3, 8, 8), pack(reference[:, :, 0], 2, 3, 8, 8)], 1),
+                             encoder_hidden_states=text, pooled_projections=text.mean(1), timestep=sigma,
+                             img_ids=torch.cat([ids(2, 4, 4, "cpu", torch.float32), reference_ids]),
+                             txt_ids=torch.zeros(5, 3), return_dict=False)[0][:, :16]
+        torch.testing.assert_close(pack(out[:, :, 0], 2, 3, 8, 8), direct)
+        assert not torch.allclose(edit_velocity(transformer, x, reference.flip(-1), sigma, text), out)  # it is read
+    with pytest.raises(ValueError, match="shaped as the image made"):
+        edit_velocity(transformer, x, reference[..., :4], sigma, text)
+    with pytest.raises(TypeError, match="FluxTransformer2DModel"):
+        edit_velocity(torch.nn.Linear(2, 2), x, reference, sigma, text)
+
+
+def test_an_edit_batch_is_its_edits_rendered():
+    batch = sample_edit_batch(np.random.default_rng(5), 6, "held_out")
+    assert batch.sources.shape == batch.targets.shape == (6, 3, 32, 32) and batch.masks.shape == (6, 32, 32)
+    for i, edit in enumerate(batch.edits):
+        assert edit.is_held_out() and batch.instructions()[i] == edit.instruction
+        assert all(torch.equal(a, b[i]) for a, b in zip(render_edit(edit), (batch.sources, batch.targets, batch.masks)))

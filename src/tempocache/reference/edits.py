@@ -164,3 +164,22 @@ def held_out_edits(count: int, seed: int = 0, size: int = DEFAULT_SIZE) -> list[
     """`count` held-out edits, the kinds in turn (so balanced), in a fixed order for a given seed."""
     rng = np.random.default_rng(seed)
     return [sample_edit(rng, "held_out", KINDS[i % len(KINDS)], size) for i in range(count)]
+
+
+@dataclass
+class EditBatch:
+    sources: torch.Tensor  # (B, 3, H, W) in [0, 1]
+    targets: torch.Tensor
+    masks: torch.Tensor  # (B, H, W) bool
+    edits: list[Edit]
+
+    def instructions(self) -> list[str]:
+        return [e.instruction for e in self.edits]
+
+
+def sample_edit_batch(rng: np.random.Generator, batch_size: int, split: str = "train",
+                      size: int = DEFAULT_SIZE) -> EditBatch:
+    """`batch_size` edits from `split`, the kinds drawn uniformly, rendered."""
+    edits = [sample_edit(rng, split, size=size) for _ in range(batch_size)]
+    sources, targets, masks = (torch.stack(t) for t in zip(*(render_edit(e, size) for e in edits)))
+    return EditBatch(sources, targets, masks, edits)

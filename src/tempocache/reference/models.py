@@ -161,12 +161,14 @@ def predict_velocity(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch
     raise TypeError(f"reference models are Wan, SkyReels-V2 or Flux transformers, not {type(transformer).__name__}")
 
 
-def _flux_velocity(transformer: FluxTransformer2DModel, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    b, c, t, h, w = x.shape
-    # Pack each 2x2 pixel patch into one token, as FluxPipeline packs latents.
-    tokens = x.reshape(b, c, t, h // 2, 2, w // 2, 2).permute(0, 2, 3, 5, 1, 4, 6).reshape(b, t * (h // 2) * (w // 2), c * 4)
-    rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(x.device, x.dtype)
+def _flux_velocity(transformer: FluxTransformer2DModel, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
+                   reference: torch.Tensor | None = None) -> torch.Tensor:
+    """With `reference` (pixels shaped as x), its tokens follow x's, their ids offset on the first axis, as
+    diffusers' `FluxKontextPipeline` places the image it edits; the velocity is x's tokens' only."""
+    tokens, img_ids = _pack(x, 0)
+    if reference is not None:
+        reference_tokens, reference_ids = _pack(reference, 1)
+        tokens, img_ids = torch.cat([tokens, reference_tokens], 1), torch.cat([img_ids, reference_ids])
     txt_ids = torch.zeros(text.shape[1], 3, device=x.device, dtype=x.dtype)
     out = transformer(
         hidden_states=tokens,
@@ -177,7 +179,32 @@ def _flux_velocity(transformer: FluxTransformer2DModel, x: torch.Tensor, sigma: 
         txt_ids=txt_ids,
         return_dict=False,
     )[0]
+    b, c, t, h, w = x.shape
+    out = out[:, :t * (h // 2) * (w // 2)]
     return out.reshape(b, t, h // 2, w // 2, c, 2, 2).permute(0, 4, 1, 2, 5, 3, 6).reshape(b, c, t, h, w)
+
+
+def _pack(x: torch.Tensor, first_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each 2x2 pixel patch of x (B, C, T, H, W) as one token, as FluxPipeline packs latents: (tokens (B, N, 4C), their
+    ids (N, 3), the first axis `first_id`)."""
+    b, c, t, h, w = x.shape
+    tokens = x.reshape(b, c, t, h // 2, 2, w // 2, 2).permute(0, 2, 3, 5, 1, 4, 6).reshape(b, t * (h // 2) * (w // 2), c * 4)
+    rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+    ids = torch.stack([torch.full_like(rows, first_id), rows, cols], -1).reshape(-1, 3).to(x.device, x.dtype)
+    return tokens, ids
+
+
+def edit_velocity(transformer: FluxTransformer2DModel, x: torch.Tensor, reference: torch.Tensor, sigma: torch.Tensor,
+                  text: torch.Tensor) -> torch.Tensor:
+    """Velocity for the edited image's pixels x (B, 3, 1, H, W) in [-1, 1] at noise level sigma (B,), the image being
+    edited, `reference` (same shape, clean), in context (Kontext-style, its tokens after x's)."""
+    if not isinstance(transformer, FluxTransformer2DModel):
+        raise TypeError(f"editing takes the reference image's tokens in context: it needs a FluxTransformer2DModel, "
+                        f"not {type(transformer).__name__}")
+    if reference.shape != x.shape:
+        raise ValueError(f"the reference image must be shaped as the image made, {tuple(x.shape)}, "
+                         f"got {tuple(reference.shape)}")
+    return _flux_velocity(transformer, x, sigma, text, reference)
 
 
 def save_weights(directory: Path, transformer: torch.nn.Module, text_encoder: WordEncoder) -> None:
