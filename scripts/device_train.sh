@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Train, or continue training, the reference models and the evaluator on the lent GPU.
 # Run from the repository root on the device, with .whl carried (see README "Training"):
-#   bash scripts/device_train.sh MINUTES [shapes-t2v] [shapes-t2i] [shapes-ar] [evaluator] [stream-evaluator]
-# (shapes-ar starts from shapes-t2v's weights when it has none of its own; stream-evaluator trains on endless clips.
+#   bash scripts/device_train.sh MINUTES [shapes-t2v] [shapes-t2i] [shapes-ar] [shapes-edit] [evaluator] [stream-evaluator]
+# (shapes-ar starts from shapes-t2v's weights when it has none of its own, shapes-edit from shapes-t2i's;
+# stream-evaluator trains on endless clips.
 # Leave the weights a run does not need out of the tree, e.g. shapes-t2i's for shapes-ar: the device takes 64 MiB.)
 # TRAIN_ARGS adds options to every train-reference (e.g. "--compile --batch-size 64").
 # Resumes from /tmp/ckpt when the machine is still warm, else from the shipped weights.

@@ -10,8 +10,11 @@ from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 
 from tempocache.reference.edits import (KINDS, check_instruction, held_out_edits, render_edit, sample_edit,
                                         sample_edit_batch, vocabulary)
-from tempocache.reference.models import TEXT_DIM, edit_velocity
+from tempocache.reference.models import (TEXT_DIM, edit_velocity, get_spec, load_grown, load_weights,
+                                         make_tokenizer)
 from tempocache.reference.shapesworld import parse_caption
+from tempocache.reference.text import WordEncoder
+from tempocache.reference.train import train_reference
 
 
 def edits(split: str, per_kind: int = 40, seed: int = 0):
@@ -121,3 +124,21 @@ def test_an_edit_batch_is_its_edits_rendered():
     for i, edit in enumerate(batch.edits):
         assert edit.is_held_out() and batch.instructions()[i] == edit.instruction
         assert all(torch.equal(a, b[i]) for a, b in zip(render_edit(edit), (batch.sources, batch.targets, batch.masks)))
+
+
+def test_the_editor_starts_from_shapes_t2i_and_trains(tmp_path):
+    editor, generator = get_spec("shapes-edit"), get_spec("shapes-t2i")
+    captions, instructions = make_tokenizer(generator), make_tokenizer(editor)
+    caption = "a red circle and a blue square on a black background"
+    assert torch.equal(captions([caption]), instructions([caption]))  # a caption's words keep their ids
+    instructions(["make the red circle blue", "move the blue square left"])  # every instruction's words
+    small, grown = (WordEncoder(len(t.words), 20, TEXT_DIM) for t in (captions, instructions))
+    before = grown.embed.weight[len(captions.words):].clone()
+    load_grown(grown, small)
+    assert torch.equal(grown.embed.weight[:len(captions.words)], small.embed.weight)
+    assert torch.equal(grown.embed.weight[len(captions.words):], before)  # the new words keep their own
+    state = train_reference("shapes-edit", tmp_path, minutes=0.02, batch_size=2, device="cpu", workers=0, log_every=1)
+    assert state["steps"] >= 1 and state["init_from"] == "shapes-t2i"
+    assert all(np.isfinite(loss) for _, loss in state["losses"])
+    transformer, text_encoder = load_weights(tmp_path, editor)
+    assert text_encoder.config["vocab_size"] == len(instructions.words)

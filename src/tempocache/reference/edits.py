@@ -183,3 +183,18 @@ def sample_edit_batch(rng: np.random.Generator, batch_size: int, split: str = "t
     edits = [sample_edit(rng, split, size=size) for _ in range(batch_size)]
     sources, targets, masks = (torch.stack(t) for t in zip(*(render_edit(e, size) for e in edits)))
     return EditBatch(sources, targets, masks, edits)
+
+
+class EditBatchStream(torch.utils.data.IterableDataset):
+    """Endless `EditBatch`es for training; with DataLoader workers, each worker draws from its own seed."""
+
+    def __init__(self, batch_size: int, split: str, seed: int = 0, size: int = DEFAULT_SIZE):
+        self.batch_size, self.split, self.seed, self.size = batch_size, split, seed, size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        if info:
+            torch.set_num_threads(1)
+        rng = np.random.default_rng([self.seed, info.id if info else 0])
+        while True:
+            yield sample_edit_batch(rng, self.batch_size, self.split, self.size)

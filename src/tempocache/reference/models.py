@@ -5,7 +5,9 @@ All are plain diffusers model classes working in pixel space on ShapesWorld:
 - `shapes-t2i`: `FluxTransformer2DModel` (MMDiT), 2x2-packed pixels, text-to-image;
 - `shapes-ar` (in training, not shipped yet): `SkyReelsV2Transformer3DModel`, the same
   architecture as shapes-t2v with a noise level per frame and block-causal attention over
-  chunks of frames (diffusion forcing), fine-tuned from shapes-t2v to stream endless clips.
+  chunks of frames (diffusion forcing), fine-tuned from shapes-t2v to stream endless clips;
+- `shapes-edit` (in training, not shipped yet): shapes-t2i's architecture with the image it edits
+  in context (`edit_velocity`), fine-tuned from shapes-t2i on ShapesWorld edits (`edits.py`).
 Each is trained with flow matching: x_s = (1 - s) x_0 + s noise, the model predicting
 the velocity noise - x_0 at noise level s, exactly what diffusers'
 `FlowMatchEulerDiscreteScheduler` integrates.
@@ -26,7 +28,7 @@ from diffusers import (
 )
 from safetensors.torch import load_file, save_file
 
-from . import shapesworld
+from . import edits, shapesworld
 from .text import Tokenizer, WordEncoder
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -44,6 +46,7 @@ class ReferenceSpec:
     size: int
     chunk_frames: int = 0  # streaming models: frames made at a time
     init_from: str = ""  # a training run from scratch starts from this model's weights
+    task: str = "generate"  # or "edit": an image made from an instruction and the image it edits
 
     @property
     def is_video(self) -> bool:
@@ -112,6 +115,17 @@ IN_TRAINING = {
         chunk_frames=4,
         init_from="shapes-t2v",
     ),
+    "shapes-edit": ReferenceSpec(
+        name="shapes-edit",
+        family="flux",
+        transformer=SPECS["shapes-t2i"].transformer,
+        default_steps=20,
+        default_guidance=2.0,
+        num_frames=1,
+        size=shapesworld.DEFAULT_SIZE,
+        init_from="shapes-t2i",
+        task="edit",
+    ),
 }
 TEXT_DIM = 128
 CLASSES = {"wan": WanTransformer3DModel, "flux": FluxTransformer2DModel, "skyreels": SkyReelsV2Transformer3DModel}
@@ -133,14 +147,28 @@ def spec_for(transformer: torch.nn.Module) -> ReferenceSpec:
     return next(s for s in [*SPECS.values(), *IN_TRAINING.values()] if s.family == family)
 
 
-def make_tokenizer() -> Tokenizer:
-    return Tokenizer(shapesworld.vocabulary(), MAX_CAPTION_WORDS)
+def make_tokenizer(spec: ReferenceSpec | None = None) -> Tokenizer:
+    """The captions' words; for an editor, followed by the words only instructions use (so that a caption's words
+    keep their ids, and an editor's text encoder can start from a generator's)."""
+    words = shapesworld.vocabulary()
+    if spec is not None and spec.task == "edit":
+        words = (*words, *sorted(set(edits.vocabulary()) - set(words)))
+    return Tokenizer(words, MAX_CAPTION_WORDS)
 
 
 def build_untrained(spec: ReferenceSpec) -> tuple[torch.nn.Module, WordEncoder]:
     """Fresh (randomly initialised) transformer and text encoder for `spec`."""
-    text_encoder = WordEncoder(len(make_tokenizer().words), MAX_CAPTION_WORDS, TEXT_DIM)
+    text_encoder = WordEncoder(len(make_tokenizer(spec).words), MAX_CAPTION_WORDS, TEXT_DIM)
     return CLASSES[spec.family](**spec.transformer), text_encoder
+
+
+def load_grown(text_encoder: WordEncoder, trained: WordEncoder) -> None:
+    """`trained`'s weights into `text_encoder`, whose vocabulary extends trained's: the words they share keep their
+    embeddings, the new ones keep theirs."""
+    state = trained.state_dict()
+    embed = text_encoder.embed.weight.detach().clone()
+    embed[:len(state["embed.weight"])] = state["embed.weight"]
+    text_encoder.load_state_dict({**state, "embed.weight": embed})
 
 
 def make_scheduler() -> FlowMatchEulerDiscreteScheduler:

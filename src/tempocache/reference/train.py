@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from . import shapesworld
-from .models import build_untrained, get_spec, load_weights, make_tokenizer, predict_velocity, save_weights
+from . import edits, shapesworld
+from .models import (build_untrained, edit_velocity, get_spec, load_grown, load_weights, make_tokenizer,
+                     predict_velocity, save_weights)
 
 CAPTION_DROPOUT = 0.1
 EMA_DECAY = 0.999
@@ -35,6 +36,15 @@ def flow_matching_loss(transformer, text_encoder, clips: torch.Tensor, ids: torc
     noisy = (1 - s) * clips + s * noise
     velocity = predict_velocity(transformer, noisy, sigma, text_encoder(ids))
     return torch.nn.functional.mse_loss(velocity.float(), (noise - clips).float())
+
+
+def edit_loss(transformer, text_encoder, targets: torch.Tensor, sources: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Flow matching of the edited image, the image it edits clean in context."""
+    noise = torch.randn_like(targets)
+    sigma = torch.sigmoid(torch.randn(len(targets), device=targets.device))
+    s = sigma.view(-1, 1, 1, 1, 1)
+    velocity = edit_velocity(transformer, (1 - s) * targets + s * noise, sources, sigma, text_encoder(ids))
+    return torch.nn.functional.mse_loss(velocity.float(), (noise - targets).float())
 
 
 def diffusion_forcing_loss(transformer, text_encoder, clips: torch.Tensor, ids: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -89,7 +99,7 @@ def train_reference(
     elif spec.init_from:
         init_transformer, init_text_encoder = load_weights(get_spec(spec.init_from).directory, get_spec(spec.init_from))
         transformer.load_state_dict(init_transformer.state_dict())
-        text_encoder.load_state_dict(init_text_encoder.state_dict())
+        load_grown(text_encoder, init_text_encoder)  # an editor's vocabulary extends the captions'
         state["init_from"] = spec.init_from
     transformer.to(device).train()
     text_encoder.to(device).train()
@@ -104,10 +114,14 @@ def train_reference(
     ema_params = [*ema[0].parameters(), *ema[1].parameters()]
     warmup_from = 0 if full else state["steps"]  # a fresh optimizer warms up again, even on trained weights
 
-    stream = shapesworld.BatchStream(batch_size, "train", frames, spec.is_video, seed=seed * 1_000_003 + state["steps"],
-                                     endless=spec.is_streaming)
+    stream_seed = seed * 1_000_003 + state["steps"]
+    if spec.task == "edit":
+        stream = edits.EditBatchStream(batch_size, "train", seed=stream_seed, size=spec.size)
+    else:
+        stream = shapesworld.BatchStream(batch_size, "train", frames, spec.is_video, seed=stream_seed,
+                                         endless=spec.is_streaming)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(spec)
     start, running, first_step = time.time(), [], state["steps"]
     print(f"training {model}: {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M transformer parameters, "
           f"from step {first_step}, for {minutes} min on {device}", flush=True)
@@ -117,24 +131,24 @@ def train_reference(
     use_bf16 = device.startswith("cuda") and spec.is_video
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     eager_loss = (functools.partial(diffusion_forcing_loss, chunk=spec.chunk_frames) if spec.is_streaming
-                  else flow_matching_loss)
+                  else edit_loss if spec.task == "edit" else flow_matching_loss)
     loss_fn = torch.compile(eager_loss) if compile else eager_loss
     for batch in loader:
         step = state["steps"]
-        clips = batch.clips.permute(0, 2, 1, 3, 4).to(device, non_blocking=True) * 2 - 1
-        ids = tokenizer(batch.captions(spec.is_video))
+        images, text = _inputs(batch, device, spec.is_video)
+        ids = tokenizer(text)
         ids[torch.rand(len(ids)) < CAPTION_DROPOUT] = 0  # the empty caption, for classifier-free guidance
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step - warmup_from + 1) / WARMUP_STEPS)
         with autocast:
             try:
-                loss = loss_fn(transformer, text_encoder, clips, ids.to(device))
+                loss = loss_fn(transformer, text_encoder, *images, ids.to(device))
             except Exception as error:  # a compiler failure must not cost the run: go on eagerly
                 if loss_fn is eager_loss:
                     raise
                 print(f"torch.compile failed ({type(error).__name__}: {error}); training eagerly", flush=True)
                 loss_fn = eager_loss
-                loss = loss_fn(transformer, text_encoder, clips, ids.to(device))
+                loss = loss_fn(transformer, text_encoder, *images, ids.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -167,3 +181,12 @@ def train_reference(
                     "ema_transformer": ema[0].state_dict(), "ema_text_encoder": ema[1].state_dict(),
                     "optimizer": optimizer.state_dict(), "state": state}, checkpoint)
     return state
+
+
+def _inputs(batch, device: str, with_motion: bool) -> tuple[tuple[torch.Tensor, ...], list[str]]:
+    """A batch's pixels in [-1, 1], (B, 3, T, H, W) each, as its loss takes them, and its captions or instructions."""
+    if isinstance(batch, edits.EditBatch):
+        images = (batch.targets[:, :, None], batch.sources[:, :, None])
+        return tuple(x.to(device, non_blocking=True) * 2 - 1 for x in images), batch.instructions()
+    clips = batch.clips.permute(0, 2, 1, 3, 4).to(device, non_blocking=True) * 2 - 1
+    return (clips,), batch.captions(with_motion)
