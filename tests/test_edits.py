@@ -142,3 +142,19 @@ def test_the_editor_starts_from_shapes_t2i_and_trains(tmp_path):
     assert all(np.isfinite(loss) for _, loss in state["losses"])
     transformer, text_encoder = load_weights(tmp_path, editor)
     assert text_encoder.config["vocab_size"] == len(instructions.words)
+
+
+def test_the_edit_judge_finds_the_ground_truth_right_and_the_unedited_source_wrong():
+    from tempocache.eval.edit_quality import judge_edits
+    from tempocache.eval.evaluator import load_evaluator
+
+    evaluator, listed = load_evaluator(), held_out_edits(50)
+    sources, targets, masks = (torch.stack(t) for t in zip(*(render_edit(e) for e in listed)))
+    right, unedited = judge_edits(evaluator, targets, listed), judge_edits(evaluator, sources, listed)
+    assert np.mean([r["changed"] for r in right]) >= 0.85 and np.mean([r["kept"] for r in right]) >= 0.85
+    assert not any(r["changed"] for r in unedited)  # no change, none found
+    assert all(r["psnr_outside"] == float("inf") for r in right)
+    noisy = targets + 0.05 * torch.randn(targets.shape, generator=torch.Generator().manual_seed(0)) * ~masks[:, None]
+    assert all(20 < r["psnr_outside"] < 40 for r in judge_edits(evaluator, noisy.clamp(0, 1), listed))
+    with pytest.raises(ValueError, match="49 images for 50 edits"):
+        judge_edits(evaluator, targets[:49], listed)
