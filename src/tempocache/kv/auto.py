@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .config import check_frames
+from .config import check_frames, check_scoring
 from .merged import Summary
 from .quantized import REBUILD_ONCE
 from .window import SlidingWindow
@@ -64,14 +64,12 @@ class Auto(SlidingWindow):
                                  f"(one chunk at least): use memory_frames >= {least}")
         elif isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
             raise ValueError(f"memory must be a positive number of bytes, got {self.memory!r}")
-        check_frames("query_sample", self.query_sample)
+        check_scoring(self.query_sample, self.decay)
         rebuild = self.rebuild_frames
         if rebuild not in (None, REBUILD_ONCE) and (isinstance(rebuild, bool) or not isinstance(rebuild, int) or
                                                     rebuild < 1):
             raise ValueError(f"rebuild_frames must be None, {REBUILD_ONCE!r} or an integer of at least 1 frame, "
                              f"got {rebuild!r}")
-        if not isinstance(self.decay, (int, float)) or not 0 <= self.decay <= 1:
-            raise ValueError(f"decay must be between 0 and 1, got {self.decay!r}")
 
     def check_budget(self, frame_bytes: int, chunk_frames: int) -> None:
         if self.memory is not None and self.memory < (self.exact_frames or chunk_frames) * frame_bytes:

@@ -262,9 +262,7 @@ class KVCache:
             return store.context
         parts = list(self._compact(store, rotary, keys)) if compact else []
         if slots:
-            held_keys, held_values = store.exact(slots, self.layout.tokens)
-            parts.append(([self.slot_frames[s] for s in slots], [self.layout.tokens] * len(slots),
-                          rotate(held_keys, *rotary["exact"]), held_values, None))
+            parts.append(self._exact(store, rotary, slots))
         context = _join(parts + [([], [], keys, values, None)])
         if self.config.capacity(self.layout.chunk_frames) is not None:
             store.context = context
@@ -281,13 +279,17 @@ class KVCache:
                 scores.append((frames, sizes, logits if bias is None else logits + bias[:, None, None]))
             yield group_keys, group_values, bias
         if slots:
-            held_keys, held_values = store.exact(slots, self.layout.tokens)
-            held_keys = rotate(held_keys, *rotary["exact"])
+            frames, sizes, held_keys, held_values, _ = self._exact(store, rotary, slots)
             if scores is not None:
-                scores.append(([self.slot_frames[s] for s in slots], [self.layout.tokens] * len(slots),
-                               _logits(sample, held_keys)))
+                scores.append((frames, sizes, _logits(sample, held_keys)))
             keys, values = torch.cat([held_keys, keys], 1), torch.cat([held_values, values], 1)
         yield keys, values, None
+
+    def _exact(self, store: KVLayer, rotary: dict, slots: list[int]) -> tuple:
+        """The layer's exact frames, in slot order, as one of `_join`'s parts: their keys rotated."""
+        held_keys, held_values = store.exact(slots, self.layout.tokens)
+        return ([self.slot_frames[s] for s in slots], [self.layout.tokens] * len(slots),
+                rotate(held_keys, *rotary["exact"]), held_values, None)
 
     @staticmethod
     def _compact(store: KVLayer, rotary: dict, keys: torch.Tensor):

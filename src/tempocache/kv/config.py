@@ -92,3 +92,11 @@ class FullKV(KVConfig):
 def check_frames(name: str, value, least: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ValueError(f"{name} must be an integer of at least {least} frames, got {value!r}")
+
+
+def check_scoring(query_sample, decay) -> None:
+    """The knobs of a policy that scores the attention its frames receive: queries sampled per call, and what is left
+    of a score after each commit."""
+    check_frames("query_sample", query_sample)
+    if not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
+        raise ValueError(f"decay must be between 0 and 1, got {decay!r}")

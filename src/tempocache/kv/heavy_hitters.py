@@ -16,22 +16,21 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import check_frames
+from .config import check_scoring
 from .merged import KeepTokens
-from .window import CompactWindow
+from .window import TokenShareWindow
 
 if TYPE_CHECKING:
     from .cache import KVCache
 
 
 @dataclass(frozen=True)
-class HeavyHitters(CompactWindow):
+class HeavyHitters(TokenShareWindow):
     """frames: committed frames held; recent_frames: the newest, exact; keep: the share of an older frame's tokens
     held, those attended to most; query_sample: queries per call that score them; decay: how much of a token's
     score is left after each commit."""
 
     frames: int = 28
-    keep: float = 0.25
     query_sample: int = 64
     decay: float = 0.5
     scores_attention = True
@@ -39,14 +38,7 @@ class HeavyHitters(CompactWindow):
 
     def check(self, chunk_frames: int) -> None:
         super().check(chunk_frames)
-        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
-            raise ValueError(f"keep must be a share of a frame's tokens in (0, 1], got {self.keep!r}")
-        check_frames("query_sample", self.query_sample)
-        if not isinstance(self.decay, (int, float)) or not 0 <= self.decay <= 1:
-            raise ValueError(f"decay must be between 0 and 1, got {self.decay!r}")
-
-    def kept_tokens(self, tokens: int) -> int:
-        return max(1, round(self.keep * tokens))
+        check_scoring(self.query_sample, self.decay)
 
     def precision(self, cache: KVCache, frames: list[int]) -> dict[int, list]:
         older = frames[:max(0, len(frames) - self.recent_frames)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import check_frames
+from .config import check_frames, check_scoring
 from .window import SlidingWindow
 
 
@@ -29,11 +29,9 @@ class Participative(SlidingWindow):
     def check(self, chunk_frames: int) -> None:
         super().check(chunk_frames)
         check_frames("recent_frames", self.recent_frames, least=0)
-        check_frames("query_sample", self.query_sample)
+        check_scoring(self.query_sample, self.decay)
         if self.recent_frames > self.frames:
             raise ValueError(f"recent_frames ({self.recent_frames}) cannot exceed frames ({self.frames})")
-        if not isinstance(self.decay, (int, float)) or not 0 <= self.decay <= 1:
-            raise ValueError(f"decay must be between 0 and 1, got {self.decay!r}")
 
     def evict(self, held: list[int], chunk_frames: int, attention: dict[int, float] | None = None) -> list[int]:
         over = self.overflow(held, chunk_frames)

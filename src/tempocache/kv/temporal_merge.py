@@ -19,27 +19,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .merged import TemporalMerge
-from .window import CompactWindow
+from .window import TokenShareWindow
 
 if TYPE_CHECKING:
     from .cache import KVCache
 
 
 @dataclass(frozen=True)
-class TempCache(CompactWindow):
+class TempCache(TokenShareWindow):
     """frames: committed frames held; recent_frames: the newest, exact; keep: the share of an older frame's tokens
     held as they are, the rest merged into the next frame."""
 
     frames: int = 28
-    keep: float = 0.25
-
-    def check(self, chunk_frames: int) -> None:
-        super().check(chunk_frames)
-        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
-            raise ValueError(f"keep must be a share of a frame's tokens in (0, 1], got {self.keep!r}")
-
-    def kept_tokens(self, tokens: int) -> int:
-        return max(1, round(self.keep * tokens))
 
     def precision(self, cache: KVCache, frames: list[int]) -> dict[int, list]:
         older = frames[:max(0, len(frames) - self.recent_frames)]

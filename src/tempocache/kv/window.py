@@ -38,7 +38,7 @@ class SlidingWindow(KVConfig):
 @dataclass(frozen=True)
 class CompactWindow(SlidingWindow):
     """A window whose newest `recent_frames` frames are exact and the older ones held compact, as a subclass's
-    `precision` says (`TempCache`, `SoftPrune`)."""
+    `precision` says (`TempCache`, `SoftPrune`, `HeavyHitters`)."""
 
     recent_frames: int = 4
 
@@ -55,3 +55,18 @@ class CompactWindow(SlidingWindow):
 
     def exact_capacity(self, cache: KVCache) -> int:
         return min(self.frames, max(self.recent_frames, cache.layout.chunk_frames))
+
+
+@dataclass(frozen=True)
+class TokenShareWindow(CompactWindow):
+    """A compact window holding the `keep` share of each older frame's tokens (`TempCache`, `HeavyHitters`)."""
+
+    keep: float = 0.25
+
+    def check(self, chunk_frames: int) -> None:
+        super().check(chunk_frames)
+        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
+            raise ValueError(f"keep must be a share of a frame's tokens in (0, 1], got {self.keep!r}")
+
+    def kept_tokens(self, tokens: int) -> int:
+        return max(1, round(self.keep * tokens))

@@ -117,13 +117,11 @@ def _draw_edit(rng: np.random.Generator, kind: str, size: int) -> Edit | None:
     i = rng.integers(len(scene.objects))
     obj = scene.objects[i]
     if kind == "background":
-        used = {o.colour for o in scene.objects} | {scene.background}
-        choices = [b for b in BACKGROUND_NAMES if b not in used]
+        choices = _unused(scene, BACKGROUND_NAMES)
         new = choices[rng.integers(len(choices))]
         return Edit(kind, f"make the background {new}", scene, replace(scene, background=new), layout, layout)
     if kind == "recolour":
-        used = {o.colour for o in scene.objects} | {scene.background}
-        choices = [c for c in COLOUR_NAMES if c not in used]
+        choices = _unused(scene, COLOUR_NAMES)
         colour = choices[rng.integers(len(choices))]
         objects = list(scene.objects)
         objects[i] = replace(obj, colour=colour)
@@ -144,13 +142,18 @@ def _draw_edit(rng: np.random.Generator, kind: str, size: int) -> Edit | None:
 
 def _with_object(scene: Scene, rng: np.random.Generator) -> Scene | None:
     """The scene with a second object of a colour its object and background do not have, in caption order."""
-    used = {o.colour for o in scene.objects} | {scene.background}
-    choices = [c for c in COLOUR_NAMES if c not in used]
+    choices = _unused(scene, COLOUR_NAMES)
     if not choices:
         return None
     new = ShapeObject(SHAPES[rng.integers(len(SHAPES))], choices[rng.integers(len(choices))], "static")
     objects = sorted([*scene.objects, new], key=lambda o: COLOUR_NAMES.index(o.colour))
     return replace(scene, objects=tuple(objects))
+
+
+def _unused(scene: Scene, names: tuple[str, ...]) -> list[str]:
+    """The colour names of `names` that neither an object of the scene nor its background has."""
+    used = {o.colour for o in scene.objects} | {scene.background}
+    return [n for n in names if n not in used]
 
 
 def render_edit(edit: Edit, size: int = DEFAULT_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -29,22 +29,16 @@ WARMUP_STEPS = 500
 CLEAN_HISTORY = 0.5  # streaming models: share of clips whose first chunks are clean, as the KV cache gives them
 
 
-def flow_matching_loss(transformer, text_encoder, clips: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def flow_matching_loss(transformer, text_encoder, clips: torch.Tensor, ids: torch.Tensor,
+                       reference: torch.Tensor | None = None) -> torch.Tensor:
+    """`reference`: for an editor, the image each clip edits, clean in context."""
     noise = torch.randn_like(clips)
     sigma = torch.sigmoid(torch.randn(len(clips), device=clips.device))  # logit-normal noise levels
     s = sigma.view(-1, 1, 1, 1, 1)
-    noisy = (1 - s) * clips + s * noise
-    velocity = predict_velocity(transformer, noisy, sigma, text_encoder(ids))
+    noisy, text = (1 - s) * clips + s * noise, text_encoder(ids)
+    velocity = (predict_velocity(transformer, noisy, sigma, text) if reference is None else
+                edit_velocity(transformer, noisy, reference, sigma, text))
     return torch.nn.functional.mse_loss(velocity.float(), (noise - clips).float())
-
-
-def edit_loss(transformer, text_encoder, targets: torch.Tensor, sources: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Flow matching of the edited image, the image it edits clean in context."""
-    noise = torch.randn_like(targets)
-    sigma = torch.sigmoid(torch.randn(len(targets), device=targets.device))
-    s = sigma.view(-1, 1, 1, 1, 1)
-    velocity = edit_velocity(transformer, (1 - s) * targets + s * noise, sources, sigma, text_encoder(ids))
-    return torch.nn.functional.mse_loss(velocity.float(), (noise - targets).float())
 
 
 def diffusion_forcing_loss(transformer, text_encoder, clips: torch.Tensor, ids: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -131,24 +125,24 @@ def train_reference(
     use_bf16 = device.startswith("cuda") and spec.is_video
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     eager_loss = (functools.partial(diffusion_forcing_loss, chunk=spec.chunk_frames) if spec.is_streaming
-                  else edit_loss if spec.task == "edit" else flow_matching_loss)
+                  else flow_matching_loss)
     loss_fn = torch.compile(eager_loss) if compile else eager_loss
     for batch in loader:
         step = state["steps"]
-        images, text = _inputs(batch, device, spec.is_video)
+        clips, context, text = _inputs(batch, device, spec.is_video)
         ids = tokenizer(text)
         ids[torch.rand(len(ids)) < CAPTION_DROPOUT] = 0  # the empty caption, for classifier-free guidance
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step - warmup_from + 1) / WARMUP_STEPS)
         with autocast:
             try:
-                loss = loss_fn(transformer, text_encoder, *images, ids.to(device))
+                loss = loss_fn(transformer, text_encoder, clips, ids.to(device), **context)
             except Exception as error:  # a compiler failure must not cost the run: go on eagerly
                 if loss_fn is eager_loss:
                     raise
                 print(f"torch.compile failed ({type(error).__name__}: {error}); training eagerly", flush=True)
                 loss_fn = eager_loss
-                loss = loss_fn(transformer, text_encoder, *images, ids.to(device))
+                loss = loss_fn(transformer, text_encoder, clips, ids.to(device), **context)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -183,10 +177,11 @@ def train_reference(
     return state
 
 
-def _inputs(batch, device: str, with_motion: bool) -> tuple[tuple[torch.Tensor, ...], list[str]]:
-    """A batch's pixels in [-1, 1], (B, 3, T, H, W) each, as its loss takes them, and its captions or instructions."""
+def _inputs(batch, device: str, with_motion: bool) -> tuple[torch.Tensor, dict, list[str]]:
+    """A batch's pixels in [-1, 1], (B, 3, T, H, W), what its loss also takes (an editor's reference images), and its
+    captions or instructions."""
     if isinstance(batch, edits.EditBatch):
-        images = (batch.targets[:, :, None], batch.sources[:, :, None])
-        return tuple(x.to(device, non_blocking=True) * 2 - 1 for x in images), batch.instructions()
+        targets, sources = (x[:, :, None].to(device, non_blocking=True) * 2 - 1 for x in (batch.targets, batch.sources))
+        return targets, {"reference": sources}, batch.instructions()
     clips = batch.clips.permute(0, 2, 1, 3, 4).to(device, non_blocking=True) * 2 - 1
-    return (clips,), batch.captions(with_motion)
+    return clips, {}, batch.captions(with_motion)
