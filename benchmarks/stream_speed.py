@@ -13,9 +13,13 @@ After the bf16 settings, one long denoiser-only stream (bf16, last-step commit, 
 show memory flat with length and no position overflow (`--only-long`: it alone). Settings: commit by re-encoding (one more forward per chunk) or from the
 last step; bf16, FP8 self-attention alone (cuDNN's, over the cache's keys and the chunk's) and
 FP8 linears with FP8 attention (`tempocache.quantize`, last, since it is one-way). `--profile`
-adds the CUDA kernels' time over a few bf16 chunks, by kernel.
+adds the CUDA kernels' time over a few bf16 chunks, by kernel. `--compile` runs instead the bf16
+last-step setting eagerly, then with the transformer's blocks compiled (inductor, diffusers'
+`compile_repeated_blocks()`; the cache's self-attention stays eager), then with cuDNN autotuning
+the decoder's convolutions too, then FP8 linears and attention on the compiled blocks.
 
     python benchmarks/stream_speed.py --out benchmarks/results/stream_speed.json
+    python benchmarks/stream_speed.py --compile --out benchmarks/results/stream_speed_compiled.json
     python benchmarks/stream_speed.py --tiny --out /tmp/stream_speed.json   # a CPU smoke run
 """
 
@@ -31,6 +35,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan, SkyReelsV2Transformer3DModel
 from step_cache_overhead import WAN_1_3B
+from torch._dynamo.utils import counters
 
 import tempocache as tc
 from tempocache import kv
@@ -83,7 +88,7 @@ class Streamer:
                           return_dict=False)[0]
 
     def chunk(self) -> torch.Tensor:
-        x = torch.randn(1, *self.latent, generator=self.generator, device=self.device, dtype=torch.bfloat16)
+        x = torch.randn(1, *self.latent, generator=self.generator, device=self.device, dtype=self.text.dtype)
         sigmas = torch.linspace(1.0, 0.0, self.steps + 1).tolist()
         for sigma, following in zip(sigmas, sigmas[1:]):
             x = x + (following - sigma) * self.velocity(x, sigma * 1000)
@@ -189,6 +194,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=12, help="latent frames held")
     parser.add_argument("--only-long", action="store_true", help="stop after the long stream (bf16, last-step commit)")
     parser.add_argument("--profile", action="store_true", help="also the CUDA kernels' time, by kernel")
+    parser.add_argument("--compile", action="store_true",
+                        help="only the bf16 last-step setting eagerly, then with compiled blocks, cuDNN autotuning, FP8")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script, measures nothing")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -210,15 +217,34 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
 
-    def measure(label: str, commit: str, fp8_calls=None) -> None:
+    def measure(label: str, commit: str, fp8_calls=None, compiled: bool = False) -> None:
         config = kv.SlidingWindow(frames=args.window, commit=commit)
+        counters.clear()
         row = run_setting(model, vae, text, config, latent, args.steps, args.chunks, device)
         if fp8_calls is not None:
             row["fp8_attention_calls"] = fp8_calls()
+        if compiled:
+            row["dynamo"] = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+                             "recompiles": sum(counters["recompiles"].values())}
         result["settings"][label] = row
         print(label, json.dumps(row), flush=True)
         save()
 
+    def measure_compiled() -> None:
+        # The decoder is left eager: its causal convolution cache (None, then one frame, then two) recompiles it.
+        model.compile_repeated_blocks()
+        measure("bf16, last-step commit, compiled blocks", "last_step", compiled=True)
+        torch.backends.cudnn.benchmark = True
+        measure("bf16, last-step commit, compiled blocks, cuDNN-autotuned decoder", "last_step", compiled=True)
+        torch._dynamo.reset()
+        state = tc.quantize(model, tc.W8A8("fp8", attention=True))
+        measure("FP8 linears + FP8 attention, last-step commit, compiled blocks, cuDNN-autotuned decoder", "last_step",
+                lambda: state.stats()["attention_fp8_calls"], compiled=True)
+
+    if args.compile:
+        measure("bf16, last-step commit", "last_step")
+        measure_compiled()
+        return
     if not args.only_long:
         measure("bf16, re-encode commit", "reencode")
         measure("bf16, last-step commit", "last_step")

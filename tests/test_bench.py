@@ -208,3 +208,32 @@ def test_settings_that_cannot_run_at_the_step_count_are_said_before_any_sampling
     assert refused and all(isinstance(r, str) and "made for 20 steps, this generation has 4" in r for r in refused)
     (zero_shot,) = select(["tempocache.Auto-zero-shot"])
     assert not any(isinstance(s, str) for s in zero_shot.build(pipe, 4, 2.0))  # planned for 4 steps
+
+
+def test_an_editor_bench_judges_edits_and_scores_regione_partitions(tmp_path, capsys, monkeypatch):
+    import tempocache.bench.runner as runner
+    from test_editing import tiny_editor
+
+    monkeypatch.setattr(runner, "load_pipeline", lambda *a: tiny_editor())
+    out = tmp_path / "report"
+    assert main(["bench", "--model", "shapes-edit", "--steps", "12", "--captions", "4", "--edit-kinds", "recolour",
+                 "background", "--batch-size", "2", "--repeats", "1", "--out", str(out), "--methods", "fewer-steps",
+                 "tempocache.RegionE", "tempocache.StaticCache", "diffusers.FirstBlockCache", "diffusers.MagCache",
+                 "cache-dit.DBCache-F1B0"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith("verdict (shapes-edit, cpu") and "RegionE" in printed[-1]
+    result = json.loads((out / "results.json").read_text())
+    assert result["edits"] == 4 and result["edit_kinds"] == ["recolour", "background"]
+    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    assert {r["method"] for r in rows} >= {"full", "fewer-steps", "tempocache.RegionE", "tempocache.StaticCache",
+                                           "diffusers.FirstBlockCache", "diffusers.MagCache", "cache-dit.DBCache-F1B0"}
+    for r in rows:
+        quality = r["edit_quality"]
+        assert set(quality) == {"recolour", "background", "local"} and quality["recolour"]["edits"] == 2
+        assert all(0 <= q["changed"] <= 1 and 0 <= q["kept"] <= 1 for q in quality.values())
+    regione = [r for r in rows if r["method"] == "tempocache.RegionE"]
+    assert len(regione) == len(methods.REGION_SETTINGS)
+    for r in regione:  # an untrained editor: every token reads as edited, so each edit runs in full
+        assert 0 <= r["edit_quality"]["local"]["partition_recall"] <= 1
+        assert r["library_compute_fraction"] <= 1
+    assert "edit success | partition recall" in (out / "table.md").read_text()

@@ -158,3 +158,22 @@ def test_the_edit_judge_finds_the_ground_truth_right_and_the_unedited_source_wro
     assert all(20 < r["psnr_outside"] < 40 for r in judge_edits(evaluator, noisy.clamp(0, 1), listed))
     with pytest.raises(ValueError, match="49 images for 50 edits"):
         judge_edits(evaluator, targets[:49], listed)
+
+
+def test_an_added_object_may_go_anywhere_the_rest_is_judged_outside_it():
+    from tempocache.eval.edit_quality import judge_edits
+    from tempocache.eval.evaluator import load_evaluator
+    from tempocache.reference.shapesworld import render
+
+    listed = [e for e in held_out_edits(40) if e.kind == "add"][:4]
+    elsewhere = []
+    for edit in listed:
+        added = next(i for i, o in enumerate(edit.target.objects) if o not in edit.source.objects)
+        layout = edit.target_layout.copy()
+        layout[added, :2] = 32 - layout[added, :2]  # the new object mirrored to the other side of the frame
+        elsewhere.append(render(edit.target, layout, 1, 32)[0])
+    judged = judge_edits(load_evaluator(), torch.stack(elsewhere), listed)
+    targets = torch.stack([render_edit(e)[1] for e in listed])
+    strict = [10 * np.log10(1 / (t - i).square()[:, ~render_edit(e)[2]].mean().item())
+              for t, i, e in zip(targets, torch.stack(elsewhere), listed)]
+    assert all(r["psnr_outside"] > 40 for r in judged) and min(strict) < 30

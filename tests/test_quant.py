@@ -381,6 +381,10 @@ def test_shipped_profiles_match_the_reference_models(model):
     for fmt in ("fp8", "int8"):
         config = tempocache.TimestepAdaptive(format=fmt)
         names = [n for n, _ in quantizable_linears(pipe.transformer)]
+        if pipe.spec.task == "edit":  # its generator's profile, of the same architecture, is not taken for it
+            with pytest.raises(ValueError, match=f"no {fmt} quantization profile .*tempocache calibrate"):
+                config.prepare(pipe.transformer, fmt, names)
+            continue
         assert config.prepare(pipe.transformer, fmt, names).profile.format == fmt
 
 

@@ -13,19 +13,25 @@ from safetensors.torch import load_file, save_file
 
 from tempocache.eval.metrics import below_bars
 from tempocache.reference.card import _clip_lengths, _quality_lines
-from tempocache.reference.models import SPECS, get_spec, load_weights, make_tokenizer, predict_velocity
+from tempocache.reference.models import SPECS, edit_velocity, get_spec, load_weights, make_tokenizer, predict_velocity
 
 RECORDED = Path(__file__).parent / "data" / "reference_outputs.safetensors"
 RESULTS = Path(__file__).parents[1] / "benchmarks" / "results"
-CAPTION = {"shapes-t2v": "a green triangle moves up on a gray background", "shapes-t2i": "a green triangle on a gray background"}
+CAPTION = {"shapes-t2v": "a green triangle moves up on a gray background", "shapes-t2i": "a green triangle on a gray background",
+           "shapes-edit": "make the green triangle red"}
+GENERATORS = [name for name in SPECS if get_spec(name).task == "generate"]
 
 
 def fixed_output(name: str) -> torch.Tensor:
     spec = get_spec(name)
     transformer, text_encoder = load_weights(spec.directory, spec)
-    x = torch.randn(1, 3, spec.num_frames, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
+    x, reference = (torch.randn(1, 3, spec.num_frames, spec.size, spec.size, generator=torch.Generator().manual_seed(seed))
+                    for seed in (0, 1))
+    text = text_encoder(make_tokenizer(spec)([CAPTION[name]]))
     with torch.no_grad():
-        return predict_velocity(transformer, x, torch.tensor([0.6]), text_encoder(make_tokenizer()([CAPTION[name]])))
+        if spec.task == "edit":
+            return edit_velocity(transformer, x, reference, torch.tensor([0.6]), text)
+        return predict_velocity(transformer, x, torch.tensor([0.6]), text)
 
 
 @pytest.fixture
@@ -55,10 +61,31 @@ def test_shipped_files_are_small_and_complete(name):
 def test_committed_evaluations_meet_the_bars_at_every_clip_length():
     evaluations = [*json.loads((RESULTS / "reference_eval.json").read_text()).values()]
     evaluations += [e for path in RESULTS.glob("reference_eval_*frames.json") for e in json.loads(path.read_text()).values()]
-    assert {e["model"] for e in evaluations} == set(SPECS)
+    assert {e["model"] for e in evaluations} == set(GENERATORS)
     assert {e["frames"] for e in evaluations if e["model"] == "shapes-t2v"} >= {8, 16}
     for e in evaluations:
         assert e["captions"] >= 64 and not below_bars(e["semantic_accuracy"]), (e["model"], e.get("frames"))
+
+
+def test_the_committed_editor_evaluation_meets_the_editor_bars():
+    from tempocache.eval.edit_quality import BARS
+
+    for name in set(SPECS) - set(GENERATORS):
+        evaluation = json.loads((RESULTS / f"reference_eval_{name}.json").read_text())[name]
+        assert evaluation["edits"] >= 200 and set(evaluation["quality"]) >= {"recolour", "remove", "add", "move",
+                                                                             "background", "local"}
+        for kind, quality in evaluation["quality"].items():
+            assert all(quality[m] >= bar for m, bar in BARS.items()), (name, kind, quality)
+
+
+def test_a_profile_belongs_to_one_set_of_weights_whatever_its_dtype():
+    from tempocache.models import fingerprint
+
+    generator, editor = (load_weights(get_spec(n).directory, get_spec(n))[0] for n in ("shapes-t2i", "shapes-edit"))
+    public = [{k: v for k, v in m.config.items() if not k.startswith("_")} for m in (generator, editor)]
+    assert public[0] == public[1] and fingerprint(generator) != fingerprint(editor)
+    assert fingerprint(generator.to(torch.bfloat16)) == fingerprint(load_weights(get_spec("shapes-t2i").directory,
+                                                                                 get_spec("shapes-t2i"))[0])
 
 
 def test_card_lists_every_clip_length_trained_and_evaluated():

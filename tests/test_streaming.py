@@ -562,3 +562,20 @@ def test_bad_merging_and_soft_pruning_settings_are_refused(pipe):
                           (kv.HeavyHitters(quant=kv.KVQuant()), "leave quant None")):
         with pytest.raises(ValueError, match=error):
             stream(pipe, PROMPT, kv=config)
+
+
+def test_a_stream_runs_on_compiled_blocks_with_its_cache_left_eager():
+    from torch._dynamo.utils import counters
+
+    eager = chunks(stream(tiny_pipe(), PROMPT, frames=4 * SPEC.chunk_frames, kv=kv.SlidingWindow(frames=8), steps=2))
+    compiled = tiny_pipe()
+    compiled.transformer.compile_repeated_blocks(backend="eager")  # dynamo's tracing, no code generation
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        out = chunks(stream(compiled, PROMPT, frames=4 * SPEC.chunk_frames, kv=kv.SlidingWindow(frames=8), steps=2))
+        graphs, recompiles = counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())
+    finally:
+        torch._dynamo.reset()
+    assert np.array_equal(out, eager)
+    assert graphs == 2 and recompiles == 0  # each block: before and after its self-attention, for every chunk

@@ -13,13 +13,15 @@ _STEP_CACHE = ("Auto", "CFGReuse", "DBCache", "DeltaDiT", "ERTACache", "FirstBlo
 _QUANT = ("QuantConfig", "QuantProfile", "TimestepAdaptive", "W8A8", "calibrate_quant", "quant_stats", "quantize")
 _HOME = {
     **dict.fromkeys(("generate", "load_pipeline", "save_clips"), "generation"),
+    "edit": "editing",
     **dict.fromkeys(("register_family", "register_profile"), "models"),
     **dict.fromkeys(("ShapesOutput", "ShapesPipeline"), "reference.pipeline"),
+    "RegionE": "region",
     **dict.fromkeys(("Stream", "stream"), "streaming"),
     **dict.fromkeys(_QUANT, "quant"),
     **dict.fromkeys(_STEP_CACHE, "step_cache"),
 }
-_SUBPACKAGES = ("bench", "cli", "closed_loop", "eval", "generation", "kv", "models", "quant", "reference", "step_cache",
+_SUBPACKAGES = ("bench", "cli", "closed_loop", "editing", "eval", "generation", "kv", "models", "quant", "reference", "region", "step_cache",
                 "streaming")
 
 __all__ = ["SHIPPED_MODELS", *_HOME]

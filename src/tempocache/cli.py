@@ -1,4 +1,4 @@
-"""`tempocache generate | stream | stream-bench | eval-stream | bench | cache-quality | quant-quality | calibrate | eval-reference | eval-evaluator | train-reference | train-evaluator`."""
+"""`tempocache generate | edit | stream | stream-bench | eval-stream | bench | cache-quality | quant-quality | calibrate | eval-reference | eval-evaluator | train-reference | train-evaluator`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,15 @@ def _generate(args: argparse.Namespace) -> None:
         num_frames=args.frames, device=args.device, batch_size=args.batch_size,
     )
     print(f"wrote {save_clips(clips, args.output, fps=args.fps, scale=args.scale).resolve()}")
+
+
+def _edit(args: argparse.Namespace) -> None:
+    from .editing import check_image_path, edit, save_image
+
+    check_image_path(args.output)
+    image = edit(args.image, args.instruction, model=args.model, steps=args.steps, guidance=args.guidance,
+                 seed=args.seed, device=args.device)
+    print(f"wrote {save_image(image, args.output, scale=args.scale).resolve()}")
 
 
 def _stream(args: argparse.Namespace) -> None:
@@ -161,11 +170,25 @@ def _eval_reference(args: argparse.Namespace) -> None:
 
     if args.save:
         check_writable(args.save)
+    from .eval.edit_quality import evaluate_editor
+    from .reference.models import get_spec
+
+    editors = [name for name in args.model if get_spec(name).task == "edit"]
     results = {name: evaluate_reference(name, args.captions, args.steps, args.guidance, args.device, args.batch_size,
                                         samples_per_caption=args.samples_per_caption, num_frames=args.frames)
-               for name in args.model}
-    _save_json(args.save, results)
-    print(json.dumps(results, indent=2) if args.json else format_table(results))
+               for name in args.model if name not in editors}
+    edited = {name: evaluate_editor(name, args.edits, args.steps, args.guidance, args.device) for name in editors}
+    _save_json(args.save, {**results, **edited})
+    if args.json:
+        print(json.dumps({**results, **edited}, indent=2))
+        return
+    if results:
+        print(format_table(results))
+    for name, evaluation in edited.items():
+        print(f"{name}, {evaluation['edits']} held-out edits:")
+        for kind, q in evaluation["quality"].items():
+            print(f"  {kind}: changed {q['changed']:.3f}, kept {q['kept']:.3f}, both {q['success']:.3f}, "
+                  f"PSNR outside the mask {q['psnr_outside_median']:.1f} dB (median)")
 
 
 def _eval_evaluator(args: argparse.Namespace) -> None:
@@ -197,23 +220,33 @@ def _calibrate(args: argparse.Namespace) -> None:
     from .generation import load_pipeline
     from .quant import W8A8, calibrate_quant, quantize
     from .reference import shapesworld
+    from .reference.edits import sample_edit_batch
     from .reference.models import get_spec
     from .step_cache import calibrate
 
+    if args.regione:
+        _fit_regione_gamma(args)
+        return
     if args.quant_predictor and args.quantized:
         raise ValueError("--quant-predictor fits the quantization predictor on the full-precision model; "
                          "--quantized profiles the step cache on a quantized one: give one of them")
     spec = get_spec(args.model)
     rng = np.random.default_rng(args.seed)
-    prompts = [shapesworld.sample_scene(rng, "train", spec.is_video).caption(spec.is_video) for _ in range(args.prompts)]
+    images = None
+    if spec.task == "edit":  # training edits: their instructions, and the images they edit
+        batch = sample_edit_batch(rng, args.prompts, "train", spec.size)
+        prompts, images = batch.instructions(), batch.sources
+    else:
+        prompts = [shapesworld.sample_scene(rng, "train", spec.is_video).caption(spec.is_video) for _ in range(args.prompts)]
     settings = dict(num_inference_steps=spec.default_steps if args.steps is None else args.steps,
                     guidance_scale=spec.default_guidance if args.guidance is None else args.guidance)
     kind = args.quant_predictor or f"{settings['num_inference_steps']}steps"
     out = args.out or Path(f"{args.model}-{kind}.json")
     check_writable(out)
     pipe = load_pipeline(args.model, args.device)
-    pipe.check_inputs(prompts, settings["num_inference_steps"], settings["guidance_scale"], spec.num_frames, spec.size, spec.size)
-    run = lambda p, batch: p(batch, seed=args.seed, **settings)  # noqa: E731
+    pipe.check_inputs(prompts, settings["num_inference_steps"], settings["guidance_scale"], spec.num_frames, spec.size,
+                      spec.size, images)
+    run = lambda p, batch: p(batch, seed=args.seed, image=images, **settings)  # noqa: E731
     if args.quant_predictor:
         quant_profile = calibrate_quant(pipe, [prompts], run=run, format=args.quant_predictor)
         print(f"wrote {quant_profile.save(out)} ({len(quant_profile.layers)} layers, {args.quant_predictor})")
@@ -224,6 +257,24 @@ def _calibrate(args: argparse.Namespace) -> None:
                         auto_budgets=tuple(args.auto_budgets), refine_runs=args.refine_runs)
     print(f"wrote {profile.save(out)} ({profile.num_steps} steps, segments at blocks {profile.edges}; "
           f"TeaCache coefficients {[round(c, 4) for c in profile.teacache_coefficients]})")
+
+
+def _fit_regione_gamma(args: argparse.Namespace) -> None:
+    from .generation import load_pipeline
+    from .reference.models import get_spec
+    from .region import fit_gamma
+
+    spec = get_spec(args.model)
+    if spec.task != "edit":
+        raise ValueError(f"--regione fits RegionE's velocity decay on an editor's calibration edits; {args.model} is "
+                         f"not an editor")
+    steps = spec.default_steps if args.steps is None else args.steps
+    out = args.out or Path(f"{args.model}-{steps}steps-regione.json")
+    check_writable(out)
+    gamma = fit_gamma(load_pipeline(args.model, args.device), args.prompts, steps, args.seed)
+    out.write_text(json.dumps({"model": args.model, "steps": steps, "edits": args.prompts, "seed": args.seed,
+                               "gamma": gamma}, indent=1))
+    print(f"wrote {out}: gamma {[round(g, 4) for g in gamma]}")
 
 
 def _cache_quality(args: argparse.Namespace) -> None:
@@ -264,7 +315,8 @@ def _bench(args: argparse.Namespace) -> None:
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"output folder {str(args.out)!r} is a file")
     result = run_bench(args.model, args.device, args.steps, args.guidance, prompts, args.captions, args.seeds,
-                       args.methods, args.frames, args.batch_size, args.repeats, args.sample_clips)
+                       args.methods, args.frames, args.batch_size, args.repeats, args.sample_clips, tuple(args.edit_kinds),
+                       args.timed_batches)
     paths = write_report(result, args.out)
     print(format_table({k: v for k, v in result.items() if k != "samples"}))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
@@ -293,6 +345,7 @@ def budget(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .reference.edits import KINDS
     from .reference.models import IN_TRAINING, SPECS
     from .step_cache.planner import BUDGETS as AUTO_BUDGETS
 
@@ -312,6 +365,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--scale", type=positive_int, default=4, help="upscale factor for the saved file")
     p.set_defaults(run=_generate)
+
+    p = sub.add_parser("edit", help="edit an image with an instruction, with the reference editor")
+    p.add_argument("image", type=Path, help="the image to edit (a 32x32 RGB PNG for shapes-edit)")
+    p.add_argument("instruction", help='e.g. "make the red square blue"')
+    p.add_argument("-o", "--output", type=Path, default=Path("edited.png"), help="a .png file")
+    p.add_argument("--model", default="shapes-edit")
+    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--scale", type=positive_int, default=1, help="upscale factor for the saved file")
+    p.set_defaults(run=_edit)
 
     p = sub.add_parser("stream", help="stream a video from a chunk-autoregressive model, written to MP4 as it is made")
     p.add_argument("prompt", help='a caption, e.g. "a red circle moves right on a black background"')
@@ -366,10 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=_stream_bench)
 
-    p = sub.add_parser("eval-reference", help="semantic accuracy and Fréchet distance on held-out captions, full compute")
+    p = sub.add_parser("eval-reference", help="semantic accuracy and Fréchet distance on held-out captions, full compute "
+                       "(an editor: the edit judge on held-out edits)")
     p.add_argument("--model", nargs="+", default=list(SPECS), help=f"any of: {', '.join(SPECS)}")
     p.add_argument("--captions", type=positive_int, default=64, help="number of held-out captions")
     p.add_argument("--samples-per-caption", type=positive_int, default=1, help="seeds per caption (more steadies the Fréchet distance)")
+    p.add_argument("--edits", type=positive_int, default=200, help="an editor's held-out edits, the kinds in turn")
     p.add_argument("--frames", type=positive_int, default=None, help="frames per clip (video models; default: the model's)")
     p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--guidance", type=float, default=None)
@@ -404,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="profile a shipped model at full compute (for Auto, TeaCache, ERTACache)")
     p.add_argument("--model", default="shapes-t2v", help=f"one of: {', '.join(SPECS)}")
     p.add_argument("--prompts", type=positive_int, default=16,
-                   help="training captions to profile on (Auto's refinement keeps what helps both halves of them)")
+                   help="training captions (an editor: training edits) to profile on (Auto's refinement keeps what "
+                        "helps both halves of them)")
     p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--segments", type=positive_int, default=4, help="block ranges Auto decides on")
@@ -417,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: fit TimestepAdaptive's predictor for this format (default out: <model>-<format>.json)")
     p.add_argument("--quantized", choices=["fp8", "int8"], default=None,
                    help="profile the step cache on the model quantized W8A8 to this format (CacheQuant)")
+    p.add_argument("--regione", action="store_true",
+                   help="an editor: fit RegionE's velocity decay (gamma) on training edits instead of a profile")
     p.add_argument("--out", type=Path, default=None, help="profile JSON (default: <model>-<steps>steps.json)")
     p.set_defaults(run=_calibrate)
 
@@ -452,12 +522,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--frames", type=positive_int, default=None, help="frames per clip (video models)")
     p.add_argument("--prompts", type=Path, default=None, help="a file of captions, one per line (default: held-out captions)")
-    p.add_argument("--captions", type=positive_int, default=8, help="how many held-out captions when no prompts file is given")
+    p.add_argument("--captions", type=positive_int, default=8,
+                   help="how many held-out captions when no prompts file is given (an editor's: held-out edits)")
+    p.add_argument("--edit-kinds", nargs="+", default=list(KINDS), choices=KINDS,
+                   help="an editor's edits, the kinds in turn (e.g. the local ones, or background alone)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="each caption is sampled once per seed")
     p.add_argument("--methods", nargs="+", default=None,
                    help="method keys or families (tempocache, diffusers, cache-dit, fewer-steps); default: all; see --list")
     p.add_argument("--batch-size", type=positive_int, default=8, help="clips per pipeline call; the first batch is the one timed")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per setting (the median counts)")
+    p.add_argument("--timed-batches", type=positive_int, default=1, help="batches each timed run makes (the first ones)")
     p.add_argument("--sample-clips", type=positive_int, default=2, help="clips per setting shown in index.html's GIFs")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for results.json, table.md, pareto.png, index.html")
     p.add_argument("--list", action="store_true", help="list the methods and whether their library is installed, then stop")

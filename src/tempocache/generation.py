@@ -58,6 +58,9 @@ def generate(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     pipe = pipe or load_pipeline(model, device)
     spec = pipe.spec
+    if spec.task == "edit":
+        raise ValueError(f"{spec.name} is an editor, which takes an image and an instruction: use "
+                         f"tempocache.edit(image, instruction) or `tempocache edit IMAGE INSTRUCTION`")
     settings = dict(
         num_inference_steps=spec.default_steps if steps is None else steps,
         guidance_scale=spec.default_guidance if guidance is None else guidance,

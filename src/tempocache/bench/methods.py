@@ -22,10 +22,11 @@ import torch
 
 from .. import quant
 from .. import step_cache as sc
+from ..region import RegionE, fit_gamma
 from ..eval.cache_quality import SETTINGS
-from ..models import find_blocks
+from ..models import REGION, attached, find_blocks
 from ..quant.quantize import quantizable_linears
-from ..reference import shapesworld
+from ..reference import edits, shapesworld
 from ..reference.pipeline import ShapesPipeline
 from ..step_cache.planner import BUDGETS as AUTO_BUDGETS
 
@@ -44,6 +45,7 @@ class Setting:
     steps: int | None = None  # None: the bench's step count
     batch_cfg: bool = False  # both CFG branches in one call (FasterCache and PAB expect it)
     compute_fraction: Callable[[ShapesPipeline], float] | None = None  # the library's own count, where it gives one
+    partitions: Callable[[ShapesPipeline], list[torch.Tensor]] | None = None  # RegionE's edited tokens, per generation
     note: str = ""
 
 
@@ -198,13 +200,12 @@ def _mag_ratios(pipe: ShapesPipeline, steps: int, guidance: float, prompts: int 
     """
     from diffusers import MagCacheConfig
 
-    rng = np.random.default_rng(0)
-    captions = [shapesworld.sample_scene(rng, "train", pipe.spec.is_video).caption(pipe.spec.is_video) for _ in range(prompts)]
+    captions, inputs = calibration_inputs(pipe, prompts)
     pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
-            pipe(captions, num_inference_steps=steps, guidance_scale=guidance, seed=0)
+            pipe(captions, num_inference_steps=steps, guidance_scale=guidance, seed=0, **inputs)
     finally:
         pipe.transformer.disable_cache()
     lists = [ast.literal_eval(line) for line in printed.getvalue().splitlines() if line.startswith("[") and not line.startswith("[Mag")]
@@ -212,6 +213,41 @@ def _mag_ratios(pipe: ShapesPipeline, steps: int, guidance: float, prompts: int 
         raise RuntimeError("MagCache calibration printed no ratios")
     ratios = [sum(r) / len(r) for r in zip(*lists)]  # one list per CFG branch: average them
     return {"num_inference_steps": steps, "mag_ratios": [round(r, 4) for r in ratios]}
+
+
+def calibration_inputs(pipe: ShapesPipeline, count: int) -> tuple[list[str], dict]:
+    """Training prompts for a calibration run, and for an editor the images they edit."""
+    rng = np.random.default_rng(0)
+    if pipe.spec.task == "edit":
+        batch = edits.sample_edit_batch(rng, count, "train", pipe.spec.size)
+        return batch.instructions(), {"image": batch.sources}
+    video = pipe.spec.is_video
+    return [shapesworld.sample_scene(rng, "train", video).caption(video) for _ in range(count)], {}
+
+
+# --- RegionE (ours, on an editor) -----------------------------------------------------------------------------
+
+# the velocity cache's settings take the gamma fitted on training edits (`fit_gamma`) at this step count
+SHORT = {"partition_step": 3, "refresh_steps": (), "final_steps": 1}  # fewer full steps than RegionE's schedule
+REGION_SETTINGS = ({}, {"threshold": 0.9}, SHORT, {**SHORT, "partition_step": 2},
+                   {**SHORT, "velocity_threshold": 0.05}, {**SHORT, "partition_step": 2, "velocity_threshold": 0.1})
+
+
+def _region(pipe: ShapesPipeline, steps: int, guidance: float) -> list[Setting]:
+    if pipe.spec.task != "edit":
+        raise ValueError(f"RegionE accelerates an editor; {pipe.spec.name} has no image in context")
+    gamma = fit_gamma(pipe, steps=steps) if any("velocity_threshold" in k for k in REGION_SETTINGS) else None
+    out = []
+    for knobs in REGION_SETTINGS:
+        config = RegionE.for_steps(steps, **knobs, **({"gamma": gamma} if "velocity_threshold" in knobs else {}))
+        config.check(steps)
+        settings = {k: [round(g, 4) for g in v] if k == "gamma" else list(v) if isinstance(v, tuple) else v
+                    for k, v in vars(config).items() if v is not None}
+        out.append(Setting(_label("RegionE", knobs) if knobs else "RegionE()", "tempocache", settings,
+                           enable=partial(sc.enable, config=config), disable=sc.disable,
+                           compute_fraction=lambda p: sc.stats(p)["compute_fraction"],
+                           partitions=lambda p: attached(p, REGION).partitions))
+    return out
 
 
 def _diffusers_groups() -> list[Group]:
@@ -301,7 +337,7 @@ def _cache_dit(kind: str, fn: int, taylorseer: bool) -> Callable:
 
 def groups() -> list[Group]:
     """Every group the bench knows, in report order."""
-    out = [Group("fewer-steps", "fewer steps", build=_fewer_steps)]
+    out = [Group("fewer-steps", "fewer steps", build=_fewer_steps), Group("tempocache.RegionE", "tempocache", build=_region)]
     out += [_tempocache_group(policy) for policy in SETTINGS]
     out += [_quantized_group(kind) for kind in QUANTIZED]
     out += _diffusers_groups()

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..eval.cache_quality import frontier_psnr  # noqa: E402
+from ..eval.edit_quality import BARS as EDIT_BARS  # noqa: E402
 from ..eval.metrics import below_bars  # noqa: E402
 from ..generation import save_clips  # noqa: E402
 from .runner import sample_key  # noqa: E402
@@ -23,10 +24,24 @@ TARGET_SPEEDUP = 3.0
 NEAR = 0.95  # "near 3x": at least 95% of it, timing noise allowed for
 TIMING_TOLERANCE = 0.97  # a point within 3% of another's speedup counts as as fast
 PSNR_FLOOR = 30.0
+EDIT_TARGET_SPEEDUP, EDIT_PSNR_FLOOR = 2.4, 32.0  # RegionE's, on local edits
 ZERO_SHOT = "tempocache.Auto-zero-shot"
 # Peers a user runs without calibrating them on the model first (MagCache's ratios are a calibration)
 UNCALIBRATED_PEERS = ("diffusers.FirstBlockCache", "diffusers.TaylorSeerCache", "diffusers.TaylorSeerCache-lite",
                       "cache-dit.DBCache-F1B0", "cache-dit.DBCache-F8B0", "cache-dit.DBCache+TaylorSeer")
+
+
+def main_edit_group(row: dict) -> str:
+    """The local edits together where the bench ran several kinds, else the one kind."""
+    quality = row["edit_quality"]
+    return "local" if "local" in quality else next(iter(quality))
+
+
+def accuracy_of(row: dict) -> float:
+    """A generator's semantic accuracy (all attributes), an editor's edit success (the change made, the rest kept)."""
+    if "edit_quality" in row:
+        return row["edit_quality"][main_edit_group(row)]["success"]
+    return row["semantic_accuracy"]["all"]
 
 
 def scored(result: dict, families: tuple[str, ...]) -> list[dict]:
@@ -78,6 +93,15 @@ def format_zero_shot(comparison: list[dict]) -> str:
 def full_compute_accuracy(result: dict) -> str:
     """Full compute's semantic accuracy, with a warning when the model falls below the reference bars at this setting."""
     full = next(r for r in result["rows"] if r["family"] == "full compute")
+    if "edit_quality" in full:
+        quality = full["edit_quality"]
+        lines = ["full compute's edits: " + "; ".join(
+            f"{k} changed {q['changed']:.2f}, kept {q['kept']:.2f}, PSNR outside the mask {q['psnr_outside_median']:.1f} dB"
+            for k, q in quality.items())]
+        low = [f"{k} {m} {q[m]:.2f} < {bar:g}" for k, q in quality.items() for m, bar in EDIT_BARS.items() if q[m] < bar]
+        if low:
+            lines.append(f"WARNING: full compute is below the editor's bars ({'; '.join(low)})")
+        return "\n".join(lines)
     accuracy = full["semantic_accuracy"]
     line = "full compute's semantic accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items())
     low = below_bars(accuracy)
@@ -87,7 +111,24 @@ def full_compute_accuracy(result: dict) -> str:
     return line
 
 
+def region_verdict(result: dict) -> str:
+    """RegionE's most faithful setting near its target speedup against the most faithful other method there."""
+    rows = scored(result, ("tempocache", *PEER_FAMILIES))
+    ours = best_near([r for r in rows if r["method"] == "tempocache.RegionE"], EDIT_TARGET_SPEEDUP)
+    if ours is None:
+        best = max((r for r in rows if r["method"] == "tempocache.RegionE"), key=lambda r: r["speedup"], default=None)
+        return (f"RegionE reaches no {NEAR * EDIT_TARGET_SPEEDUP:.2f}x" +
+                (f" (fastest: {best['setting']}, {best['speedup']:.2f}x, {best['psnr']:.1f} dB)" if best else ""))
+    other = best_near([r for r in rows if r["method"] != "tempocache.RegionE"], ours["speedup"])
+    line = f"RegionE near {EDIT_TARGET_SPEEDUP:g}x: {ours['setting']} {ours['speedup']:.2f}x at {ours['psnr']:.1f} dB"
+    if other is None:
+        return line + "; no other method is as fast"
+    return line + f"; best other as fast: {other['setting']} {other['psnr']:.1f} dB ({ours['psnr'] - other['psnr']:+.1f} dB)"
+
+
 def verdict(result: dict) -> str:
+    if "edits" in result:
+        return f"verdict ({result['model']}, {result['device']}): {region_verdict(result)}"
     ours, peers = scored(result, ("tempocache",)), scored(result, PEER_FAMILIES)
     a, b = best_near(ours), best_near(peers)
     if a and b:
@@ -105,21 +146,26 @@ def verdict(result: dict) -> str:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{result['model']} on {result['device']}, {result['date']}: {result['captions']} captions x {len(result['seeds'])} seed(s), "
+    lines = [f"{result['model']} on {result['device']}, {result['date']}: {result['captions']} {'edits' if 'edits' in result else 'captions'} x {len(result['seeds'])} seed(s), "
              f"{result['steps']} steps, guidance {result['guidance']}, {result['frames']} frame(s) of {result['size']}x{result['size']}; "
-             f"time = median of {result['repeats']} runs of one batch of {result['batch_size']}",
+             f"time = median of {result['repeats']} runs of {result.get('timed_batches', 1)} batch(es) of {result['batch_size']}",
              full_compute_accuracy(result), "",
-             "| method | setting | speedup | s/batch | compute | PSNR (dB) | SSIM | rel. L2 | accuracy (all) | Fréchet | peak GiB |",
+             "| method | setting | speedup | s/batch | compute | PSNR (dB) | SSIM | rel. L2 | "
+             + ("edit success | partition recall" if "edits" in result else "accuracy (all) | Fréchet") + " | peak GiB |",
              "|---" * 11 + "|"]
     for r in result["rows"]:
         if r["status"] != "ok":
             lines.append(f"| {r['method']} | {r['setting'] or '-'} | {r['status']} |" + " |" * 8)
             continue
         peak = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
-        frechet = f"{r['frechet_distance']:.1f}" if r["frechet_distance"] is not None else "-"
+        if "edit_quality" in r:
+            recall = r["edit_quality"][main_edit_group(r)].get("partition_recall")
+            last = "-" if recall is None else f"{recall:.2f}"
+        else:
+            last = f"{r['frechet_distance']:.1f}" if r["frechet_distance"] is not None else "-"
         lines.append(f"| {r['method']} | {r['setting']} | {r['speedup']:.2f}x | {r['seconds']:.2f} | {r['compute_fraction']:.2f} | "
-                     f"{r['psnr']:.2f} | {r['ssim']:.3f} | {r['relative_l2']:.3f} | {r['semantic_accuracy']['all']:.2f} | "
-                     f"{frechet} | {peak} |")
+                     f"{r['psnr']:.2f} | {r['ssim']:.3f} | {r['relative_l2']:.3f} | {accuracy_of(r):.2f} | "
+                     f"{last} | {peak} |")
     left = undominated_peers(result)
     lines += ["", "Every peer point is matched or beaten by a tempocache point (as faithful, as fast within 3%)." if not left else
               "Peer points no tempocache point matches (as faithful, as fast within 3%): "
@@ -133,11 +179,12 @@ def format_table(result: dict) -> str:
 def plot_pareto(result: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     rows = scored(result, tuple(MARKERS))
-    metrics = (("psnr", "PSNR vs full compute (dB)"), ("accuracy", "semantic accuracy (all attributes)"))
+    metrics = (("psnr", "PSNR vs full compute (dB)"),
+               ("accuracy", "edit success (change made, rest kept)" if "edits" in result else "semantic accuracy (all attributes)"))
     for ax, (metric, label) in zip(axes, metrics):
         for family, marker in MARKERS.items():
             for method in dict.fromkeys(r["method"] for r in rows if r["family"] == family):
-                points = sorted((r["speedup"], min(r["psnr"], 60) if metric == "psnr" else r["semantic_accuracy"]["all"])
+                points = sorted((r["speedup"], min(r["psnr"], 60) if metric == "psnr" else accuracy_of(r))
                                 for r in rows if r["method"] == method)
                 xs, ys = zip(*points)
                 line = "-" if family in ("tempocache", "fewer steps") and method.endswith(("Auto", "steps")) else ":"
@@ -177,7 +224,7 @@ def write_report(result: dict, out: Path) -> dict[str, Path]:
         if r["status"] != "ok" or gif is None:
             continue
         caption = (f"{html.escape(r['setting'])}<br>{r['speedup']:.2f}x, {r['psnr']:.1f} dB, "
-                   f"accuracy {r['semantic_accuracy']['all']:.2f}")
+                   f"{'edit success' if 'edits' in plain else 'accuracy'} {accuracy_of(r):.2f}")
         cells.append(f"<tr><td>{html.escape(r['family'])}</td><td>{caption}</td>"
                      f"<td><img class=clip src='gifs/{gif.name}'></td><td><img class=clip src='gifs/{full_gif.name}'></td></tr>")
     paths["html"].write_text(

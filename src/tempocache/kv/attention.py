@@ -25,6 +25,9 @@ class StreamingSelfAttention:
         self.backend = backend  # the replaced processor's attention backend (diffusers' `set_attention_backend`)
         self.chunk_is_one_block = chunk_is_one_block  # then the model's mask over the chunk is all true
 
+    # A compiled model (e.g. diffusers' `compile_repeated_blocks()`) runs this eagerly: the cache's
+    # Python state (frames held, positions) changes every chunk and would recompile each call.
+    @torch.compiler.disable
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, rotary_emb=None) -> torch.Tensor:
         if getattr(attn, "fused_projections", False):

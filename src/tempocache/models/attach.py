@@ -13,9 +13,10 @@ from torch import nn
 STEP_CACHE = "_tempocache_step_cache"  # each part's attribute on the transformer, and the name of its hooks
 QUANT = "_tempocache_quant"
 STREAM = "_tempocache_stream"
+REGION = "_tempocache_region"
 UNDO = {STEP_CACHE: "call tempocache.disable(...) first",  # how to get a model that copies
         QUANT: "quantization is for good: copy a fresh model, then quantize the copy",
-        STREAM: "close() the stream first"}
+        STREAM: "close() the stream first", REGION: "call tempocache.disable(...) first"}
 
 
 def copy_refused(what: str, part: str) -> TypeError:
@@ -27,7 +28,7 @@ class Attachment:
     """Base of what tempocache attaches: refuses to be copied or pickled with the model, since its hooks and
     replaced layers belong to the model it was attached to, not to a copy."""
 
-    part: str  # STEP_CACHE, QUANT or STREAM
+    part: str  # STEP_CACHE, QUANT, STREAM or REGION
 
     def __deepcopy__(self, memo):
         raise copy_refused(type(self).__name__, self.part)

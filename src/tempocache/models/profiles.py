@@ -21,10 +21,17 @@ _REGISTERED: dict[str, list[Path]] = {kind: [] for kind in KINDS}
 
 
 def fingerprint(transformer: nn.Module) -> str:
-    """A stable digest of a transformer's class and config (diffusers' `config`, private keys left out)."""
+    """A stable digest of a transformer's class, config (diffusers' `config`, private keys left out) and weights: the
+    signs of a sample of its first parameter, which no cast or device move changes, so that two models of one
+    architecture (a generator and the editor fine-tuned from it) never share a profile."""
     config = {k: v for k, v in dict(getattr(transformer, "config", {}) or {}).items() if not k.startswith("_")}
     text = json.dumps([type(transformer).__name__, config], sort_keys=True, default=list)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    first = next((p for p in transformer.parameters() if p.is_floating_point() and not p.is_meta), None)
+    signs = b""
+    if first is not None:
+        flat = first.detach().flatten()
+        signs = (flat[:: max(1, flat.numel() // 4096)][:4096] > 0).cpu().numpy().tobytes()
+    return hashlib.sha256(text.encode() + signs).hexdigest()[:16]
 
 
 def register_profile(kind: str, path: str | Path) -> None:

@@ -2,8 +2,9 @@
 
 Reads each model's `training.json`, the evaluation in
 `benchmarks/results/reference_eval.json` and any at other clip lengths
-(`reference_eval_<model>_<N>frames.json` beside it), draws the loss curve and a grid of
-samples on held-out captions, and writes README.md next to the weights.
+(`reference_eval_<model>_<N>frames.json` beside it; an editor's in `reference_eval_<model>.json`),
+draws the loss curve and a grid of samples on held-out captions (an editor's: held-out edits),
+and writes README.md next to the weights.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np  # noqa: E402
 from ..eval.evaluator import WEIGHTS_DIR as EVALUATOR_DIR  # noqa: E402
 from ..generation import generate, load_pipeline  # noqa: E402
 from . import shapesworld  # noqa: E402
+from .edits import KINDS, held_out_edits, render_edit  # noqa: E402
 from .models import SPECS, ReferenceSpec, load_weights  # noqa: E402
 
 SAMPLE_CAPTIONS = 8
@@ -145,6 +147,92 @@ def write_model_card(spec: ReferenceSpec, evaluations: list[dict], device: str) 
     return path
 
 
+def plot_edit_samples(spec: ReferenceSpec, path: Path, device: str) -> None:
+    """One held-out edit of each kind: the image, the edit made at default settings, the ground truth."""
+    from ..editing import edit
+
+    listed = held_out_edits(len(KINDS), seed=1)
+    sources, targets = zip(*(render_edit(e)[:2] for e in listed))
+    made = edit(list(sources), [e.instruction for e in listed], pipe=load_pipeline(spec.name, device))
+    fig, axes = plt.subplots(len(listed), 3, figsize=(6.2, 1.5 * len(listed)), squeeze=False)
+    for row, (e, source, image, target) in enumerate(zip(listed, sources, made, targets)):
+        for col, (picture, title) in enumerate(((source.permute(1, 2, 0), "image"), (image, "edited"),
+                                                (target.permute(1, 2, 0), "ground truth"))):
+            axes[row, col].imshow(picture, interpolation="nearest")
+            axes[row, col].axis("off")
+            if row == 0:
+                axes[row, col].set_title(title, fontsize=8)
+        axes[row, 0].text(-4, 16, e.instruction.replace(" the ", "\nthe "), ha="right", va="center", fontsize=7)
+    fig.suptitle(f"{spec.name}: held-out edits, default settings, seed i for row i", fontsize=9)
+    fig.subplots_adjust(left=0.32, right=0.99, top=0.9, bottom=0.01, wspace=0.05, hspace=0.1)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_editor_card(spec: ReferenceSpec, evaluation: dict | None, device: str) -> Path:
+    """Write an editor's README.md; `evaluation`: `eval.edit_quality.evaluate_editor`'s, if it was run."""
+    directory = spec.directory
+    state = json.loads((directory / "training.json").read_text())
+    config = json.loads((directory / "transformer" / "config.json").read_text())
+    plot_loss(state, directory / "loss.png", f"{spec.name} flow-matching loss")
+    plot_edit_samples(spec, directory / "samples.png", device)
+    transformer, text_encoder = load_weights(directory, spec)
+    devices = sorted({s["device"] for s in state["sessions"]})
+    arch = {k: v for k, v in config.items() if not k.startswith("_")}
+    lines = [
+        f"# {spec.name}",
+        "",
+        f"An instruction-based image editor for tempocache (issue 20's reference model): diffusers' "
+        f"`{config['_class_name']}` in pixel space, the image it edits in context as diffusers' `FluxKontextPipeline` "
+        f"places it (its tokens after the noisy ones, their ids offset on the first axis), fine-tuned from "
+        f"{spec.init_from}'s weights on ShapesWorld edits (32x32 RGB).",
+        "",
+        "## Architecture",
+        f"- transformer: `{config['_class_name']}`, {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M "
+        f"parameters, {spec.init_from}'s config: `{json.dumps(arch)}`",
+        f"- text: {spec.init_from}'s `WordEncoder` ({sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M "
+        f"parameters), its vocabulary grown to {text_encoder.config['vocab_size']} words by those only instructions "
+        "use (a caption's words keep their ids and embeddings); the empty instruction is the unconditional input",
+        "- sampling: `FlowMatchEulerDiscreteScheduler` (shift 1.0), classifier-free guidance over the instruction (both "
+        f"branches see the image), default {spec.default_steps} steps, guidance {spec.default_guidance}",
+        "- weights: fp16 safetensors (EMA of the training weights, decay 0.999)",
+        "",
+        "## Training",
+        "- data: fresh ShapesWorld edits every step (`reference.edits`: recolour, remove, add, move, background, "
+        "drawn uniformly), train split (edit combinations not held out), 10% of instructions dropped for guidance",
+        "- objective: flow matching of the target image with the source clean in context (logit-normal noise levels), "
+        f"AdamW, lr per run {', '.join(str(r['lr']) for r in state['sessions'])}, batch size per run "
+        f"{', '.join(str(r['batch_size']) for r in state['sessions'])}, fp32 with TF32 matmuls",
+        f"- steps: {state['steps']}, time: {state['seconds'] / 60:.1f} min on {', '.join(devices)} in "
+        f"{len(state['sessions'])} runs (the second resuming the first's optimizer), seed {state['seed']}",
+        f"- final loss (mean of the last 100 steps): {state['losses'][-1][1]:.4f}",
+        f"- command: `TRAIN_ARGS=\"--batch-size 64 --lr 2e-4\" bash scripts/device_train.sh 8 {spec.name}` on the GPU, "
+        "twice (or `tempocache train-reference --model " + spec.name + " --out DIR --minutes M`)",
+        "",
+        "![loss](loss.png)",
+        "",
+        "## Quality (full compute, held-out edits)",
+    ]
+    if evaluation:
+        lines += [
+            f"{evaluation['edits']} held-out edits (the kinds in turn), {evaluation['steps']} steps, guidance "
+            f"{evaluation['guidance']}, edit i with seed {evaluation['seed']} + i, on {evaluation['device']} "
+            f"({evaluation['date']}); `tempocache eval-reference --model {spec.name}`, judged by "
+            "`eval.edit_quality.judge_edits` (bars: changed 0.85, kept 0.9, 30 dB outside the mask).",
+            "",
+            "| edits | number | changed | kept | both | PSNR outside the mask (median, dB) |",
+            "|---|---|---|---|---|---|",
+            *(f"| {k} | {q['edits']} | {q['changed']:.3f} | {q['kept']:.3f} | {q['success']:.3f} | "
+              f"{q['psnr_outside_median']:.1f} |" for k, q in evaluation["quality"].items()),
+        ]
+    else:
+        lines.append("Not evaluated yet: run `tempocache eval-reference --model " + spec.name + "`.")
+    lines += ["", "## Samples", "", "![samples](samples.png)", ""]
+    path = directory / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def write_evaluator_card(report: dict) -> Path:
     state = json.loads((EVALUATOR_DIR / "training.json").read_text())
     lines = [
@@ -184,6 +272,11 @@ def main() -> None:
             print(f"wrote {write_evaluator_card(evaluate_evaluator(device=args.device))}")
             continue
         spec = SPECS[name]
+        if spec.task == "edit":
+            saved = args.results.parent / f"reference_eval_{name}.json"
+            evaluation = json.loads(saved.read_text())[name] if saved.exists() else None
+            print(f"wrote {write_editor_card(spec, evaluation, args.device)}")
+            continue
         evaluations = [defaults[name]] if name in defaults else []
         others = args.results.parent.glob(f"reference_eval_{name}_*frames.json")
         others = sorted((json.loads(path.read_text())[name] for path in others), key=lambda e: e["frames"])

@@ -163,10 +163,13 @@ def render_edit(edit: Edit, size: int = DEFAULT_SIZE) -> tuple[torch.Tensor, tor
     return source, target, (target - source).abs().amax(0) > MASK_THRESHOLD
 
 
-def held_out_edits(count: int, seed: int = 0, size: int = DEFAULT_SIZE) -> list[Edit]:
-    """`count` held-out edits, the kinds in turn (so balanced), in a fixed order for a given seed."""
+def held_out_edits(count: int, seed: int = 0, size: int = DEFAULT_SIZE, kinds: tuple[str, ...] = KINDS) -> list[Edit]:
+    """`count` held-out edits of `kinds`, in turn (so balanced), in a fixed order for a given seed."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"edit kinds are {', '.join(KINDS)}; got {', '.join(map(repr, kinds)) or 'none'}")
     rng = np.random.default_rng(seed)
-    return [sample_edit(rng, "held_out", KINDS[i % len(KINDS)], size) for i in range(count)]
+    return [sample_edit(rng, "held_out", kinds[i % len(kinds)], size) for i in range(count)]
 
 
 @dataclass

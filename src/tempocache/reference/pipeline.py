@@ -7,6 +7,9 @@ and unconditional branches are separate transformer calls, each inside
 cache hooks (diffusers', cache-dit's, ours) can keep their state per branch; with
 `batch_cfg=True` they are one call on the batch [uncond, cond] (as in diffusers'
 CogVideoX pipeline), which FasterCache and Pyramid Attention Broadcast expect.
+An editing model (`shapes-edit`) takes the image it edits as `image`, its tokens in context after
+the noisy ones (as diffusers' `FluxKontextPipeline` places them), and an instruction as the prompt;
+its unconditional branch keeps the image and drops the instruction.
 Every argument is checked before any compute.
 """
 
@@ -18,8 +21,8 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
-from . import shapesworld
-from .models import get_spec, load_weights, make_scheduler, make_tokenizer, predict_velocity, spec_for
+from . import edits, shapesworld
+from .models import ReferenceSpec, edit_velocity, get_spec, load_weights, make_scheduler, make_tokenizer, predict_velocity, spec_for
 
 MAX_FRAMES = 64
 MAX_SIZE = 128
@@ -34,24 +37,25 @@ class ShapesOutput:
 class ShapesPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer"
 
-    def __init__(self, transformer: torch.nn.Module, text_encoder: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler):
+    def __init__(self, transformer: torch.nn.Module, text_encoder: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler,
+                 spec: ReferenceSpec | None = None):
         super().__init__()
         self.register_modules(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
-        self.tokenizer = make_tokenizer()
-        self.spec = spec_for(transformer)
+        self.spec = spec or spec_for(transformer)  # an editor shares its generator's class: give its spec
+        self.tokenizer = make_tokenizer(self.spec)
 
     @classmethod
     def from_reference(cls, name: str = "shapes-t2v", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "ShapesPipeline":
         spec = get_spec(name)
         transformer, text_encoder = load_weights(spec.directory, spec, dtype)
-        pipe = cls(transformer, text_encoder, make_scheduler())
-        pipe.spec = spec
-        return pipe.to(device)
+        return cls(transformer, text_encoder, make_scheduler(), spec).to(device)
 
-    def check_inputs(self, prompts: list[str], steps: int, guidance: float, num_frames: int, height: int, width: int) -> torch.Tensor:
+    def check_inputs(self, prompts: list[str], steps: int, guidance: float, num_frames: int, height: int, width: int,
+                     image: torch.Tensor | None = None) -> torch.Tensor:
         """Validate everything; return the token ids of the prompts."""
         if not prompts:
             raise ValueError("no prompt given")
+        self.check_image(image, len(prompts), height, width)
         ids = self.tokenizer(prompts)
         for prompt in prompts:
             self.check_grammar(prompt)
@@ -76,8 +80,26 @@ class ShapesPipeline(DiffusionPipeline):
                 raise ValueError(f"{label} must be an even number of pixels from 2 to {MAX_SIZE}, got {value!r}")
         return ids
 
+    def check_image(self, image: torch.Tensor | None, count: int, height: int, width: int) -> None:
+        """An editor needs the images it edits, (count, 3, height, width) in [0, 1]; a generator takes none."""
+        if self.spec.task != "edit":
+            if image is not None:
+                raise ValueError(f"{self.spec.name} makes images from captions alone: it takes no image to edit")
+            return
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(f"{self.spec.name} edits an image: pass image, a (B, 3, H, W) tensor in [0, 1], "
+                             f"got {type(image).__name__}")
+        if tuple(image.shape) != (count, 3, height, width):
+            raise ValueError(f"image must be shaped ({count}, 3, {height}, {width}) (one RGB image per instruction), "
+                             f"got {tuple(image.shape)}")
+        if not image.is_floating_point() or not bool(((image >= 0) & (image <= 1)).all()):
+            raise ValueError("image must hold floats in [0, 1]")
+
     def check_grammar(self, prompt: str) -> None:
         """Refuse a caption outside the grammar the model was trained on, showing the nearest one inside it."""
+        if self.spec.task == "edit":
+            edits.check_instruction(prompt)
+            return
         scene = shapesworld.parse_caption(prompt)  # names what is wrong with a caption that does not parse
         if self.spec.is_streaming and any(o.motion not in shapesworld.STREAM_MOTIONS for o in scene.objects):
             raise ValueError(f"caption {prompt!r}: {self.spec.name} streams endless clips, where nothing can grow for "
@@ -107,6 +129,7 @@ class ShapesPipeline(DiffusionPipeline):
         width: int | None = None,
         seed: int | list[int] = 0,
         batch_cfg: bool = False,
+        image: torch.Tensor | None = None,
     ) -> ShapesOutput:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         steps = self.spec.default_steps if num_inference_steps is None else num_inference_steps
@@ -117,7 +140,7 @@ class ShapesPipeline(DiffusionPipeline):
         seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-        ids = self.check_inputs(prompts, steps, guidance, frames, height, width)
+        ids = self.check_inputs(prompts, steps, guidance, frames, height, width, image)
         if self.spec.is_streaming:  # chunk by chunk, every frame kept: what `tempocache.stream` makes with FullKV
             from ..streaming import stream
 
@@ -132,6 +155,12 @@ class ShapesPipeline(DiffusionPipeline):
         # Noise is drawn on the CPU, one generator per sample: same seed, same clip on any device.
         noise = [torch.randn(3, frames, height, width, generator=torch.Generator().manual_seed(s)) for s in seeds]
         x = torch.stack(noise).to(self.device, dtype)
+        reference = None if image is None else (image.to(self.device, dtype) * 2 - 1)[:, :, None]  # shaped as x
+
+        def velocity(x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            if reference is None:
+                return predict_velocity(self.transformer, x, sigma, text)
+            return edit_velocity(self.transformer, x, reference.repeat(len(x) // len(reference), 1, 1, 1, 1), sigma, text)
 
         self.scheduler.set_timesteps(steps, device=self.device)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
@@ -140,13 +169,13 @@ class ShapesPipeline(DiffusionPipeline):
             where = dict(step_index=i, num_inference_steps=steps, timestep=t, sigma=float(sigma[0]))
             if use_cfg and batch_cfg:
                 with self.transformer.cache_context("cfg", **where):
-                    v_uncond, v = predict_velocity(self.transformer, x.repeat(2, 1, 1, 1, 1), sigma.repeat(2), torch.cat([empty, text])).chunk(2)
+                    v_uncond, v = velocity(x.repeat(2, 1, 1, 1, 1), sigma.repeat(2), torch.cat([empty, text])).chunk(2)
             else:
                 with self.transformer.cache_context("cond", **where):
-                    v = predict_velocity(self.transformer, x, sigma, text)
+                    v = velocity(x, sigma, text)
                 if use_cfg:
                     with self.transformer.cache_context("uncond", **where):
-                        v_uncond = predict_velocity(self.transformer, x, sigma, empty)
+                        v_uncond = velocity(x, sigma, empty)
             if use_cfg:
                 v = v_uncond + guidance * (v - v_uncond)
             x = self.scheduler.step(v, t, x, return_dict=False)[0]

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..models import (
+    REGION,
     STEP_CACHE,
     Attachment,
     BlockCall,
@@ -294,8 +295,18 @@ class _BlockHook(Hook):
 
 
 def enable(pipe_or_transformer: Any, config: StepCacheConfig) -> StepCacheEngine:
-    """Turn on step caching with `config` (a policy config, e.g. `FirstBlockCache(threshold=0.1)`)."""
+    """Turn on step caching with `config` (a policy config, e.g. `FirstBlockCache(threshold=0.1)`), or region-aware
+    editing with `RegionE(...)` on an editing pipeline."""
+    from ..region import RegionE, enable_region
+
+    if isinstance(config, RegionE):
+        engine = enable_region(pipe_or_transformer, config)
+        claim_cache(engine.transformer, config)
+        return engine
     transformer, pipe = transformer_of(pipe_or_transformer)
+    if attached(transformer, REGION) is not None:
+        raise RuntimeError("RegionE is enabled on this transformer and carries its own velocity cache: a step cache "
+                           "does not stack on it; call tempocache.disable() first")
     if isinstance(config, type) and issubclass(config, StepCacheConfig):
         raise TypeError(f"config must be a config object, got the class {config.__name__}: pass {config.__name__}()")
     if not isinstance(config, StepCacheConfig):
@@ -331,14 +342,16 @@ def enabled(pipe_or_transformer: Any, config: StepCacheConfig) -> Iterator[StepC
 
 
 def engine_of(pipe_or_transformer: Any) -> StepCacheEngine:
-    return require_attached(pipe_or_transformer, STEP_CACHE, "step caching is not enabled on this {name}; call tempocache.enable() first")
+    """The step cache, or RegionE, enabled on the transformer."""
+    return attached(pipe_or_transformer, REGION) or require_attached(
+        pipe_or_transformer, STEP_CACHE, "step caching is not enabled on this {name}; call tempocache.enable() first")
 
 
 def disable(pipe_or_transformer: Any) -> None:
-    """Remove step caching; the model is exactly as it was."""
+    """Remove step caching (or RegionE); the model is exactly as it was."""
     engine = engine_of(pipe_or_transformer)
     engine.remove()
-    detach(engine.transformer, STEP_CACHE)
+    detach(engine.transformer, engine.part)
     release_cache(engine.transformer, engine.config)
 
 
