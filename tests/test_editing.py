@@ -144,3 +144,10 @@ def test_an_editor_is_evaluated_per_kind_on_held_out_edits(monkeypatch, one_thre
     assert all(q["edits"] == 1 for k, q in result["quality"].items() if k != "local")
     with pytest.raises(ValueError, match="at least one edit of each"):
         evaluate_editor(edits=3)
+
+
+def test_an_unknown_word_lists_the_instructions_vocabulary():
+    pipe, (images, _) = tiny_editor(), sources(1)
+    with pytest.raises(ValueError, match="instructions use only") as error:
+        tc.edit(images[0], "paint it blue", pipe=pipe)
+    assert "moves" not in str(error.value)  # a caption's word, no instruction's

@@ -90,14 +90,20 @@ def _clip_lengths(state: dict, spec: ReferenceSpec) -> str:
     return "; ".join(parts)
 
 
-def write_model_card(spec: ReferenceSpec, evaluations: list[dict], device: str) -> Path:
-    """Write `spec`'s README.md; `evaluations`: its full-compute evaluations, the default clip length first."""
+def _draw_and_load(spec: ReferenceSpec, draw_samples, device: str) -> tuple[dict, dict, object, object]:
+    """A card's loss curve and samples drawn; the model's training state, transformer config and weights."""
     directory = spec.directory
     state = json.loads((directory / "training.json").read_text())
     config = json.loads((directory / "transformer" / "config.json").read_text())
     plot_loss(state, directory / "loss.png", f"{spec.name} flow-matching loss")
-    plot_samples(spec, directory / "samples.png", device)
-    transformer, text_encoder = load_weights(directory, spec)
+    draw_samples(spec, directory / "samples.png", device)
+    return state, config, *load_weights(directory, spec)
+
+
+def write_model_card(spec: ReferenceSpec, evaluations: list[dict], device: str) -> Path:
+    """Write `spec`'s README.md; `evaluations`: its full-compute evaluations, the default clip length first."""
+    directory = spec.directory
+    state, config, transformer, text_encoder = _draw_and_load(spec, plot_samples, device)
     n_transformer = sum(p.numel() for p in transformer.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
     devices = sorted({s["device"] for s in state["sessions"]})
@@ -172,17 +178,13 @@ def plot_edit_samples(spec: ReferenceSpec, path: Path, device: str) -> None:
 def write_editor_card(spec: ReferenceSpec, evaluation: dict | None, device: str) -> Path:
     """Write an editor's README.md; `evaluation`: `eval.edit_quality.evaluate_editor`'s, if it was run."""
     directory = spec.directory
-    state = json.loads((directory / "training.json").read_text())
-    config = json.loads((directory / "transformer" / "config.json").read_text())
-    plot_loss(state, directory / "loss.png", f"{spec.name} flow-matching loss")
-    plot_edit_samples(spec, directory / "samples.png", device)
-    transformer, text_encoder = load_weights(directory, spec)
+    state, config, transformer, text_encoder = _draw_and_load(spec, plot_edit_samples, device)
     devices = sorted({s["device"] for s in state["sessions"]})
     arch = {k: v for k, v in config.items() if not k.startswith("_")}
     lines = [
         f"# {spec.name}",
         "",
-        f"An instruction-based image editor for tempocache (issue 20's reference model): diffusers' "
+        f"An instruction-based image editor for tempocache (the reference for region-aware editing): diffusers' "
         f"`{config['_class_name']}` in pixel space, the image it edits in context as diffusers' `FluxKontextPipeline` "
         f"places it (its tokens after the noisy ones, their ids offset on the first axis), fine-tuned from "
         f"{spec.init_from}'s weights on ShapesWorld edits (32x32 RGB).",

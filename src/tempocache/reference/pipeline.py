@@ -56,6 +56,9 @@ class ShapesPipeline(DiffusionPipeline):
         if not prompts:
             raise ValueError("no prompt given")
         self.check_image(image, len(prompts), height, width)
+        if self.spec.task == "edit":  # before the tokenizer, which would list the captions' words too
+            for prompt in prompts:
+                edits.check_instruction(prompt)
         ids = self.tokenizer(prompts)
         for prompt in prompts:
             self.check_grammar(prompt)
