@@ -99,6 +99,29 @@ def test_a_small_bench_run_end_to_end(tmp_path, capsys, monkeypatch):
     assert verdict(result) == printed[-1]
 
 
+def test_a_bench_cut_short_keeps_the_settings_it_finished(tmp_path, monkeypatch):
+    import tempocache.bench.runner as runner
+
+    measure, calls = runner.measure, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # a device call's time limit, or Ctrl-C
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "measure", interrupted)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(T2I_CAPTIONS[0] + "\n")
+    out = tmp_path / "report"
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--model", "shapes-t2i", "--steps", "4", "--prompts", str(prompts), "--batch-size", "1",
+              "--repeats", "1", "--out", str(out), "--methods", "fewer-steps"])
+    result = json.loads((out / "results.json").read_text())
+    assert [r["setting"] for r in result["rows"]] == ["full compute", "3 steps"]
+    assert "3 steps" in (out / "table.md").read_text() and (out / "index.html").stat().st_size > 0
+
+
 def _peer_row(psnr, speedup, family="diffusers"):
     return {"method": f"{family}.X", "family": family, "setting": f"X({speedup})", "status": "ok", "psnr": psnr, "speedup": speedup}
 

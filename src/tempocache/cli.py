@@ -316,7 +316,7 @@ def _bench(args: argparse.Namespace) -> None:
         raise ValueError(f"output folder {str(args.out)!r} is a file")
     result = run_bench(args.model, args.device, args.steps, args.guidance, prompts, args.captions, args.seeds,
                        args.methods, args.frames, args.batch_size, args.repeats, args.sample_clips, tuple(args.edit_kinds),
-                       args.timed_batches)
+                       args.timed_batches, progress=lambda partial: write_report(partial, args.out))
     paths = write_report(result, args.out)
     print(format_table({k: v for k, v in result.items() if k != "samples"}))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")

@@ -19,6 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -146,9 +147,11 @@ def measure(pipe, setting: Setting, work: Workload, repeats: int, device: str) -
 def run_bench(model: str = "shapes-t2v", device: str = "cpu", steps: int | None = None, guidance: float | None = None,
               prompts: list[str] | None = None, captions: int = 8, seeds: list[int] | tuple[int, ...] = (0,),
               methods: list[str] | None = None, frames: int | None = None, batch_size: int = 8, repeats: int = 3,
-              sample_clips: int = 2, edit_kinds: tuple[str, ...] = shapes_edits.KINDS, timed_batches: int = 1) -> dict:
+              sample_clips: int = 2, edit_kinds: tuple[str, ...] = shapes_edits.KINDS, timed_batches: int = 1,
+              progress: Callable[[dict], None] | None = None) -> dict:
     """Run full compute and every selected method; return the results (rows, settings, sample clips).
-    On an editor, `captions` held-out edits of `edit_kinds` (in turn) are the workload.
+    On an editor, `captions` held-out edits of `edit_kinds` (in turn) are the workload. `progress` is given the
+    results so far after every row (a long run cut short then keeps what it finished).
 
     Everything is checked before any sampling: model, captions, methods, sizes. A setting
     that fails, or a peer that is not installed, becomes a row saying why; the rest runs on.
@@ -199,6 +202,17 @@ def run_bench(model: str = "shapes-t2v", device: str = "cpu", steps: int | None 
         except Exception as error:  # a peer that cannot be set up on this model: say why, go on
             plan.append((group, f"not run: {type(error).__name__}: {error}"))
 
+    def results(rows: list[dict], samples: dict) -> dict:
+        return {
+            **({"edits": len(listed), "edit_kinds": list(edit_kinds)} if listed else {}),
+            "model": model, "device": torch.cuda.get_device_name() if str(device).startswith("cuda")
+            else f"cpu ({platform.processor() or platform.machine()})",
+            "date": datetime.date.today().isoformat(), "steps": work.steps, "guidance": work.guidance,
+            "frames": work.frames, "size": spec.size, "captions": len(prompts), "seeds": list(seeds),
+            "batch_size": batch_size, "timed_batches": timed_batches, "repeats": repeats, "torch": torch.__version__,
+            "rows": rows, "samples": samples,
+        }
+
     rows, samples, reference = [], {}, None
     for group, setting in tqdm(plan, desc=f"bench {model}", unit="setting"):
         if isinstance(setting, str):
@@ -228,15 +242,9 @@ def run_bench(model: str = "shapes-t2v", device: str = "cpu", steps: int | None 
             "peak_memory_gib": result["peak_memory_gib"],
         })
         samples[sample_key(key, setting.name)] = result["clips"][:sample_clips]
-    return {
-        **({"edits": len(listed), "edit_kinds": list(edit_kinds)} if listed else {}),
-        "model": model, "device": torch.cuda.get_device_name() if str(device).startswith("cuda")
-        else f"cpu ({platform.processor() or platform.machine()})",
-        "date": datetime.date.today().isoformat(), "steps": work.steps, "guidance": work.guidance,
-        "frames": work.frames, "size": spec.size, "captions": len(prompts), "seeds": list(seeds),
-        "batch_size": batch_size, "timed_batches": timed_batches, "repeats": repeats, "torch": torch.__version__,
-        "rows": rows, "samples": samples,
-    }
+        if progress:
+            progress(results(rows, samples))
+    return results(rows, samples)
 
 
 def _quality(evaluator, result: dict, reference: dict, work: Workload, real_features, video: bool) -> dict:
