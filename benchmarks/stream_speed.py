@@ -13,7 +13,7 @@ After the bf16 settings, one long denoiser-only stream (bf16, last-step commit, 
 show memory flat with length and no position overflow (`--only-long`: it alone). Settings: commit by re-encoding (one more forward per chunk) or from the
 last step; bf16, FP8 self-attention alone (cuDNN's, over the cache's keys and the chunk's) and
 FP8 linears with FP8 attention (`tempocache.quantize`, last, since it is one-way). `--profile`
-adds the CUDA kernels' time over a few bf16 chunks, by kernel. `--compile` runs instead the bf16
+adds the CUDA kernels' time over a few chunks of each last-step setting, by kernel. `--compile` runs instead the bf16
 last-step setting eagerly, then with the transformer's blocks compiled (inductor, diffusers'
 `compile_repeated_blocks()`; the cache's self-attention stays eager), then with cuDNN autotuning
 the decoder's convolutions too, then FP8 linears and attention on the compiled blocks.
@@ -138,7 +138,8 @@ def run_setting(model, vae, text, config, latent, steps, chunks, device) -> dict
 
 @torch.no_grad()
 def kernel_profile(model, text, config, latent, steps, chunks, device, top: int = 15) -> list[dict]:
-    """The `top` CUDA kernels by total time over `chunks` chunks of a warm stream: name, ms per chunk, share."""
+    """The `top` CUDA kernels by total time over `chunks` chunks of a warm stream: name, ms per chunk, share; first,
+    every kernel's together (set beside the wall-clock, what is left is the host's)."""
     streamer = Streamer(model, text, config, latent, steps, device)
     with kv.installed(model, streamer.cache):
         for _ in range(3):
@@ -150,8 +151,9 @@ def kernel_profile(model, text, config, latent, steps, chunks, device, top: int 
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events)
     events.sort(key=lambda e: -e.device_time_total)
-    return [{"kernel": e.key[:120], "ms_per_chunk": round(e.device_time_total / 1000 / chunks, 2),
-             "share": round(e.device_time_total / total, 3)} for e in events[:top]]
+    every = {"kernel": "(every kernel)", "ms_per_chunk": round(total / 1000 / chunks, 2), "share": 1.0}
+    return [every] + [{"kernel": e.key[:120], "ms_per_chunk": round(e.device_time_total / 1000 / chunks, 2),
+                       "share": round(e.device_time_total / total, 3)} for e in events[:top]]
 
 
 def with_fp8_attention(model) -> FP8AttentionMode:
@@ -248,10 +250,13 @@ def main() -> None:
     if not args.only_long:
         measure("bf16, re-encode commit", "reencode")
         measure("bf16, last-step commit", "last_step")
-    if args.profile and device.type == "cuda":
-        result["kernels_bf16_last_step"] = kernel_profile(model, text, kv.SlidingWindow(frames=args.window, commit="last_step"),
-                                                          latent, args.steps, 3, device)
-        save()
+    def profile(key: str) -> None:
+        if args.profile and device.type == "cuda":
+            result[key] = kernel_profile(model, text, kv.SlidingWindow(frames=args.window, commit="last_step"), latent,
+                                         args.steps, 3, device)
+            save()
+
+    profile("kernels_bf16_last_step")
     checkpoints = (100, args.long_chunks) if args.long_chunks > 100 else (args.long_chunks,)
     result["long_stream"] = long_stream(model, text, kv.SlidingWindow(frames=args.window, commit="last_step"), latent,
                                         args.steps, args.long_chunks, device, checkpoints, args.long_seconds)
@@ -261,10 +266,12 @@ def main() -> None:
         return
     mode = with_fp8_attention(model)
     measure("FP8 attention, last-step commit", "last_step", lambda: mode.fp8_calls)
+    profile("kernels_fp8_attention_last_step")
     for module in attention_modules(find_blocks(model)):
         remove_hook(module, QUANT)
     state = tc.quantize(model, tc.W8A8("fp8", attention=True))
     measure("FP8 linears + FP8 attention, last-step commit", "last_step", lambda: state.stats()["attention_fp8_calls"])
+    profile("kernels_fp8_linears_attention_last_step")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,17 @@ global edit runs in full, bit for bit; the schedule and the model are checked be
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import tempocache as tc
 from tempocache.reference.models import TEXT_DIM, _pack
 from tempocache.region import RegionE, edited_tokens
+from tempocache.region.partition import token_similarity
 from tempocache.region.attention import RegionAttention, RegionCall, RegionKV
 from test_edits import tiny_flux
 from test_editing import sources, tiny_editor
@@ -78,6 +82,32 @@ def test_edited_only_steps_compute_a_fraction_and_generations_do_not_leak(one_th
     np.testing.assert_allclose(batched, out, atol=1e-4)
 
 
+class HostReads(TorchFunctionMode):
+    """Counts the tensor values read back to the host (each a device sync on a GPU)."""
+
+    READS = {"__float__", "__bool__", "__int__", "item", "tolist"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_past_the_first_and_partition_steps_regione_reads_nothing_back_from_the_device(one_thread):
+    pipe, images, instructions = tiny_editor(), *sources(2)
+
+    def reads(steps: int, config: RegionE | None) -> int:
+        with HostReads() as mode, tc.enabled(pipe, config) if config else contextlib.nullcontext():
+            pipe(instructions, num_inference_steps=steps, image=images, seed=1)
+        return mode.count
+
+    added = [reads(n, RegionE(**SCHEDULE)) - reads(n, None) for n in (STEPS, STEPS + 6)]
+    assert added[0] == added[1]  # six more edited-only steps, no more reads
+
+
 def test_the_partition_marks_what_differs_and_cleans_lone_tokens():
     reference = torch.ones(1, 64, 12)
     estimate = reference.clone()
@@ -86,9 +116,9 @@ def test_the_partition_marks_what_differs_and_cleans_lone_tokens():
     estimate[0, block.flatten()] = -1
     lone = 7 * 8 + 7
     estimate[0, lone] = -1
-    raw = edited_tokens(estimate, reference, 0.9, (8, 8), clean=False)
+    raw = edited_tokens(token_similarity(estimate, reference), 0.9, (8, 8), clean=False)
     assert raw[0, block.flatten()].all() and raw[0, lone] and raw.sum() == 10
-    clean = edited_tokens(estimate, reference, 0.9, (8, 8)).reshape(8, 8)
+    clean = edited_tokens(token_similarity(estimate, reference), 0.9, (8, 8)).reshape(8, 8)
     # the block eroded to its centre and grown by two each way, the lone token gone
     assert clean[1:6, 1:6].all() and clean.sum() == 25 and not clean[7, 7]
 

@@ -21,7 +21,7 @@ from ..models import REGION, Attachment, ContextHook, add_hook, attach, attached
 from ..models import require_attached, transformer_of
 from .attention import RegionAttention, RegionCall, RegionKV
 from .config import RegionE
-from .partition import edited_tokens
+from .partition import edited_tokens, token_similarity
 
 REFERENCE_ID = 1  # the first axis of the image-edited tokens' ids, as FluxKontextPipeline offsets them
 
@@ -46,7 +46,10 @@ class RegionStats:
 @dataclass
 class Generation:
     timesteps: Any = None  # the scheduler's, identifying the generation
+    sigmas: torch.Tensor | None = None  # the scheduler's, on the host
     step: int = -1
+    ids_shape: tuple | None = None  # of the image tokens' ids checked, and the noisy image's tokens among them
+    tokens: int = 0
     edited: torch.Tensor | None = None  # (B, N) bool; None before the partition
     positions: torch.Tensor | None = None  # (B, E) the edited tokens' indices, padded with repeats
     full: bool = False  # a global edit: every step in full
@@ -95,15 +98,11 @@ class RegionEngine(Attachment):
         given = {**dict(zip(list(self.parameters)[1:], args)), **kwargs}
         x, img_ids = given["hidden_states"], given["img_ids"]
         text = given["encoder_hidden_states"].shape[1]
-        noisy = img_ids[:, 0] != REFERENCE_ID
-        if bool(noisy.all()):
-            raise ValueError("RegionE edits with the image being edited in context (its tokens' ids offset on the "
-                             "first axis, as FluxKontextPipeline places them): this call has no such tokens")
-        tokens = int(noisy.sum())
-        if not bool(noisy[:tokens].all()):
-            raise ValueError("RegionE expects the noisy image's tokens first, the image edited's after them")
         step, num_steps, sigmas = self._place(given["timestep"])
         generation, config = self.generation, self.config
+        if generation.ids_shape != img_ids.shape:  # a generation's layout, checked (on the host) at its first call
+            generation.tokens, generation.ids_shape = _noisy_tokens(img_ids), img_ids.shape
+        tokens = generation.tokens
         phase = "full" if generation.full else config.phase(step, num_steps)
         branch = self._branch(args, kwargs)
         self.counts.calls += 1
@@ -175,7 +174,8 @@ class RegionEngine(Attachment):
             raise ValueError(f"RegionE compares the image made with the image edited token by token: {tokens} noisy "
                              f"tokens, {reference.shape[1]} edited-image tokens")
         grid = (int(img_ids[:tokens, 1].max()) + 1, int(img_ids[:tokens, 2].max()) + 1)
-        edited = edited_tokens(estimate, reference, config.threshold, grid, config.clean_mask)
+        similarity = token_similarity(estimate, reference)
+        edited = edited_tokens(similarity, config.threshold, grid, config.clean_mask)
         same_image = (reference[:, None] == reference[None]).flatten(2).all(-1)  # rows editing one image share a mask
         edited = (same_image.float() @ edited.float()) > 0
         fraction = float(edited.float().mean())
@@ -185,7 +185,6 @@ class RegionEngine(Attachment):
             generation.full = True
             self.counts.global_fallbacks += 1
             return
-        similarity = torch.nn.functional.cosine_similarity(estimate.float(), reference.float(), dim=-1)
         none = ~edited.any(1)  # a row with nothing edited still computes its least similar token
         edited[none, similarity[none].argmin(1)] = True
         count = int(edited.sum(1).max())
@@ -195,24 +194,28 @@ class RegionEngine(Attachment):
         generation.edited = edited
 
     def _place(self, timestep) -> tuple[int, int, torch.Tensor]:
-        """This call's step index, the schedule's length and its sigmas; a new schedule starts a new generation."""
-        scheduler = self.pipe.scheduler
-        timesteps, sigmas = scheduler.timesteps, scheduler.sigmas
+        """This call's step index, the schedule's length and its sigmas (on the host); a new schedule starts a new
+        generation. Past a generation's first step the scheduler's own step index says where it is, so that the
+        call waits on no device: the timestep is read (and checked against the schedule) only at its first."""
+        scheduler, generation = self.pipe.scheduler, self.generation
+        timesteps, index = scheduler.timesteps, getattr(scheduler, "step_index", None)
         if timesteps is None:
             raise RuntimeError("RegionE follows the pipeline's scheduler, which has set no timesteps")
+        if index is not None and timesteps is generation.timesteps and generation.step <= index < len(timesteps):
+            generation.step = index
+            return index, len(timesteps), generation.sigmas
         t = float(timestep.flatten()[0]) * 1000 if isinstance(timestep, torch.Tensor) else float(timestep) * 1000
         step = int((timesteps.float().cpu() - t).abs().argmin())
         if abs(float(timesteps[step]) - t) > 1e-2 * max(1.0, abs(t)):
             raise RuntimeError(f"the transformer was called at timestep {t:g}, which is not on the schedule of the "
                                f"pipeline RegionE was enabled on")
-        generation = self.generation
         if timesteps is not generation.timesteps or step < generation.step:
             self.forget()
-            self.generation = generation = Generation(timesteps=timesteps)
+            self.generation = generation = Generation(timesteps=timesteps, sigmas=scheduler.sigmas.cpu())
             self.counts.generations += 1
             self.config.check(len(timesteps))
         generation.step = step
-        return step, len(timesteps), sigmas.cpu()
+        return step, len(timesteps), generation.sigmas
 
     def _branch(self, args: tuple, kwargs: dict) -> str:
         context = self.hook.cache_context
@@ -220,6 +223,18 @@ class RegionEngine(Attachment):
             return context.name
         key = conditioning_key(self.transformer, args, kwargs)
         return self.branch_names.setdefault(key, f"call{len(self.branch_names)}")
+
+
+def _noisy_tokens(img_ids: torch.Tensor) -> int:
+    """How many of a call's image tokens are the noisy image's (first, before the image edited's)."""
+    noisy = img_ids[:, 0] != REFERENCE_ID
+    if bool(noisy.all()):
+        raise ValueError("RegionE edits with the image being edited in context (its tokens' ids offset on the "
+                         "first axis, as FluxKontextPipeline places them): this call has no such tokens")
+    tokens = int(noisy.sum())
+    if not bool(noisy[:tokens].all()):
+        raise ValueError("RegionE expects the noisy image's tokens first, the image edited's after them")
+    return tokens
 
 
 def _sample(out) -> torch.Tensor:
