@@ -231,17 +231,23 @@ def _draw(scene: Scene, p: torch.Tensor, s: torch.Tensor, size: int, wrap: bool)
     clip = torch.tensor(BACKGROUNDS[scene.background], dtype=torch.float32).view(1, 3, 1, 1) / 255
     clip = clip.expand(num_frames, 3, size, size)
     for i, obj in enumerate(scene.objects):
-        if obj.shape == "circle":
-            d = torch.sqrt(dx[i] ** 2 + dy[i] ** 2) - r[i]
-        elif obj.shape == "square":
-            d = torch.maximum(dx[i].abs(), dy[i].abs()) - r[i]
-        else:  # triangle, apex up: base at cy + r, half-width r at the base
-            from_apex = dy[i] + r[i]
-            d = torch.maximum(dy[i] - r[i], (dx[i].abs() - from_apex / 2) / 1.118034)
-        coverage = (0.5 - d).clamp(0, 1).unsqueeze(1)  # (T, 1, H, W)
+        covered = coverage(obj.shape, dx[i], dy[i], r[i]).unsqueeze(1)  # (T, 1, H, W)
         colour = torch.tensor(COLOURS[obj.colour], dtype=torch.float32).view(1, 3, 1, 1) / 255
-        clip = clip * (1 - coverage) + colour * coverage
+        clip = clip * (1 - covered) + colour * covered
     return clip
+
+
+def coverage(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """How much of each pixel a shape of radius r covers (soft edges, in [0, 1]), from each pixel centre's offset
+    (dx, dy) from the shape's centre; the three broadcast together."""
+    if shape == "circle":
+        d = torch.sqrt(dx ** 2 + dy ** 2) - r
+    elif shape == "square":
+        d = torch.maximum(dx.abs(), dy.abs()) - r
+    else:  # triangle, apex up: base at cy + r, half-width r at the base
+        from_apex = dy + r
+        d = torch.maximum(dy - r, (dx.abs() - from_apex / 2) / 1.118034)
+    return (0.5 - d).clamp(0, 1)
 
 
 def render_stream(scene: Scene, layout: np.ndarray, first_frame: int, num_frames: int, size: int) -> torch.Tensor:
