@@ -18,11 +18,12 @@ _HOME = {
     **dict.fromkeys(("ShapesOutput", "ShapesPipeline"), "reference.pipeline"),
     "RegionE": "region",
     **dict.fromkeys(("Stream", "stream"), "streaming"),
+    **dict.fromkeys(("ReKV", "Watcher", "watch"), "understanding"),
     **dict.fromkeys(_QUANT, "quant"),
     **dict.fromkeys(_STEP_CACHE, "step_cache"),
 }
 _SUBPACKAGES = ("bench", "cli", "closed_loop", "editing", "eval", "generation", "kv", "models", "quant", "reference", "region", "step_cache",
-                "streaming")
+                "streaming", "understanding")
 
 __all__ = ["SHIPPED_MODELS", *_HOME]
 

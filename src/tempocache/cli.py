@@ -1,4 +1,4 @@
-"""`tempocache generate | edit | stream | stream-bench | eval-stream | bench | cache-quality | quant-quality | calibrate | eval-reference | eval-evaluator | train-reference | train-evaluator`."""
+"""`tempocache generate | edit | stream | stream-bench | eval-stream | bench | cache-quality | quant-quality | calibrate | eval-reference | eval-evaluator | train-reference | train-evaluator | train-vqa | eval-vqa`."""
 
 from __future__ import annotations
 
@@ -212,6 +212,29 @@ def _train_evaluator(args: argparse.Namespace) -> None:
     state = train_evaluator(args.out, args.minutes, args.device, args.batch_size, seed=args.seed, workers=args.workers,
                             endless=args.endless)
     print(f"evaluator: {state['steps']} steps; weights in {args.out}")
+
+
+def _train_vqa(args: argparse.Namespace) -> None:
+    from .reference.train_vqa import train_vqa
+
+    state = train_vqa(args.out, args.minutes, args.batch_size, args.lr, args.device, args.resume, args.checkpoint_dir,
+                      args.seed, args.workers, args.frames, args.questions)
+    print(f"shapes-vqa: {state['steps']} steps, {state['seconds'] / 60:.1f} min in all; weights in {args.out}")
+
+
+def _eval_vqa(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from .reference.train_vqa import evaluate_vqa
+
+    if args.save:
+        check_writable(args.save)
+    model = LlavaForConditionalGeneration.from_pretrained(args.weights, dtype=torch.float32)
+    result = evaluate_vqa(model, args.streams, args.frames, device=args.device)
+    _save_json(args.save, result)
+    for key, accuracy in result["accuracy"].items():
+        print(f"{key:32s} {accuracy:.3f}  ({result['questions'][key]} questions)")
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -467,6 +490,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=positive_int, nargs="+", default=None,
                    help="clip lengths a video model trains on, one per batch, drawn uniformly (default: its own)")
     p.set_defaults(run=_train_reference)
+
+    p = sub.add_parser("train-vqa", help="train shapes-vqa, the streaming video-QA reference model (GPU)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the fp16 weights and training.json")
+    p.add_argument("--minutes", type=float, required=True, help="wall-clock budget for this run")
+    p.add_argument("--resume", type=Path, default=None, help="folder written by an earlier run")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="keep a full checkpoint here for exact resume")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="streams per step")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=6)
+    p.add_argument("--frames", type=positive_int, default=512, help="frames per training stream")
+    p.add_argument("--questions", type=positive_int, default=32, help="questions per training stream")
+    p.set_defaults(run=_train_vqa)
+
+    p = sub.add_parser("eval-vqa", help="shapes-vqa's accuracy with full KV on held-out ShapesStream questions")
+    p.add_argument("--weights", type=Path, required=True, help="a folder written by train-vqa")
+    p.add_argument("--streams", type=positive_int, default=32)
+    p.add_argument("--frames", type=positive_int, default=512)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--save", type=Path, default=None, help="a .json file for the result")
+    p.set_defaults(run=_eval_vqa)
 
     p = sub.add_parser("calibrate", help="profile a shipped model at full compute (for Auto, TeaCache, ERTACache)")
     p.add_argument("--model", default="shapes-t2v", help=f"one of: {', '.join(SPECS)}")

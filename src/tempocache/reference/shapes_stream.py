@@ -13,7 +13,8 @@ about evidence at an earlier frame t_e, and its answer is one word of a closed v
 
 A question is only asked where its answer is unique in the log up to t_q (one such change, one
 such entry). Questions are bucketed by distance t_q - t_e against a window of frames: inside it,
-beyond it (up to four windows) and far beyond. `questions` balances the answers of each type.
+beyond it (up to four windows) and far beyond. `questions` draws each type's answers uniformly; `balance`
+evens them out over a set of questions.
 
 The split is over (shape, colour) combinations, as ShapesWorld's captions are: training streams
 never show a held-out combination; a held-out stream shows at least one, and its questions about
@@ -60,6 +61,18 @@ def vocabulary() -> tuple[str, ...]:
     """Every word of the questions and the answers, sorted."""
     words = {w for t in _TEMPLATES.values() for w in t.split() if not w.startswith("{")}
     return tuple(sorted(words | set(SHAPES) | set(COLOURS) | set(BACKGROUNDS) | set(COUNTS)))
+
+
+def question_type(text: str) -> str:
+    """Which of QUESTION_TYPES a question's words are (a trailing "?" allowed)."""
+    words = text.rstrip("?").split()
+    for kind, template in _TEMPLATES.items():
+        pattern = template.split()
+        if len(words) == len(pattern) and all(p == w or p == "{shape}" and w in SHAPES or
+                                              p == "{colour}" and w in COLOURS for p, w in zip(pattern, words)):
+            return kind
+    raise ValueError(f"{text!r} is not one of the questions asked about ShapesStream: "
+                     + "; ".join(f"{t!r}" for t in _TEMPLATES.values()))
 
 
 def answers(kind: str) -> tuple[str, ...]:
@@ -207,19 +220,19 @@ class ShapesStream:
         return picked
 
 
-def balance(questions: list[Question], seed: int = 0) -> list[Question]:
-    """The questions with, for each type, as many of each answer it has as of its rarest (the rest dropped at
-    random), so that a blind guess of the likeliest answer does no better than chance."""
+def balance(questions: list[Question], seed: int = 0) -> list[int]:
+    """Which of the questions to keep (their indices, in order) so that each type has as many of each of its answers
+    as of its rarest (the rest dropped at random; none of a type one of whose answers is missing): then always
+    guessing a type's likeliest answer scores chance."""
     rng, kept = np.random.default_rng(seed), []
     for kind in QUESTION_TYPES:
-        by_answer: dict[str, list[Question]] = {}
-        for q in questions:
+        by_answer: dict[str, list[int]] = {a: [] for a in answers(kind)}
+        for i, q in enumerate(questions):
             if q.kind == kind:
-                by_answer.setdefault(q.answer, []).append(q)
-        least = min((len(v) for v in by_answer.values()), default=0)
-        for group in by_answer.values():
-            kept += [group[i] for i in sorted(rng.choice(len(group), least, replace=False))]
-    return sorted(kept, key=questions.index)
+                by_answer[q.answer].append(i)
+        least = min(map(len, by_answer.values()))
+        kept += [i for group in by_answer.values() for i in rng.choice(group, least, replace=False).tolist()]
+    return sorted(kept)
 
 
 def _simulate(rng: np.random.Generator, frames: int, size: int, split: str) -> tuple[list[Event], list[dict]]:

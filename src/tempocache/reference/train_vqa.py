@@ -1,0 +1,179 @@
+"""Training and judging shapes-vqa (`reference/vqa.py`) on ShapesStream.
+
+Each sample is one training stream of `frames` frames packed with `questions` questions about it
+(`vqa.pack`: the frames under the sinks + window mask, each question over every frame before it
+was asked); a batch pads its samples to one length. The judge packs held-out streams the same
+way, which is full KV's view, and scores the answer (the likeliest of its type's) by question
+type and distance bucket.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, IterableDataset
+from transformers import LlavaForConditionalGeneration
+
+from . import shapes_stream, vqa
+from .shapes_stream import ShapesStream
+
+TRAIN_FRAMES = 512
+QUESTIONS_PER_STREAM = 32
+WARMUP_STEPS = 300
+EMA_DECAY = 0.999
+
+
+class PackedStreams(IterableDataset):
+    """Endless batches of packed training streams: (padded batch, questions per sample)."""
+
+    def __init__(self, batch_size: int, frames: int, questions: int, seed: int, split: str = "train"):
+        self.batch_size, self.frames, self.questions, self.seed, self.split = batch_size, frames, questions, seed, split
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        tokenizer = vqa.WordTokenizer()
+        for batch in range(worker, 1 << 62, workers):
+            samples = []
+            for i in range(self.batch_size):
+                stream = ShapesStream(self.seed + batch * self.batch_size + i, self.frames, self.split)
+                asked = stream.questions(self.questions)
+                if asked:
+                    samples.append(vqa.pack(stream, self.frames, asked, tokenizer))
+            if samples:
+                yield collate(samples)
+
+
+def collate(samples: list[vqa.Packed]) -> dict:
+    """Samples padded to the longest: pad tokens attend to themselves alone and are never read."""
+    length = max(s.input_ids.shape[1] for s in samples)
+    ids = torch.zeros(len(samples), length, dtype=torch.long)
+    mask = torch.eye(length, dtype=torch.bool).repeat(len(samples), 1, 1, 1)
+    positions = torch.zeros(len(samples), length, dtype=torch.long)
+    rows, answers = [], []
+    for b, s in enumerate(samples):
+        n = s.input_ids.shape[1]
+        ids[b, :n], mask[b, 0, :n, :n], positions[b, :n] = s.input_ids[0], s.attention_mask[0, 0], s.position_ids[0]
+        rows += [(b, int(at)) for at in s.answer_at]
+        answers += [(q.kind, shapes_stream.answers(q.kind).index(q.answer), q.bucket()) for q in s.questions]
+    return {"input_ids": ids, "pixel_values": torch.cat([s.pixel_values for s in samples]), "attention_mask": mask,
+            "position_ids": positions, "rows": torch.tensor(rows), "answers": answers}
+
+
+def _answer_logits(model, batch: dict, device: str) -> torch.Tensor:
+    """(questions, most answers of a type) each question's logits over its type's answers, -inf past them."""
+    out = model(**{k: batch[k].to(device) for k in ("input_ids", "pixel_values", "attention_mask", "position_ids")})
+    rows = out.logits[batch["rows"][:, 0], batch["rows"][:, 1]].float()
+    allowed = vqa.WordTokenizer().answer_ids()
+    most = max(map(len, allowed.values()))
+    index = torch.tensor([allowed[kind] + [0] * (most - len(allowed[kind])) for kind, _, _ in batch["answers"]])
+    valid = torch.tensor([[j < len(allowed[kind]) for j in range(most)] for kind, _, _ in batch["answers"]])
+    return rows.gather(1, index.to(rows.device)).masked_fill(~valid.to(rows.device), -math.inf)
+
+
+def batch_loss(model, batch: dict, device: str) -> torch.Tensor:
+    target = torch.tensor([answer for _, answer, _ in batch["answers"]], device=device)
+    return F.cross_entropy(_answer_logits(model, batch, device), target)
+
+
+def train_vqa(out_dir: Path, minutes: float, batch_size: int = 8, lr: float = 3e-4, device: str = "cuda",
+              resume_dir: Path | None = None, checkpoint_dir: Path | None = None, seed: int = 0, workers: int = 6,
+              frames: int = TRAIN_FRAMES, questions: int = QUESTIONS_PER_STREAM, log_every: int = 50,
+              vision: dict | None = None, text: dict | None = None) -> dict:
+    """Train (or resume training) shapes-vqa for `minutes`; the weights (EMA, fp16) and training.json go to
+    `out_dir`; with `checkpoint_dir`, the whole state too, for an exact resume. `vision`, `text`: config overrides."""
+    torch.manual_seed(seed)
+    checkpoint = checkpoint_dir / "shapes-vqa.pt" if checkpoint_dir else None
+    full = torch.load(checkpoint, map_location="cpu") if checkpoint and checkpoint.exists() else None
+    state = {"model": "shapes-vqa", "steps": 0, "seconds": 0.0, "frames": frames, "questions": questions, "seed": seed,
+             "losses": [], "sessions": []}
+    if resume_dir and (resume_dir / "training.json").exists() and not full:
+        model = LlavaForConditionalGeneration.from_pretrained(resume_dir, dtype=torch.float32)
+        state = json.loads((resume_dir / "training.json").read_text())
+    else:
+        model = vqa.build_model(vision, text)
+    if full:
+        model.load_state_dict(full["model"])
+        state = full["state"]
+    model.to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if full:
+        ema.load_state_dict(full["ema"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    if full:
+        optimizer.load_state_dict(full["optimizer"])
+    warmup_from = 0 if full else state["steps"]
+    data = PackedStreams(batch_size, frames, questions, seed * 1_000_003 + state["steps"] * batch_size)
+    loader = DataLoader(data, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    start, running, first_step = time.time(), [], state["steps"]
+    print(f"training shapes-vqa: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, from step "
+          f"{first_step}, for {minutes} min on {device}", flush=True)
+    for batch in loader:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (state["steps"] - warmup_from + 1) / WARMUP_STEPS)
+        with autocast:
+            loss = batch_loss(model, batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        decay = min(EMA_DECAY, (1 + state["steps"]) / (10 + state["steps"]))
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        state["steps"] += 1
+        running.append(loss.detach())
+        if state["steps"] % log_every == 0:
+            mean = torch.stack(running).mean().item()
+            running = []
+            state["losses"].append([state["steps"], mean])
+            elapsed = time.time() - start
+            print(f"step {state['steps']} loss {mean:.4f} {elapsed / (state['steps'] - first_step) * 1000:.0f} ms/step",
+                  flush=True)
+            if not math.isfinite(mean):
+                raise RuntimeError(f"loss is {mean} at step {state['steps']}")
+        if time.time() - start > minutes * 60:
+            break
+    elapsed = time.time() - start
+    state["seconds"] += elapsed
+    state["sessions"].append({"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
+                              "steps": state["steps"] - first_step, "seconds": round(elapsed, 1),
+                              "batch_size": batch_size, "lr": lr})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copy.deepcopy(ema).half().save_pretrained(out_dir)
+    (out_dir / "training.json").write_text(json.dumps(state, indent=1))
+    if checkpoint:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                    "state": state}, checkpoint)
+    return state
+
+
+@torch.no_grad()
+def evaluate_vqa(model: LlavaForConditionalGeneration, streams: int = 32, frames: int = TRAIN_FRAMES,
+                 questions: int = QUESTIONS_PER_STREAM, device: str = "cpu", seed: int = 0) -> dict:
+    """Accuracy with full KV on held-out streams: overall, by question type, by distance bucket and by both, with
+    the question counts; the questions balanced by answer within each type."""
+    model = model.to(device).eval()
+    tokenizer, right, total = vqa.WordTokenizer(), defaultdict(int), defaultdict(int)
+    listed = [ShapesStream(10_000_019 + seed * streams + i, frames, "held_out") for i in range(streams)]
+    pairs = [(stream, q) for stream in listed for q in stream.questions(questions)]
+    kept = [pairs[i] for i in shapes_stream.balance([q for _, q in pairs], seed=seed)]
+    for stream in listed:
+        mine = [q for s, q in kept if s is stream]
+        if not mine:
+            continue
+        batch = collate([vqa.pack(stream, frames, mine, tokenizer)])
+        chosen = _answer_logits(model, batch, device).argmax(1).tolist()
+        for choice, (kind, answer, bucket) in zip(chosen, batch["answers"]):
+            for key in ("all", kind, bucket, f"{kind}/{bucket}"):
+                right[key] += choice == answer
+                total[key] += 1
+    return {"frames": frames, "streams": streams,
+            "accuracy": {k: right[k] / total[k] for k in sorted(total)}, "questions": dict(sorted(total.items()))}

@@ -1,0 +1,6 @@
+"""Streaming video understanding (`tempocache.watch`): questions about a stream of any length, with the memory a `tempocache.kv` policy bounds."""
+
+from .rekv import ReKV
+from .watcher import Answer, Watcher, watch
+
+__all__ = ["Answer", "ReKV", "Watcher", "watch"]

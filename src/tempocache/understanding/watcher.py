@@ -1,0 +1,182 @@
+"""`tempocache.watch`: a stream read frame by frame into a video-language model's KV cache, questions asked at any
+time, memory bounded by a `tempocache.kv` policy.
+
+The model reads each frame as it was trained to (`reference/vqa.py`): a frame's tokens attend to the
+sinks and the window before it, among the frames the memory holds. What the memory holds is the
+policy's: `kv.FullKV()` every frame (the trained oracle), `kv.Sinks(frames, sink_frames)` or
+`kv.SlidingWindow(frames)` the frames it keeps (StreamingLLM: the rest are dropped), `ReKV(...)` the
+same on the device and every older frame on the host, retrieved per question. A question attends to
+every frame held (and retrieved); it leaves the memory as it found it.
+
+    watcher = tempocache.watch(model, memory=kv.Sinks(frames=66, sink_frames=2))
+    watcher.add(frames)                      # (T, 3, 32, 32) in [0, 1], any T, as often as frames come
+    watcher.ask("which shape entered first")  # "square"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, LlavaForConditionalGeneration
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+from .. import kv
+from ..reference import shapes_stream, vqa
+from .rekv import ReKV, block_scores, retrieve
+
+MEMORIES = (kv.FullKV, kv.SlidingWindow, kv.Sinks, ReKV)
+
+
+@dataclass
+class Answer:
+    word: str
+    scores: dict[str, float]  # each answer of the question's type, its logit
+    frames: list[int] = field(default_factory=list)  # the frames the question attended to (retrieved ones included)
+
+
+class Watcher:
+    """One stream watched by one model under one memory policy."""
+
+    def __init__(self, model: LlavaForConditionalGeneration, memory: kv.KVConfig | None = None, chunk_frames: int = 4):
+        memory = kv.FullKV() if memory is None else memory
+        if type(memory) not in MEMORIES:
+            raise TypeError(f"watch keeps its memory with {', '.join(m.__name__ for m in MEMORIES)}, "
+                            f"not {type(memory).__name__}")
+        memory.check(chunk_frames)
+        if not isinstance(model, LlavaForConditionalGeneration) or not hasattr(model.config, "stream_window"):
+            raise TypeError(f"watch reads streams with shapes-vqa (a LlavaForConditionalGeneration whose config says "
+                            f"the sinks and window it was trained to read frames under), not {type(model).__name__}")
+        self.model, self.memory, self.chunk_frames = model.eval(), memory, chunk_frames
+        self.sinks, self.window = model.config.stream_sinks, model.config.stream_window
+        self.tokenizer = vqa.WordTokenizer()
+        self.language = model.model.language_model
+        self.size = model.config.vision_config.image_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the stream."""
+        layers = self.language.config.num_hidden_layers
+        self.frames = 0
+        self.held: list[int] = []  # frames on the device, oldest first
+        self.device_kv: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(layers)]
+        self.host_kv: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(layers)]
+        self.representatives: list[dict[int, torch.Tensor]] = [{} for _ in range(layers)]
+
+    @torch.no_grad()
+    def add(self, frames: torch.Tensor) -> None:
+        """Read frames (T, 3, H, W) in [0, 1] (a tensor or an array), a chunk at a time."""
+        frames = torch.as_tensor(frames)
+        if frames.dim() != 4 or tuple(frames.shape[1:]) != (3, self.size, self.size) or not frames.is_floating_point():
+            raise ValueError(f"frames must be float (T, 3, {self.size}, {self.size}) in [0, 1], got {tuple(frames.shape)} "
+                             f"{frames.dtype}")
+        for start in range(0, len(frames), self.chunk_frames):
+            self._read(frames[start:start + self.chunk_frames])
+
+    def _read(self, chunk: torch.Tensor) -> None:
+        device, dtype = self.model.device, self.model.dtype
+        first = self.frames
+        new = list(range(first, first + len(chunk)))
+        for frame in self.memory.evict(self.held, len(chunk)):
+            self._evict(frame)
+        features = torch.cat(self.model.model.get_image_features(pixel_values=chunk.to(device, dtype)).pooler_output)
+        query, key = torch.tensor(new)[:, None], torch.tensor(self.held + new)[None, :]
+        allowed = (key <= query) & ((key < self.sinks) | (query - key <= self.window))
+        mask = allowed.repeat_interleave(vqa.FRAME_TOKENS, 0).repeat_interleave(vqa.FRAME_TOKENS, 1)
+        cache = self._cache(self.held)
+        self.language(inputs_embeds=features[None], attention_mask=mask[None, None].to(device), cache=cache,
+                      position_ids=torch.arange(first * vqa.FRAME_TOKENS, (first + len(chunk)) * vqa.FRAME_TOKENS,
+                                                device=device)[None])
+        for layer, stored in zip(cache.layers, self.device_kv):
+            for i, frame in enumerate(new):
+                rows = slice((len(self.held) + i) * vqa.FRAME_TOKENS, (len(self.held) + i + 1) * vqa.FRAME_TOKENS)
+                stored[frame] = (layer.keys[:, :, rows].clone(), layer.values[:, :, rows].clone())
+        self.held += new
+        self.frames += len(chunk)
+
+    def _evict(self, frame: int) -> None:
+        self.held.remove(frame)
+        for stored, host, representatives in zip(self.device_kv, self.host_kv, self.representatives):
+            keys, values = stored.pop(frame)
+            if isinstance(self.memory, ReKV):
+                host[frame] = (keys.cpu(), values.cpu())
+                representatives[frame] = keys[0].mean(1)  # (kv_heads, head_dim), kept on the device
+
+    def _cache(self, frames: list[int] | list[list[int]]) -> DynamicCache:
+        """A cache holding these frames' keys and values (one list for every layer, or one list per layer)."""
+        per_layer = frames if frames and isinstance(frames[0], list) else [frames] * len(self.device_kv)
+        if not per_layer[0]:
+            return DynamicCache(config=self.language.config)
+        data = []
+        for layer, chosen in enumerate(per_layer):
+            pairs = [self.device_kv[layer].get(f) or self._fetch(layer, f) for f in chosen]
+            data.append((torch.cat([k for k, _ in pairs], 2), torch.cat([v for _, v in pairs], 2)))
+        return DynamicCache(data, config=self.language.config)
+
+    def _fetch(self, layer: int, frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.host_kv[layer][frame]
+        return keys.to(self.model.device), values.to(self.model.device)
+
+    @torch.no_grad()
+    def ask(self, question: str) -> Answer:
+        """The answer, among its question type's answers, from the frames read so far."""
+        ids = torch.tensor(self.tokenizer.encode(question), device=self.model.device)
+        kind = shapes_stream.question_type(question)
+        if not self.frames:
+            raise ValueError("no frame has been read yet: add frames before asking")
+        per_layer = self._retrieved(ids) if isinstance(self.memory, ReKV) and self.host_kv[0] else None
+        attended = per_layer or [sorted(self.held)] * len(self.device_kv)
+        hidden = self._question(ids, attended)
+        logits = self.model.lm_head(hidden[0, -1]).float()
+        allowed = self.tokenizer.answer_ids()[kind]
+        scores = {word: float(logits[i]) for word, i in zip(shapes_stream.answers(kind), allowed)}
+        return Answer(max(scores, key=scores.get), scores, sorted(set().union(*attended)))
+
+    def _question(self, ids: torch.Tensor, attended: list[list[int]], capture: list | None = None) -> torch.Tensor:
+        """The question's last hidden states, attending to `attended` frames at each layer (causally among its
+        words); with `capture`, each layer's rotated queries are appended to it."""
+        device, length = self.model.device, len(attended[0]) * vqa.FRAME_TOKENS
+        mask = torch.ones(len(ids), length + len(ids), dtype=torch.bool, device=device)
+        mask[:, length:] = torch.tril(mask[:, length:])
+        positions = (self.frames * vqa.FRAME_TOKENS + torch.arange(len(ids), device=device))[None]
+        hooks = []
+        if capture is not None:
+            cos, sin = self.language.rotary_emb(self.model.get_input_embeddings()(ids)[None], positions)
+            for layer in self.language.layers:
+                attention = layer.self_attn
+
+                def keep(module, inputs, output, attention=attention):
+                    q = output.unflatten(-1, (-1, attention.head_dim)).transpose(1, 2)
+                    capture.append(apply_rotary_pos_emb(q, q, cos, sin)[0][0])
+
+                hooks.append(attention.q_proj.register_forward_hook(keep))
+        try:
+            return self.language(inputs_embeds=self.model.get_input_embeddings()(ids)[None], attention_mask=mask[None, None],
+                                 cache=self._cache(attended), position_ids=positions).last_hidden_state
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _retrieved(self, ids: torch.Tensor) -> list[list[int]]:
+        """Per layer, the held frames and the `top_k` host frames the question's queries score best."""
+        queries: list[torch.Tensor] = []
+        self._question(ids, [sorted(self.held)] * len(self.device_kv), capture=queries)
+        chosen = []
+        for layer, q in enumerate(queries):
+            frames = sorted(self.representatives[layer])
+            scores = block_scores(q, torch.stack([self.representatives[layer][f] for f in frames]))
+            chosen.append(sorted(self.held + retrieve(scores, frames, self.memory.top_k)))
+        return chosen
+
+    def stats(self) -> dict:
+        """Frames read, held on the device and on the host, and the bytes of each."""
+        def nbytes(stores):
+            return sum(t.numel() * t.element_size() for store in stores for pair in store.values() for t in pair)
+
+        return {"frames": self.frames, "device_frames": len(self.held), "host_frames": len(self.host_kv[0]),
+                "device_kv_bytes": nbytes(self.device_kv), "host_kv_bytes": nbytes(self.host_kv)}
+
+
+def watch(model: LlavaForConditionalGeneration, memory: kv.KVConfig | None = None, chunk_frames: int = 4) -> Watcher:
+    """A watcher of a new stream: `add` frames as they come, `ask` questions at any time."""
+    return Watcher(model, memory, chunk_frames)

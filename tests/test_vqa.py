@@ -1,0 +1,99 @@
+"""shapes-vqa's objective: a packed stream with its questions computes what a stream read frame by frame into a KV
+cache, then asked, computes; the tokenizer refuses unknown words; the objective can be learned."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from tempocache.reference import vqa
+from tempocache.reference import shapes_stream as ss
+from tempocache.reference.shapes_stream import ShapesStream
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def tiny(window: int = 8):
+    torch.manual_seed(0)
+    return vqa.build_model(TINY_VISION, TINY_TEXT, window=window).eval(), vqa.WordTokenizer()
+
+
+def test_a_packed_stream_computes_what_a_stream_read_into_a_cache_and_then_asked_does():
+    model, tokenizer = tiny()
+    stream, frames, sinks, window = ShapesStream(3, 96), 96, 2, 8
+    questions = stream.questions(4, window=window)
+    assert len(questions) >= 2
+    packed = vqa.pack(stream, frames, questions, tokenizer, sinks, window)
+    with torch.no_grad():
+        logits = model(input_ids=packed.input_ids, pixel_values=packed.pixel_values,
+                       attention_mask=packed.attention_mask, position_ids=packed.position_ids).logits[0]
+        language, embed = model.model.language_model, model.get_input_embeddings()
+        features = torch.cat(model.model.get_image_features(pixel_values=packed.pixel_values).pooler_output)
+        mask = vqa.frame_mask(frames, sinks, window).repeat_interleave(16, 0).repeat_interleave(16, 1)
+        cache, read = DynamicCache(config=model.config.text_config), 0
+        for q in sorted(questions, key=lambda q: q.asked):
+            for start in range(read, q.asked, 5):  # a few frames at a time
+                stop = min(start + 5, q.asked)
+                rows = slice(start * 16, stop * 16)
+                language(inputs_embeds=features[None, rows], attention_mask=mask[None, None, rows, :stop * 16],
+                         position_ids=torch.arange(rows.start, rows.stop)[None], cache=cache)
+            read = q.asked
+            ids = torch.tensor(tokenizer.encode(q.text))
+            words = torch.ones(len(ids), q.asked * 16 + len(ids), dtype=torch.bool)
+            words[:, q.asked * 16:] = torch.tril(torch.ones(len(ids), len(ids), dtype=torch.bool))
+            hidden = language(inputs_embeds=embed(ids)[None], attention_mask=words[None, None], cache=cache,
+                              position_ids=(q.asked * 16 + torch.arange(len(ids)))[None]).last_hidden_state
+            cache.crop(-len(ids))  # the question leaves the stream's cache as it found it
+            streamed = model.lm_head(hidden[0, -1])
+            torch.testing.assert_close(streamed, logits[packed.answer_at[questions.index(q)]], atol=1e-4, rtol=1e-4)
+
+
+def test_the_tokenizer_refuses_unknown_words_and_the_packer_late_questions():
+    tokenizer = vqa.WordTokenizer()
+    assert tokenizer.encode("which shape entered first?")[-1] == tokenizer.ids[vqa.END]
+    with pytest.raises(ValueError, match="unknown words 'purple'"):
+        tokenizer.encode("what colour was the purple square before it turned blue")
+    with pytest.raises(ValueError, match="empty"):
+        tokenizer.encode("?")
+    stream = ShapesStream(0, 256)
+    late = [q for q in stream.questions(8) if q.asked > 64]
+    with pytest.raises(ValueError, match="past the frames packed"):
+        vqa.pack(stream, 64, late, tokenizer)
+
+
+def test_the_objective_can_be_learned(one_thread):
+    model, tokenizer = tiny()
+    model.train()
+    stream = ShapesStream(2, 64)
+    packed = vqa.pack(stream, 64, stream.questions(6, window=16), tokenizer, window=16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = vqa.vqa_loss(model, packed, tokenizer)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_training_resumes_and_the_judge_scores_by_type_and_bucket(tmp_path, capsys, one_thread):
+    from tempocache.cli import main
+    from tempocache.reference.train_vqa import train_vqa
+
+    small = dict(frames=96, questions=4, batch_size=2, workers=0, device="cpu", log_every=1, vision=TINY_VISION,
+                 text=TINY_TEXT)
+    first = train_vqa(tmp_path / "w", minutes=0.001, **small)
+    assert first["steps"] >= 1 and (tmp_path / "w" / "model.safetensors").exists()
+    again = train_vqa(tmp_path / "w", minutes=0.001, resume_dir=tmp_path / "w", checkpoint_dir=tmp_path / "ckpt", **small)
+    assert again["steps"] > first["steps"] and len(again["sessions"]) == 2 and (tmp_path / "ckpt" / "shapes-vqa.pt").exists()
+    assert main(["eval-vqa", "--weights", str(tmp_path / "w"), "--streams", "12", "--frames", "192",
+                 "--save", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert {"all", "inside"} <= set(result["accuracy"]) and 0 <= result["accuracy"]["all"] <= 1
+    assert sum(result["questions"][k] for k in ss.QUESTION_TYPES if k in result["questions"]) == result["questions"]["all"]
+    assert "all" in capsys.readouterr().out

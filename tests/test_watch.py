@@ -1,0 +1,122 @@
+"""tempocache.watch: with full KV a watched stream answers as the trained (packed) model does; a memory as long as the
+stream, and ReKV retrieving every block, change nothing; bounded memories stay flat; a question leaves the memory as
+it found it; bad input is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tempocache import kv
+from tempocache.reference import vqa
+from tempocache.reference.shapes_stream import ShapesStream, answers
+from tempocache.understanding import ReKV, watch
+from tempocache.understanding.rekv import block_scores, retrieve
+from test_vqa import tiny
+
+WINDOW = 8
+
+
+def scores(answer) -> torch.Tensor:
+    return torch.tensor(list(answer.scores.values()))
+
+
+def asked(stream, questions, memory, chunk_frames=3):
+    """Each question's answer, the stream read up to where it was asked."""
+    model, _ = tiny(WINDOW)
+    watcher, out = watch(model, memory, chunk_frames), []
+    for q in sorted(questions, key=lambda q: q.asked):
+        watcher.add(stream.render(watcher.frames, q.asked))
+        out.append(watcher.ask(q.text))
+    return out
+
+
+def test_with_full_kv_a_watched_stream_answers_as_the_trained_model_does(one_thread):
+    model, tokenizer = tiny()
+    stream = ShapesStream(3, 96)
+    questions = sorted(stream.questions(4, window=WINDOW), key=lambda q: q.asked)
+    packed = vqa.pack(stream, 96, questions, tokenizer, window=WINDOW)
+    with torch.no_grad():
+        logits = model(input_ids=packed.input_ids, pixel_values=packed.pixel_values, attention_mask=packed.attention_mask,
+                       position_ids=packed.position_ids).logits[0, packed.answer_at]
+    for q, row, answer in zip(questions, logits, asked(stream, questions, kv.FullKV())):
+        expected = row[tokenizer.answer_ids()[q.kind]]
+        torch.testing.assert_close(scores(answer), expected, atol=1e-4, rtol=1e-4)
+        assert answer.word == answers(q.kind)[int(expected.argmax())] and answer.frames == list(range(q.asked))
+
+
+def test_a_memory_as_long_as_the_stream_and_rekv_retrieving_everything_change_nothing(one_thread):
+    stream = ShapesStream(3, 96)
+    questions = stream.questions(4, window=WINDOW)
+    full = asked(stream, questions, kv.FullKV())
+    for same, answer in zip(asked(stream, questions, kv.Sinks(frames=96, sink_frames=2)), full):
+        assert torch.equal(scores(same), scores(answer))
+    for same, answer in zip(asked(stream, questions, ReKV(frames=12, sink_frames=2, top_k=96)), full):
+        torch.testing.assert_close(scores(same), scores(answer), atol=1e-5, rtol=1e-5)
+        assert same.frames == answer.frames
+
+
+def test_bounded_memories_stay_flat_and_rekv_offloads_the_rest(one_thread):
+    model, _ = tiny()
+    stream = ShapesStream(0, 240)
+    for memory in (kv.Sinks(frames=10, sink_frames=2), ReKV(frames=10, sink_frames=2, top_k=3)):
+        watcher, device = watch(model, memory), []
+        for start in range(0, 240, 40):
+            watcher.add(stream.render(start, start + 40))
+            device.append(watcher.stats()["device_kv_bytes"])
+        stats = watcher.stats()
+        assert len(set(device)) == 1 and stats["device_frames"] == 10 and stats["frames"] == 240
+        if isinstance(memory, ReKV):
+            assert stats["host_frames"] == 230 and stats["host_kv_bytes"] == 23 * device[0]
+            answer = watcher.ask("which shape entered first")
+            # the sinks and the window, and 3 frames retrieved at each of the 2 layers
+            assert 13 <= len(answer.frames) <= 16 and answer.frames[:2] == [0, 1] and answer.frames[-8:] == list(range(232, 240))
+        else:
+            assert stats["host_frames"] == 0
+
+
+def test_a_question_leaves_the_memory_as_it_found_it(one_thread):
+    model, _ = tiny()
+    stream = ShapesStream(0, 64)
+    quiet, curious = (watch(model, ReKV(frames=10, sink_frames=2, top_k=2)) for _ in range(2))
+    for watcher in (quiet, curious):
+        watcher.add(stream.render(0, 40))
+    before = curious.stats()
+    curious.ask("how many objects have left")
+    with pytest.raises(ValueError, match="unknown words 'purple'"):
+        curious.ask("what colour was the purple square before it turned blue")
+    assert curious.stats() == before
+    for watcher in (quiet, curious):
+        watcher.add(stream.render(40, 64))
+    assert torch.equal(scores(quiet.ask("which shape entered first")), scores(curious.ask("which shape entered first")))
+
+
+def test_retrieval_scores_blocks_by_the_questions_queries():
+    queries = torch.zeros(4, 2, 8)  # 4 query heads onto 2 key-value heads, 2 words
+    queries[..., 0] = 1.0
+    representatives = torch.zeros(5, 2, 8)
+    representatives[3, :, 0], representatives[1, :, 0], representatives[4, :, 0] = 2.0, 1.0, -1.0
+    scores = block_scores(queries, representatives)
+    assert scores.argmax() == 3 and retrieve(scores, [10, 11, 12, 13, 14], 2) == [11, 13]
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda w: w.ask("which shape entered first"), ValueError, "no frame has been read yet"),
+    (lambda w: w.add(torch.rand(4, 3, 16, 16)), ValueError, r"float \(T, 3, 32, 32\)"),
+    (lambda w: w.add(torch.ones(4, 3, 32, 32, dtype=torch.uint8)), ValueError, "in \\[0, 1\\]"),
+    (lambda w: w.ask("which colour entered first"), ValueError, "not one of the questions"),
+])
+def test_bad_input_is_refused(call, error, message):
+    watcher = watch(tiny()[0])
+    with pytest.raises(error, match=message):
+        call(watcher)
+
+
+def test_memories_that_cannot_hold_a_chunk_or_are_for_generation_are_refused():
+    model = tiny()[0]
+    with pytest.raises(ValueError, match="fewer than one chunk"):
+        watch(model, kv.Sinks(frames=4, sink_frames=2), chunk_frames=4)
+    with pytest.raises(TypeError, match="not DeepSink"):
+        watch(model, kv.DeepSink(frames=8))
+    with pytest.raises(ValueError, match="top_k"):
+        watch(model, ReKV(frames=8, sink_frames=2, top_k=0))
