@@ -317,7 +317,7 @@ def test_a_quantized_cache_keeps_its_newest_frames_exact_and_the_rest_close(pipe
 
 
 def test_bad_quantization_settings_are_refused(pipe):
-    with pytest.raises(ValueError, match="odd here"):
+    with pytest.raises(ValueError, match="not a multiple of 2 here"):
         kv.KVQuant(bits=4).check(25)
     for quant, error in ((kv.KVQuant(bits=3), "bits must be one of"), (kv.KVQuant(group_frames=0), "group_frames"),
                          (kv.KVQuant(group_frames="layer"), "None or 'chunk'")):
@@ -556,7 +556,7 @@ def test_bad_merging_and_soft_pruning_settings_are_refused(pipe):
                           (kv.TempCache(frames=8, recent_frames=9), "cannot exceed"),
                           (kv.TempCache(quant=kv.KVQuant()), "leave quant None"),
                           (kv.SoftPrune(frames=8, recent_frames=4, kept_frames=5), "cannot exceed"),
-                          (kv.SoftPrune(bits=2), "bits must be one of"),
+                          (kv.SoftPrune(bits=3), "bits must be one of"),
                           (kv.SoftPrune(novelty=-1), "novelty must be"),
                           (kv.HeavyHitters(keep=0), "keep must be"), (kv.HeavyHitters(decay=2), "decay must be"),
                           (kv.HeavyHitters(quant=kv.KVQuant()), "leave quant None")):

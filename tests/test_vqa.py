@@ -33,7 +33,7 @@ def test_a_packed_stream_computes_what_a_stream_read_into_a_cache_and_then_asked
                        attention_mask=packed.attention_mask, position_ids=packed.position_ids).logits[0]
         language, embed = model.model.language_model, model.get_input_embeddings()
         features = torch.cat(model.model.get_image_features(pixel_values=packed.pixel_values).pooler_output)
-        mask = vqa.frame_mask(frames, sinks, window).repeat_interleave(16, 0).repeat_interleave(16, 1)
+        mask = vqa.attends(torch.arange(frames), torch.arange(frames), sinks, window)
         cache, read = DynamicCache(config=model.config.text_config), 0
         for q in sorted(questions, key=lambda q: q.asked):
             for start in range(read, q.asked, 5):  # a few frames at a time

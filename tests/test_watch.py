@@ -91,6 +91,37 @@ def test_a_question_leaves_the_memory_as_it_found_it(one_thread):
     assert torch.equal(scores(quiet.ask("which shape entered first")), scores(curious.ask("which shape entered first")))
 
 
+def test_rekv_stores_its_host_frames_in_fewer_bits(one_thread):
+    stream = ShapesStream(3, 96)
+    questions = stream.questions(3, window=WINDOW)
+    exact = asked(stream, questions, ReKV(frames=12, sink_frames=2, top_k=96))
+    host = {}
+    for bits in (8, 4, 2):
+        memory = ReKV(frames=12, sink_frames=2, top_k=96, quant=kv.KVQuant(bits=bits))
+        answers_ = asked(stream, questions, memory)
+        model, _ = tiny(WINDOW)
+        watcher = watch(model, memory)
+        watcher.add(stream.render(0, 96))
+        host[bits] = watcher.stats()["host_kv_bytes"]
+        error = max(float((scores(a) - scores(b)).abs().max()) for a, b in zip(answers_, exact))
+        assert error < (0.02 if bits == 8 else 0.5), bits
+    exact_host = watch(tiny(WINDOW)[0], ReKV(frames=12, sink_frames=2))
+    exact_host.add(stream.render(0, 96))
+    assert exact_host.stats()["host_kv_bytes"] > host[8] > host[4] > host[2]
+
+
+def test_two_bit_codes_pack_four_to_a_byte_and_round_to_the_nearest_level():
+    from tempocache.kv.quantized import quantize_frame
+
+    x = torch.randn(1, 16, 2, 8)
+    frame = quantize_frame(x, x, 2)
+    assert frame.key_codes.shape[-1] == 2 and frame.key_codes.dtype == torch.uint8
+    assert ((frame.keys(torch.float32) - x).abs() <= frame.key_scale / 2 + 1e-6).all()
+    assert ((frame.values(torch.float32) - x).abs() <= frame.value_scale / 2 + 1e-6).all()
+    with pytest.raises(ValueError, match="not a multiple of 4 here"):
+        kv.KVQuant(bits=2).check(6)
+
+
 def test_retrieval_scores_blocks_by_the_questions_queries():
     queries = torch.zeros(4, 2, 8)  # 4 query heads onto 2 key-value heads, 2 words
     queries[..., 0] = 1.0
@@ -120,3 +151,5 @@ def test_memories_that_cannot_hold_a_chunk_or_are_for_generation_are_refused():
         watch(model, kv.DeepSink(frames=8))
     with pytest.raises(ValueError, match="top_k"):
         watch(model, ReKV(frames=8, sink_frames=2, top_k=0))
+    with pytest.raises(ValueError, match="takes no quant"):
+        watch(model, kv.Sinks(frames=8, sink_frames=2, quant=kv.KVQuant(bits=8)))

@@ -1,7 +1,8 @@
 """KV quantization (KIVI, Liu et al. 2024): keys per channel, values per token, the newest frames exact.
 
-A frame leaving the `recent_frames` newest is stored in 8 or 4 bits (asymmetric min-max,
-two 4-bit codes per byte), keys with a scale and zero per channel over the frame's tokens
+A frame leaving the `recent_frames` newest is stored in 8, 4 or 2 bits (asymmetric min-max,
+two 4-bit or four 2-bit codes per byte; 2 bits as in "Plug-and-Play 1.x-Bit KV Cache Quantization for Video
+LLMs"), keys with a scale and zero per channel over the frame's tokens
 (key outliers sit in channels), values per token. Keys are quantized before rotation.
 Attention never dequantizes the whole cache at once: by default each layer rebuilds its own
 quantized frames (a layer's share of the cache) and reads them with the model's fused
@@ -19,14 +20,14 @@ from typing import Iterable
 
 import torch
 
-BITS = (8, 4)
+BITS = (8, 4, 2)
 
 REBUILD_ONCE = "chunk"  # compact frames rebuilt once a chunk and held for its steps
 
 
 @dataclass(frozen=True)
 class KVQuant:
-    """bits: 8 or 4; recent_frames: the newest committed frames kept exact; group_frames: quantized frames
+    """bits: 8, 4 or 2; recent_frames: the newest committed frames kept exact; group_frames: quantized frames
     dequantized at a time while attending, read block by block (None: a layer's at once at every call, read by fused
     attention; "chunk": a layer's once a chunk, held in full precision for its steps, every layer's at once)."""
 
@@ -44,9 +45,10 @@ class KVQuant:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an integer of at least {least}" + (
                     f", None or {REBUILD_ONCE!r}" if name == "group_frames" else "") + f", got {value!r}")
-        if self.bits == 4 and head_dim % 2:
-            raise ValueError(f"4-bit keys and values pack two codes per byte along the head dimension, which is odd "
-                             f"here ({head_dim}): use bits=8")
+        per_byte = 8 // self.bits
+        if head_dim % per_byte:
+            raise ValueError(f"{self.bits}-bit keys and values pack {per_byte} codes per byte along the head dimension, "
+                             f"which is not a multiple of {per_byte} here ({head_dim}): use bits=8")
 
 
 @dataclass
@@ -98,14 +100,15 @@ def _encode(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.T
     low, high = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
     scale = ((high - low) / (2**bits - 1)).clamp(min=1e-8)
     codes = ((x - low) / scale).round().clamp(0, 2**bits - 1).to(torch.uint8)
-    if bits == 4:
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return codes, scale, low
+    packed = codes[..., 0::8 // bits]
+    for i in range(1, 8 // bits):  # the codes of neighbouring channels share a byte, lowest first
+        packed = packed | (codes[..., i::8 // bits] << (bits * i))
+    return packed, scale, low
 
 
 def _decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    if bits == 4:
-        codes = torch.stack([codes & 15, codes >> 4], -1).flatten(-2)
+    if bits < 8:
+        codes = torch.stack([(codes >> (bits * i)) & (2**bits - 1) for i in range(8 // bits)], -1).flatten(-2)
     return codes.float() * scale + zero
 
 

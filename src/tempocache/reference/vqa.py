@@ -69,11 +69,13 @@ def build_model(vision: dict | None = None, text: dict | None = None, sinks: int
     return LlavaForConditionalGeneration(config)
 
 
-def frame_mask(frames: int, sinks: int = SINK_FRAMES, window: int = WINDOW_FRAMES) -> torch.Tensor:
-    """(frames, frames) bool: which frames a frame's tokens attend to (itself, the sinks, the window before it)."""
-    f = torch.arange(frames)
-    query, key = f[:, None], f[None, :]
-    return (key <= query) & ((key < sinks) | (query - key <= window))
+def attends(queries: torch.Tensor, keys: torch.Tensor, sinks: int = SINK_FRAMES, window: int = WINDOW_FRAMES
+            ) -> torch.Tensor:
+    """(queries, keys) bool, by token: which of the frames `keys` the tokens of the frames `queries` attend to
+    (their own frame, the sinks, the window before it), each frame FRAME_TOKENS tokens."""
+    query, key = queries[:, None], keys[None, :]
+    allowed = (key <= query) & ((key < sinks) | (query - key <= window))
+    return allowed.repeat_interleave(FRAME_TOKENS, 0).repeat_interleave(FRAME_TOKENS, 1)
 
 
 @dataclass
@@ -98,8 +100,7 @@ def pack(stream: ShapesStream, frames: int, questions: list[Question], tokenizer
     words = [tokenizer.encode(q.text) for q in questions]
     length = video + sum(map(len, words))
     mask = torch.zeros(length, length, dtype=torch.bool)
-    by_frame = frame_mask(frames, sinks, window)
-    mask[:video, :video] = by_frame.repeat_interleave(FRAME_TOKENS, 0).repeat_interleave(FRAME_TOKENS, 1)
+    mask[:video, :video] = attends(torch.arange(frames), torch.arange(frames), sinks, window)
     positions, ends, start = [torch.arange(video)], [], video
     for q, ids in zip(questions, words):
         span = slice(start, start + len(ids))

@@ -5,7 +5,8 @@ The model reads each frame as it was trained to (`reference/vqa.py`): a frame's 
 sinks and the window before it, among the frames the memory holds. What the memory holds is the
 policy's: `kv.FullKV()` every frame (the trained oracle), `kv.Sinks(frames, sink_frames)` or
 `kv.SlidingWindow(frames)` the frames it keeps (StreamingLLM: the rest are dropped), `ReKV(...)` the
-same on the device and every older frame on the host, retrieved per question. A question attends to
+same on the device and every older frame on the host (in 8, 4 or 2 bits with `quant=kv.KVQuant(bits=...)`),
+retrieved per question. A question attends to
 every frame held (and retrieved); it leaves the memory as it found it.
 
     watcher = tempocache.watch(model, memory=kv.Sinks(frames=66, sink_frames=2))
@@ -15,6 +16,7 @@ every frame held (and retrieved); it leaves the memory as it found it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +24,7 @@ from transformers import DynamicCache, LlavaForConditionalGeneration
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from .. import kv
+from ..kv.quantized import QuantizedFrame, quantize_frame
 from ..reference import shapes_stream, vqa
 from .rekv import ReKV, block_scores, retrieve
 
@@ -47,6 +50,12 @@ class Watcher:
         if not isinstance(model, LlavaForConditionalGeneration) or not hasattr(model.config, "stream_window"):
             raise TypeError(f"watch reads streams with shapes-vqa (a LlavaForConditionalGeneration whose config says "
                             f"the sinks and window it was trained to read frames under), not {type(model).__name__}")
+        if memory.quant is not None:
+            if not isinstance(memory, ReKV):
+                raise ValueError(f"watch quantizes only the frames ReKV keeps on the host: {type(memory).__name__} "
+                                 f"takes no quant")
+            text = model.config.text_config
+            memory.quant.check(text.hidden_size // text.num_attention_heads)
         self.model, self.memory, self.chunk_frames = model.eval(), memory, chunk_frames
         self.sinks, self.window = model.config.stream_sinks, model.config.stream_window
         self.tokenizer = vqa.WordTokenizer()
@@ -60,7 +69,7 @@ class Watcher:
         self.frames = 0
         self.held: list[int] = []  # frames on the device, oldest first
         self.device_kv: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(layers)]
-        self.host_kv: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(layers)]
+        self.host_kv: list[dict[int, tuple[torch.Tensor, torch.Tensor] | QuantizedFrame]] = [{} for _ in range(layers)]
         self.representatives: list[dict[int, torch.Tensor]] = [{} for _ in range(layers)]
 
     @torch.no_grad()
@@ -80,10 +89,8 @@ class Watcher:
         for frame in self.memory.evict(self.held, len(chunk)):
             self._evict(frame)
         features = torch.cat(self.model.model.get_image_features(pixel_values=chunk.to(device, dtype)).pooler_output)
-        query, key = torch.tensor(new)[:, None], torch.tensor(self.held + new)[None, :]
-        allowed = (key <= query) & ((key < self.sinks) | (query - key <= self.window))
-        mask = allowed.repeat_interleave(vqa.FRAME_TOKENS, 0).repeat_interleave(vqa.FRAME_TOKENS, 1)
-        cache = self._cache(self.held)
+        mask = vqa.attends(torch.tensor(new), torch.tensor(self.held + new), self.sinks, self.window)
+        cache = self._cache([self.held] * len(self.device_kv))
         self.language(inputs_embeds=features[None], attention_mask=mask[None, None].to(device), cache=cache,
                       position_ids=torch.arange(first * vqa.FRAME_TOKENS, (first + len(chunk)) * vqa.FRAME_TOKENS,
                                                 device=device)[None])
@@ -99,12 +106,11 @@ class Watcher:
         for stored, host, representatives in zip(self.device_kv, self.host_kv, self.representatives):
             keys, values = stored.pop(frame)
             if isinstance(self.memory, ReKV):
-                host[frame] = (keys.cpu(), values.cpu())
-                representatives[frame] = keys[0].mean(1)  # (kv_heads, head_dim), kept on the device
+                host[frame] = _to_host(keys, values, self.memory.quant)
+                representatives[frame] = keys[0].mean(1)  # (kv_heads, head_dim), of the exact keys, on the device
 
-    def _cache(self, frames: list[int] | list[list[int]]) -> DynamicCache:
-        """A cache holding these frames' keys and values (one list for every layer, or one list per layer)."""
-        per_layer = frames if frames and isinstance(frames[0], list) else [frames] * len(self.device_kv)
+    def _cache(self, per_layer: list[list[int]]) -> DynamicCache:
+        """A cache holding, at each layer, its list of frames' keys and values."""
         if not per_layer[0]:
             return DynamicCache(config=self.language.config)
         data = []
@@ -114,8 +120,10 @@ class Watcher:
         return DynamicCache(data, config=self.language.config)
 
     def _fetch(self, layer: int, frame: int) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.host_kv[layer][frame]
-        return keys.to(self.model.device), values.to(self.model.device)
+        held, (device, dtype) = self.host_kv[layer][frame], (self.model.device, self.model.dtype)
+        if isinstance(held, QuantizedFrame):  # (B, tokens, heads, head_dim) in its layout
+            return tuple(t.to(device).transpose(1, 2) for t in (held.keys(dtype), held.values(dtype)))
+        return held[0].to(device), held[1].to(device)
 
     @torch.no_grad()
     def ask(self, question: str) -> Answer:
@@ -125,7 +133,7 @@ class Watcher:
         if not self.frames:
             raise ValueError("no frame has been read yet: add frames before asking")
         per_layer = self._retrieved(ids) if isinstance(self.memory, ReKV) and self.host_kv[0] else None
-        attended = per_layer or [sorted(self.held)] * len(self.device_kv)
+        attended = per_layer or [self.held] * len(self.device_kv)
         hidden = self._question(ids, attended)
         logits = self.model.lm_head(hidden[0, -1]).float()
         allowed = self.tokenizer.answer_ids()[kind]
@@ -160,7 +168,7 @@ class Watcher:
     def _retrieved(self, ids: torch.Tensor) -> list[list[int]]:
         """Per layer, the held frames and the `top_k` host frames the question's queries score best."""
         queries: list[torch.Tensor] = []
-        self._question(ids, [sorted(self.held)] * len(self.device_kv), capture=queries)
+        self._question(ids, [self.held] * len(self.device_kv), capture=queries)
         chosen = []
         for layer, q in enumerate(queries):
             frames = sorted(self.representatives[layer])
@@ -171,10 +179,21 @@ class Watcher:
     def stats(self) -> dict:
         """Frames read, held on the device and on the host, and the bytes of each."""
         def nbytes(stores):
-            return sum(t.numel() * t.element_size() for store in stores for pair in store.values() for t in pair)
+            return sum(held.nbytes() if isinstance(held, QuantizedFrame) else sum(t.numel() * t.element_size()
+                                                                                   for t in held)
+                       for store in stores for held in store.values())
 
         return {"frames": self.frames, "device_frames": len(self.held), "host_frames": len(self.host_kv[0]),
                 "device_kv_bytes": nbytes(self.device_kv), "host_kv_bytes": nbytes(self.host_kv)}
+
+
+def _to_host(keys: torch.Tensor, values: torch.Tensor, quant: kv.KVQuant | None):
+    """A frame's keys and values (1, kv_heads, tokens, head_dim) in host memory: as they are, or quantized (KIVI)."""
+    if quant is None:
+        return keys.cpu(), values.cpu()
+    frame = quantize_frame(keys.transpose(1, 2), values.transpose(1, 2), quant.bits)
+    return dataclasses.replace(frame, **{f.name: getattr(frame, f.name).cpu() for f in dataclasses.fields(frame)
+                                         if f.name != "bits"})
 
 
 def watch(model: LlavaForConditionalGeneration, memory: kv.KVConfig | None = None, chunk_frames: int = 4) -> Watcher:
