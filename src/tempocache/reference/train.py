@@ -152,13 +152,7 @@ def train_reference(
         state["steps"] += 1
         running.append(loss.detach())
         if state["steps"] % log_every == 0:
-            mean = torch.stack(running).mean().item()
-            running = []
-            elapsed = time.time() - start
-            state["losses"].append([state["steps"], mean])
-            print(f"step {state['steps']} loss {mean:.4f} {elapsed / (state['steps'] - first_step) * 1000:.0f} ms/step", flush=True)
-            if not math.isfinite(mean):
-                raise RuntimeError(f"loss is {mean} at step {state['steps']}")
+            log_mean_loss(state, running, start, first_step)
         if time.time() - start > minutes * 60:
             break
     elapsed = time.time() - start
@@ -175,6 +169,17 @@ def train_reference(
                     "ema_transformer": ema[0].state_dict(), "ema_text_encoder": ema[1].state_dict(),
                     "optimizer": optimizer.state_dict(), "state": state}, checkpoint)
     return state
+
+
+def log_mean_loss(state: dict, running: list[torch.Tensor], start: float, first_step: int) -> None:
+    """Record and print the mean of the losses since the last time (emptying `running`); stop on a non-finite one."""
+    mean = torch.stack(running).mean().item()
+    running.clear()
+    state["losses"].append([state["steps"], mean])
+    elapsed = time.time() - start
+    print(f"step {state['steps']} loss {mean:.4f} {elapsed / (state['steps'] - first_step) * 1000:.0f} ms/step", flush=True)
+    if not math.isfinite(mean):
+        raise RuntimeError(f"loss is {mean} at step {state['steps']}")
 
 
 def _inputs(batch, device: str, with_motion: bool) -> tuple[torch.Tensor, dict, list[str]]:

@@ -23,6 +23,7 @@ from transformers import LlavaForConditionalGeneration
 
 from . import shapes_stream, vqa
 from .shapes_stream import ShapesStream
+from .train import log_mean_loss
 
 TRAIN_FRAMES = 512
 QUESTIONS_PER_STREAM = 32
@@ -130,14 +131,7 @@ def train_vqa(out_dir: Path, minutes: float, batch_size: int = 8, lr: float = 3e
         state["steps"] += 1
         running.append(loss.detach())
         if state["steps"] % log_every == 0:
-            mean = torch.stack(running).mean().item()
-            running = []
-            state["losses"].append([state["steps"], mean])
-            elapsed = time.time() - start
-            print(f"step {state['steps']} loss {mean:.4f} {elapsed / (state['steps'] - first_step) * 1000:.0f} ms/step",
-                  flush=True)
-            if not math.isfinite(mean):
-                raise RuntimeError(f"loss is {mean} at step {state['steps']}")
+            log_mean_loss(state, running, start, first_step)
         if time.time() - start > minutes * 60:
             break
     elapsed = time.time() - start
