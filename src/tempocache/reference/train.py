@@ -143,12 +143,7 @@ def train_reference(
                 print(f"torch.compile failed ({type(error).__name__}: {error}); training eagerly", flush=True)
                 loss_fn = eager_loss
                 loss = loss_fn(transformer, text_encoder, clips, ids.to(device), **context)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        decay = min(EMA_DECAY, (1 + step) / (10 + step))
-        torch._foreach_lerp_(ema_params, params, 1 - decay)
+        update(loss, optimizer, params, ema_params, step)
         state["steps"] += 1
         running.append(loss.detach())
         if state["steps"] % log_every == 0:
@@ -169,6 +164,15 @@ def train_reference(
                     "ema_transformer": ema[0].state_dict(), "ema_text_encoder": ema[1].state_dict(),
                     "optimizer": optimizer.state_dict(), "state": state}, checkpoint)
     return state
+
+
+def update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list, ema_params: list, step: int) -> None:
+    """One optimizer step on `loss` (gradients clipped to norm 1), then the EMA weights toward the new ones."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    torch._foreach_lerp_(ema_params, params, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
 
 
 def log_mean_loss(state: dict, running: list[torch.Tensor], start: float, first_step: int) -> None:

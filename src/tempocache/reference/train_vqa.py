@@ -23,12 +23,11 @@ from transformers import LlavaForConditionalGeneration
 
 from . import shapes_stream, vqa
 from .shapes_stream import ShapesStream
-from .train import log_mean_loss
+from .train import log_mean_loss, update
 
 TRAIN_FRAMES = 512
 QUESTIONS_PER_STREAM = 32
 WARMUP_STEPS = 300
-EMA_DECAY = 0.999
 
 
 class PackedStreams(IterableDataset):
@@ -122,12 +121,7 @@ def train_vqa(out_dir: Path, minutes: float, batch_size: int = 8, lr: float = 3e
             group["lr"] = lr * min(1.0, (state["steps"] - warmup_from + 1) / WARMUP_STEPS)
         with autocast:
             loss = batch_loss(model, batch, device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        decay = min(EMA_DECAY, (1 + state["steps"]) / (10 + state["steps"]))
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        update(loss, optimizer, list(model.parameters()), list(ema.parameters()), state["steps"])
         state["steps"] += 1
         running.append(loss.detach())
         if state["steps"] % log_every == 0:
