@@ -69,13 +69,13 @@ def build_model(vision: dict | None = None, text: dict | None = None, sinks: int
     return LlavaForConditionalGeneration(config)
 
 
-def attends(queries: torch.Tensor, keys: torch.Tensor, sinks: int = SINK_FRAMES, window: int = WINDOW_FRAMES
-            ) -> torch.Tensor:
+def attends(queries: torch.Tensor, keys: torch.Tensor, sinks: int = SINK_FRAMES, window: int = WINDOW_FRAMES,
+            tokens: int = FRAME_TOKENS) -> torch.Tensor:
     """(queries, keys) bool, by token: which of the frames `keys` the tokens of the frames `queries` attend to
-    (their own frame, the sinks, the window before it), each frame FRAME_TOKENS tokens."""
+    (their own frame, the sinks, the window before it), each frame `tokens` tokens."""
     query, key = queries[:, None], keys[None, :]
     allowed = (key <= query) & ((key < sinks) | (query - key <= window))
-    return allowed.repeat_interleave(FRAME_TOKENS, 0).repeat_interleave(FRAME_TOKENS, 1)
+    return allowed.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 time, memory bounded by a `tempocache.kv` policy.
 
 The model reads each frame as it was trained to (`reference/vqa.py`): a frame's tokens attend to the
-sinks and the window before it, among the frames the memory holds. What the memory holds is the
+sinks and the window before it, among the frames the memory holds (the others are not read at all). What the memory holds is the
 policy's: `kv.FullKV()` every frame (the trained oracle), `kv.Sinks(frames, sink_frames)` or
 `kv.SlidingWindow(frames)` the frames it keeps (StreamingLLM: the rest are dropped), `ReKV(...)` the
 same on the device and every older frame on the host (in 8, 4 or 2 bits with `quant=kv.KVQuant(bits=...)`),
@@ -58,6 +58,7 @@ class Watcher:
             memory.quant.check(text.hidden_size // text.num_attention_heads)
         self.model, self.memory, self.chunk_frames = model.eval(), memory, chunk_frames
         self.sinks, self.window = model.config.stream_sinks, model.config.stream_window
+        self.tokens = model.config.image_seq_length  # a frame's
         self.tokenizer = vqa.WordTokenizer()
         self.language = model.model.language_model
         self.size = model.config.vision_config.image_size
@@ -89,14 +90,15 @@ class Watcher:
         for frame in self.memory.evict(self.held, len(chunk)):
             self._evict(frame)
         features = torch.cat(self.model.model.get_image_features(pixel_values=chunk.to(device, dtype)).pooler_output)
-        mask = vqa.attends(torch.tensor(new), torch.tensor(self.held + new), self.sinks, self.window)
-        cache = self._cache([self.held] * len(self.device_kv))
+        # the frames any of the chunk's may attend to: however many more are held, reading costs the same
+        visible = [f for f in self.held if f < self.sinks or f >= first - self.window]
+        mask = vqa.attends(torch.tensor(new), torch.tensor(visible + new), self.sinks, self.window, self.tokens)
+        cache, n = self._cache([visible] * len(self.device_kv)), self.tokens
         self.language(inputs_embeds=features[None], attention_mask=mask[None, None].to(device), cache=cache,
-                      position_ids=torch.arange(first * vqa.FRAME_TOKENS, (first + len(chunk)) * vqa.FRAME_TOKENS,
-                                                device=device)[None])
+                      position_ids=torch.arange(first * n, (first + len(chunk)) * n, device=device)[None])
         for layer, stored in zip(cache.layers, self.device_kv):
             for i, frame in enumerate(new):
-                rows = slice((len(self.held) + i) * vqa.FRAME_TOKENS, (len(self.held) + i + 1) * vqa.FRAME_TOKENS)
+                rows = slice((len(visible) + i) * n, (len(visible) + i + 1) * n)
                 stored[frame] = (layer.keys[:, :, rows].clone(), layer.values[:, :, rows].clone())
         self.held += new
         self.frames += len(chunk)
@@ -143,10 +145,10 @@ class Watcher:
     def _question(self, ids: torch.Tensor, attended: list[list[int]], capture: list | None = None) -> torch.Tensor:
         """The question's last hidden states, attending to `attended` frames at each layer (causally among its
         words); with `capture`, each layer's rotated queries are appended to it."""
-        device, length = self.model.device, len(attended[0]) * vqa.FRAME_TOKENS
+        device, length = self.model.device, len(attended[0]) * self.tokens
         mask = torch.ones(len(ids), length + len(ids), dtype=torch.bool, device=device)
         mask[:, length:] = torch.tril(mask[:, length:])
-        positions = (self.frames * vqa.FRAME_TOKENS + torch.arange(len(ids), device=device))[None]
+        positions = (self.frames * self.tokens + torch.arange(len(ids), device=device))[None]
         hooks = []
         if capture is not None:
             cos, sin = self.language.rotary_emb(self.model.get_input_embeddings()(ids)[None], positions)
