@@ -4,6 +4,8 @@ it found it; bad input is refused."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -153,3 +155,26 @@ def test_memories_that_cannot_hold_a_chunk_or_are_for_generation_are_refused():
         watch(model, ReKV(frames=8, sink_frames=2, top_k=0))
     with pytest.raises(ValueError, match="takes no quant"):
         watch(model, kv.Sinks(frames=8, sink_frames=2, quant=kv.KVQuant(bits=8)))
+
+
+def test_the_watch_bench_runs_every_memory_on_the_same_questions(tmp_path, capsys, one_thread):
+    from tempocache.cli import main
+    from tempocache.reference.train_vqa import evaluate_vqa
+
+    model, _ = tiny(WINDOW)
+    model.save_pretrained(tmp_path / "w")
+    assert main(["watch-bench", "--weights", str(tmp_path / "w"), "--out", str(tmp_path / "bench"), "--streams", "8",
+                 "--frames", "160", "--questions", "8", "--budgets", "12", "--chunk-frames", "4"]) == 0
+    result = json.loads((tmp_path / "bench" / "results.json").read_text())
+    memories = result["memories"]
+    assert {"full KV", "question alone (blind)", "sinks + window (12)", "ReKV (9 + top 3)", "ReKV (9 + random 3)",
+            "ReKV (9 + top 3), int2 host"} <= set(memories)
+    assert len({row["questions"]["all"] for row in memories.values()}) == 1  # the same questions for all
+    # watching with full KV scores what the packed judge scores
+    judged = evaluate_vqa(model, streams=8, frames=160, questions=8)
+    assert memories["full KV"]["accuracy"]["all"] == pytest.approx(judged["accuracy"]["all"])
+    rekv = memories["ReKV (9 + top 3)"]
+    assert rekv["device_kv_bytes"] < memories["full KV"]["device_kv_bytes"] and rekv["host_kv_bytes"] > 0
+    assert rekv["evidence_recall"] is not None and 0 <= rekv["evidence_recall"] <= 1
+    assert memories["question alone (blind)"]["device_kv_bytes_at_question"] >= 0
+    assert (tmp_path / "bench" / "memory.png").stat().st_size > 0 and "ReKV" in capsys.readouterr().out

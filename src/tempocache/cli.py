@@ -1,4 +1,4 @@
-"""`tempocache generate | edit | stream | stream-bench | eval-stream | bench | cache-quality | quant-quality | calibrate | eval-reference | eval-evaluator | train-reference | train-evaluator | train-vqa | eval-vqa`."""
+"""`tempocache generate | edit | stream | stream-bench | eval-stream | bench | cache-quality | quant-quality | calibrate | eval-reference | eval-evaluator | train-reference | train-evaluator | train-vqa | eval-vqa | watch-bench`."""
 
 from __future__ import annotations
 
@@ -235,6 +235,20 @@ def _eval_vqa(args: argparse.Namespace) -> None:
     _save_json(args.save, result)
     for key, accuracy in result["accuracy"].items():
         print(f"{key:32s} {accuracy:.3f}  ({result['questions'][key]} questions)")
+
+
+def _watch_bench(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from .eval.watch_bench import run_watch_bench
+
+    check_writable(args.out / "results.json")
+    model = LlavaForConditionalGeneration.from_pretrained(args.weights, dtype=torch.float32).to(args.device)
+    result = run_watch_bench(model, args.out, args.streams, args.frames, args.questions, tuple(args.budgets),
+                             args.chunk_frames)
+    print((args.out / "table.md").read_text())
+    print(f"{len(result['memories'])} memories; results in {args.out}")
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -512,6 +526,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--save", type=Path, default=None, help="a .json file for the result")
     p.set_defaults(run=_eval_vqa)
+
+    p = sub.add_parser("watch-bench", help="every memory of tempocache.watch on the same held-out ShapesStream questions")
+    p.add_argument("--weights", type=Path, required=True, help="a folder written by train-vqa")
+    p.add_argument("--out", type=Path, default=Path("watch-bench"), help="folder for results.json, table.md, memory.png")
+    p.add_argument("--streams", type=positive_int, default=32)
+    p.add_argument("--frames", type=positive_int, default=512)
+    p.add_argument("--questions", type=positive_int, default=32, help="questions drawn per stream (before balancing)")
+    p.add_argument("--budgets", type=positive_int, nargs="+", default=[16, 32, 64], help="device frames per bounded memory")
+    p.add_argument("--chunk-frames", type=positive_int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=_watch_bench)
 
     p = sub.add_parser("calibrate", help="profile a shipped model at full compute (for Auto, TeaCache, ERTACache)")
     p.add_argument("--model", default="shapes-t2v", help=f"one of: {', '.join(SPECS)}")

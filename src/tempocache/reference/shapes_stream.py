@@ -235,6 +235,15 @@ def balance(questions: list[Question], seed: int = 0) -> list[int]:
     return sorted(kept)
 
 
+def held_out_questions(streams: int, frames: int, questions: int = 32, seed: int = 0
+                       ) -> list[tuple[ShapesStream, list[Question]]]:
+    """Held-out streams, each with its questions in the order asked, `balance`d over all of them."""
+    listed = [ShapesStream(10_000_019 + seed * streams + i, frames, "held_out") for i in range(streams)]
+    pairs = [(stream, q) for stream in listed for q in stream.questions(questions)]
+    kept = [pairs[i] for i in balance([q for _, q in pairs], seed=seed)]
+    return [(s, sorted((q for t, q in kept if t is s), key=lambda q: q.asked)) for s in listed]
+
+
 def _simulate(rng: np.random.Generator, frames: int, size: int, split: str) -> tuple[list[Event], list[dict]]:
     """The event log and every frame's state ({"background", "objects": [(shape, colour, x, y)]}) of one stream."""
     background = str(rng.choice(_BACKGROUND_NAMES))

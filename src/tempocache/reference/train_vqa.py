@@ -51,8 +51,9 @@ class PackedStreams(IterableDataset):
                 yield collate(samples)
 
 
-def collate(samples: list[vqa.Packed]) -> dict:
-    """Samples padded to the longest: pad tokens attend to themselves alone and are never read."""
+def collate(samples: list[vqa.Packed], window: int = vqa.WINDOW_FRAMES) -> dict:
+    """Samples padded to the longest: pad tokens attend to themselves alone and are never read; `window`: the
+    questions' distance buckets'."""
     length = max(s.input_ids.shape[1] for s in samples)
     ids = torch.zeros(len(samples), length, dtype=torch.long)
     mask = torch.eye(length, dtype=torch.bool).repeat(len(samples), 1, 1, 1)
@@ -62,7 +63,7 @@ def collate(samples: list[vqa.Packed]) -> dict:
         n = s.input_ids.shape[1]
         ids[b, :n], mask[b, 0, :n, :n], positions[b, :n] = s.input_ids[0], s.attention_mask[0, 0], s.position_ids[0]
         rows += [(b, int(at)) for at in s.answer_at]
-        answers += [(q.kind, shapes_stream.answers(q.kind).index(q.answer), q.bucket()) for q in s.questions]
+        answers += [(q.kind, shapes_stream.answers(q.kind).index(q.answer), q.bucket(window)) for q in s.questions]
     return {"input_ids": ids, "pixel_values": torch.cat([s.pixel_values for s in samples]), "attention_mask": mask,
             "position_ids": positions, "rows": torch.tensor(rows), "answers": answers}
 
@@ -150,14 +151,11 @@ def evaluate_vqa(model: LlavaForConditionalGeneration, streams: int = 32, frames
     the question counts; the questions balanced by answer within each type."""
     model = model.to(device).eval()
     tokenizer, right, total = vqa.WordTokenizer(), defaultdict(int), defaultdict(int)
-    listed = [ShapesStream(10_000_019 + seed * streams + i, frames, "held_out") for i in range(streams)]
-    pairs = [(stream, q) for stream in listed for q in stream.questions(questions)]
-    kept = [pairs[i] for i in shapes_stream.balance([q for _, q in pairs], seed=seed)]
-    for stream in listed:
-        mine = [q for s, q in kept if s is stream]
+    for stream, mine in shapes_stream.held_out_questions(streams, frames, questions, seed):
         if not mine:
             continue
-        batch = collate([vqa.pack(stream, frames, mine, tokenizer)])
+        sinks, window = model.config.stream_sinks, model.config.stream_window  # what it was trained under
+        batch = collate([vqa.pack(stream, frames, mine, tokenizer, sinks, window)], window)
         chosen = _answer_logits(model, batch, device).argmax(1).tolist()
         for choice, (kind, answer, bucket) in zip(chosen, batch["answers"]):
             for key in ("all", kind, bucket, f"{kind}/{bucket}"):

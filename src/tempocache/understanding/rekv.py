@@ -17,10 +17,11 @@ from ..kv.config import check_frames
 @dataclass(frozen=True)
 class ReKV(Sinks):
     """frames: frames held on the device, sinks included; sink_frames: the first frames, never moved; top_k: frames
-    brought back per layer for a question; quant: `kv.KVQuant(bits=8, 4 or 2)` stores the host frames so (its
+    brought back per layer for a question (random_retrieval: at random, the baseline); quant: `kv.KVQuant(bits=8, 4 or 2)` stores the host frames so (its
     recent_frames does not apply: the device frames are all exact), None as they are."""
 
     top_k: int = 8
+    random_retrieval: bool = False  # the baseline: any top_k host frames, whatever the question
 
     def check(self, chunk_frames: int) -> None:
         super().check(chunk_frames)

@@ -36,6 +36,7 @@ class Answer:
     word: str
     scores: dict[str, float]  # each answer of the question's type, its logit
     frames: list[int] = field(default_factory=list)  # the frames the question attended to (retrieved ones included)
+    retrieved: list[list[int]] = field(default_factory=list)  # ReKV: the host frames brought back, per layer
 
 
 class Watcher:
@@ -128,19 +129,21 @@ class Watcher:
         return held[0].to(device), held[1].to(device)
 
     @torch.no_grad()
-    def ask(self, question: str) -> Answer:
-        """The answer, among its question type's answers, from the frames read so far."""
+    def ask(self, question: str, blind: bool = False) -> Answer:
+        """The answer, among its question type's answers, from the frames read so far (`blind`: from the question
+        alone, attending to no frame: the question-only baseline)."""
         ids = torch.tensor(self.tokenizer.encode(question), device=self.model.device)
         kind = shapes_stream.question_type(question)
         if not self.frames:
             raise ValueError("no frame has been read yet: add frames before asking")
-        per_layer = self._retrieved(ids) if isinstance(self.memory, ReKV) and self.host_kv[0] else None
-        attended = per_layer or [self.held] * len(self.device_kv)
+        layers = len(self.device_kv)
+        retrieved = self._retrieved(ids) if isinstance(self.memory, ReKV) and self.host_kv[0] and not blind else []
+        attended = [[]] * layers if blind else [sorted(self.held + r) for r in retrieved] or [self.held] * layers
         hidden = self._question(ids, attended)
         logits = self.model.lm_head(hidden[0, -1]).float()
         allowed = self.tokenizer.answer_ids()[kind]
         scores = {word: float(logits[i]) for word, i in zip(shapes_stream.answers(kind), allowed)}
-        return Answer(max(scores, key=scores.get), scores, sorted(set().union(*attended)))
+        return Answer(max(scores, key=scores.get), scores, sorted(set().union(*attended)), retrieved)
 
     def _question(self, ids: torch.Tensor, attended: list[list[int]], capture: list | None = None) -> torch.Tensor:
         """The question's last hidden states, attending to `attended` frames at each layer (causally among its
@@ -168,15 +171,16 @@ class Watcher:
                 hook.remove()
 
     def _retrieved(self, ids: torch.Tensor) -> list[list[int]]:
-        """Per layer, the held frames and the `top_k` host frames the question's queries score best."""
+        """Per layer, the `top_k` host frames the question's queries score best (or any, at random)."""
+        frames = sorted(self.representatives[0])
+        if self.memory.random_retrieval:  # seeded by the stream's length: the same stream, the same frames
+            generator = torch.Generator().manual_seed(self.frames)
+            return [sorted(frames[i] for i in torch.randperm(len(frames), generator=generator)[:self.memory.top_k].tolist())
+                    for _ in self.device_kv]
         queries: list[torch.Tensor] = []
         self._question(ids, [self.held] * len(self.device_kv), capture=queries)
-        chosen = []
-        for layer, q in enumerate(queries):
-            frames = sorted(self.representatives[layer])
-            scores = block_scores(q, torch.stack([self.representatives[layer][f] for f in frames]))
-            chosen.append(sorted(self.held + retrieve(scores, frames, self.memory.top_k)))
-        return chosen
+        return [retrieve(block_scores(q, torch.stack([self.representatives[layer][f] for f in frames])), frames,
+                         self.memory.top_k) for layer, q in enumerate(queries)]
 
     def stats(self) -> dict:
         """Frames read, held on the device and on the host, and the bytes of each."""
