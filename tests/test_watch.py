@@ -12,7 +12,7 @@ import torch
 from tempocache import kv
 from tempocache.reference import vqa
 from tempocache.reference.shapes_stream import ShapesStream, answers
-from tempocache.understanding import ReKV, watch
+from tempocache.understanding import Condensed, ReKV, watch
 from tempocache.understanding.rekv import block_scores, retrieve
 from test_vqa import tiny
 
@@ -122,6 +122,47 @@ def test_two_bit_codes_pack_four_to_a_byte_and_round_to_the_nearest_level():
     assert ((frame.values(torch.float32) - x).abs() <= frame.value_scale / 2 + 1e-6).all()
     with pytest.raises(ValueError, match="not a multiple of 4 here"):
         kv.KVQuant(bits=2).check(6)
+
+
+def test_a_condensed_memory_is_exact_uncondensed_and_bounded_when_capped(one_thread):
+    stream = ShapesStream(3, 96)
+    questions = stream.questions(3, window=WINDOW)
+    full = asked(stream, questions, kv.FullKV())
+    for same, answer in zip(asked(stream, questions, Condensed(frames=12, sink_frames=2, tokens=16)), full):
+        torch.testing.assert_close(scores(same), scores(answer), atol=1e-5, rtol=1e-5)  # tokens=16 condenses nothing
+    model, _ = tiny(WINDOW)
+    long = ShapesStream(0, 240)
+    exact = watch(model, kv.Sinks(frames=10, sink_frames=2))
+    exact.add(long.render(0, 40))
+    frame = exact.stats()["device_kv_bytes"] // 10  # one exact frame's keys and values, every layer
+    for cap in (None, 20):
+        watcher, device = watch(model, Condensed(frames=10, sink_frames=2, tokens=1, condensed_frames=cap)), []
+        for start in range(0, 240, 40):
+            watcher.add(long.render(start, start + 40))
+            device.append(watcher.stats()["device_kv_bytes"])
+        stats = watcher.stats()
+        assert stats["device_frames"] == 10 and stats["condensed_frames"] == (230 if cap is None else 20)
+        assert device[-1] == 10 * frame + stats["condensed_frames"] * frame // 16  # a condensed frame: 1 token of 16
+        assert cap is None or len(set(device[1:])) == 1
+        assert len(watcher.ask("which shape entered first").frames) == 10 + stats["condensed_frames"]
+
+
+def test_a_condensed_token_with_its_groups_log_size_attends_as_its_alike_tokens_do():
+    from tempocache.understanding.condensed import condense
+
+    token = torch.randn(1, 2, 1, 8)
+    keys, values = token.expand(1, 2, 16, 8), (token * 2).expand(1, 2, 16, 8)
+    other_k, other_v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    query = torch.randn(1, 2, 3, 8)
+    pooled_k, pooled_v, bias = condense(keys, values, 1)
+    whole = torch.nn.functional.scaled_dot_product_attention(query, torch.cat([other_k, keys], 2),
+                                                             torch.cat([other_v, values], 2))
+    mask = torch.cat([torch.zeros(5), torch.full((1,), bias)])[None]  # (queries broadcast, keys)
+    condensed = torch.nn.functional.scaled_dot_product_attention(query, torch.cat([other_k, pooled_k], 2),
+                                                                 torch.cat([other_v, pooled_v], 2), attn_mask=mask)
+    torch.testing.assert_close(condensed, whole)
+    with pytest.raises(ValueError, match="cannot be condensed to 5"):
+        watch(tiny()[0], Condensed(frames=10, sink_frames=2, tokens=5))
 
 
 def test_retrieval_scores_blocks_by_the_questions_queries():

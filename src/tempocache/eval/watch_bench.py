@@ -6,7 +6,7 @@ Per memory: accuracy overall, by question type, by distance bucket and by both; 
 the device (the most held while reading, and the most at a question, retrieved frames included)
 and on the host; for ReKV, how often a question's evidence frame, if on the host, was brought
 back (per layer); the median time to answer. Beside them: the question alone (the blind
-baseline) and ReKV retrieving at random.
+baseline) and ReKV retrieving at random; and a condensed memory of older frames.
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ import torch  # noqa: E402
 
 from .. import kv  # noqa: E402
 from ..reference import shapes_stream, vqa  # noqa: E402
-from ..understanding import ReKV, watch  # noqa: E402
+from ..understanding import Condensed, ReKV, watch  # noqa: E402
 
 BLIND = "question alone (blind)"
 
 
 def default_memories(budgets: tuple[int, ...]) -> dict[str, kv.KVConfig | None]:
     """Full KV, and at each budget of device frames: sinks + window, ReKV (a quarter of the budget retrieved), its
-    4- and 2-bit host frames, and ReKV retrieving at random; None is the blind baseline."""
+    4- and 2-bit host frames, ReKV retrieving at random, and a condensed memory (half the budget exact, the other
+    half as 16 times as many frames of one token); None is the blind baseline."""
     memories: dict[str, kv.KVConfig | None] = {"full KV": kv.FullKV(), BLIND: None}
     sinks = vqa.SINK_FRAMES
     for budget in budgets:
@@ -44,6 +45,8 @@ def default_memories(budgets: tuple[int, ...]) -> dict[str, kv.KVConfig | None]:
             f"ReKV ({held} + top {k}), int4 host": ReKV(frames=held, sink_frames=sinks, top_k=k, quant=kv.KVQuant(bits=4)),
             f"ReKV ({held} + top {k}), int2 host": ReKV(frames=held, sink_frames=sinks, top_k=k, quant=kv.KVQuant(bits=2)),
             f"ReKV ({held} + random {k})": ReKV(frames=held, sink_frames=sinks, top_k=k, random_retrieval=True),
+            f"condensed ({budget // 2} + {8 * budget} of 1 token)": Condensed(
+                frames=budget // 2, sink_frames=sinks, tokens=1, condensed_frames=8 * budget),
         }
     return memories
 

@@ -1,6 +1,7 @@
 """Streaming video understanding (`tempocache.watch`): questions about a stream of any length, with the memory a `tempocache.kv` policy bounds."""
 
+from .condensed import Condensed
 from .rekv import ReKV
 from .watcher import Answer, Watcher, watch
 
-__all__ = ["Answer", "ReKV", "Watcher", "watch"]
+__all__ = ["Answer", "Condensed", "ReKV", "Watcher", "watch"]

@@ -17,6 +17,7 @@ every frame held (and retrieved); it leaves the memory as it found it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,9 +27,10 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 from .. import kv
 from ..kv.quantized import QuantizedFrame, quantize_frame
 from ..reference import shapes_stream, vqa
+from .condensed import Condensed, condense
 from .rekv import ReKV, block_scores, retrieve
 
-MEMORIES = (kv.FullKV, kv.SlidingWindow, kv.Sinks, ReKV)
+MEMORIES = (kv.FullKV, kv.SlidingWindow, kv.Sinks, ReKV, Condensed)
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Watcher:
         self.model, self.memory, self.chunk_frames = model.eval(), memory, chunk_frames
         self.sinks, self.window = model.config.stream_sinks, model.config.stream_window
         self.tokens = model.config.image_seq_length  # a frame's
+        if isinstance(memory, Condensed):
+            memory.check_tokens(self.tokens)
         self.tokenizer = vqa.WordTokenizer()
         self.language = model.model.language_model
         self.size = model.config.vision_config.image_size
@@ -69,7 +73,8 @@ class Watcher:
         """Forget the stream."""
         layers = self.language.config.num_hidden_layers
         self.frames = 0
-        self.held: list[int] = []  # frames on the device, oldest first
+        self.held: list[int] = []  # exact frames on the device, oldest first
+        self.condensed: list[int] = []  # Condensed: condensed frames on the device, oldest first
         self.device_kv: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(layers)]
         self.host_kv: list[dict[int, tuple[torch.Tensor, torch.Tensor] | QuantizedFrame]] = [{} for _ in range(layers)]
         self.representatives: list[dict[int, torch.Tensor]] = [{} for _ in range(layers)]
@@ -106,11 +111,20 @@ class Watcher:
 
     def _evict(self, frame: int) -> None:
         self.held.remove(frame)
+        condensing = isinstance(self.memory, Condensed)
         for stored, host, representatives in zip(self.device_kv, self.host_kv, self.representatives):
             keys, values = stored.pop(frame)
             if isinstance(self.memory, ReKV):
                 host[frame] = _to_host(keys, values, self.memory.quant)
                 representatives[frame] = keys[0].mean(1)  # (kv_heads, head_dim), of the exact keys, on the device
+            elif condensing:
+                stored[frame] = condense(keys, values, self.memory.tokens)[:2]
+        if condensing:
+            self.condensed.append(frame)
+            if self.memory.condensed_frames is not None and len(self.condensed) > self.memory.condensed_frames:
+                oldest = self.condensed.pop(0)
+                for stored in self.device_kv:
+                    del stored[oldest]
 
     def _cache(self, per_layer: list[list[int]]) -> DynamicCache:
         """A cache holding, at each layer, its list of frames' keys and values."""
@@ -138,7 +152,8 @@ class Watcher:
             raise ValueError("no frame has been read yet: add frames before asking")
         layers = len(self.device_kv)
         retrieved = self._retrieved(ids) if isinstance(self.memory, ReKV) and self.host_kv[0] and not blind else []
-        attended = [[]] * layers if blind else [sorted(self.held + r) for r in retrieved] or [self.held] * layers
+        attended = [[]] * layers if blind else [sorted(self.held + r) for r in retrieved] or \
+            [sorted(self.held + self.condensed)] * layers
         hidden = self._question(ids, attended)
         logits = self.model.lm_head(hidden[0, -1]).float()
         allowed = self.tokenizer.answer_ids()[kind]
@@ -148,9 +163,13 @@ class Watcher:
     def _question(self, ids: torch.Tensor, attended: list[list[int]], capture: list | None = None) -> torch.Tensor:
         """The question's last hidden states, attending to `attended` frames at each layer (causally among its
         words); with `capture`, each layer's rotated queries are appended to it."""
-        device, length = self.model.device, len(attended[0]) * self.tokens
-        mask = torch.ones(len(ids), length + len(ids), dtype=torch.bool, device=device)
-        mask[:, length:] = torch.tril(mask[:, length:])
+        device, condensed = self.model.device, set(self.condensed)
+        group = self.tokens // self.memory.tokens if condensed else 1
+        bias = torch.cat([torch.zeros(self.tokens) if f not in condensed else  # a condensed token stands for `group`
+                          torch.full((self.memory.tokens,), math.log(group)) for f in attended[0]] or [torch.zeros(0)])
+        words = torch.zeros(len(ids), len(ids)).masked_fill(~torch.tril(torch.ones(len(ids), len(ids), dtype=torch.bool)),
+                                                             -math.inf)
+        mask = torch.cat([bias.expand(len(ids), -1), words], 1).to(device, self.model.dtype)
         positions = (self.frames * self.tokens + torch.arange(len(ids), device=device))[None]
         hooks = []
         if capture is not None:
@@ -189,7 +208,8 @@ class Watcher:
                                                                                    for t in held)
                        for store in stores for held in store.values())
 
-        return {"frames": self.frames, "device_frames": len(self.held), "host_frames": len(self.host_kv[0]),
+        return {"frames": self.frames, "device_frames": len(self.held), "condensed_frames": len(self.condensed),
+                "host_frames": len(self.host_kv[0]),
                 "device_kv_bytes": nbytes(self.device_kv), "host_kv_bytes": nbytes(self.host_kv)}
 
 
