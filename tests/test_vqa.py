@@ -66,6 +66,8 @@ def test_the_tokenizer_refuses_unknown_words_and_the_packer_late_questions():
 
 
 def test_the_objective_can_be_learned(one_thread):
+    from tempocache.reference.train_vqa import batch_loss, collate
+
     model, tokenizer = tiny()
     model.train()
     stream = ShapesStream(2, 64)
@@ -73,7 +75,7 @@ def test_the_objective_can_be_learned(one_thread):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(25):
-        loss = vqa.vqa_loss(model, packed, tokenizer)
+        loss = batch_loss(model, collate([packed], window=16), "cpu")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

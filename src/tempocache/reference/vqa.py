@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
 from . import shapes_stream
@@ -112,21 +111,3 @@ def pack(stream: ShapesStream, frames: int, questions: list[Question], tokenizer
     ids = torch.tensor([tokenizer.ids[IMAGE]] * video + [i for w in words for i in w])
     return Packed(ids[None], stream.render(0, frames), mask[None, None], torch.cat(positions)[None],
                   torch.tensor(ends), list(questions))
-
-
-def answer_logits(logits: torch.Tensor, kinds: list[str], tokenizer: WordTokenizer) -> list[torch.Tensor]:
-    """Each question's logits (questions, vocabulary) over its type's answers alone."""
-    allowed = tokenizer.answer_ids()
-    return [row[allowed[kind]] for row, kind in zip(logits, kinds)]
-
-
-def vqa_loss(model: LlavaForConditionalGeneration, packed: Packed, tokenizer: WordTokenizer) -> torch.Tensor:
-    """Cross-entropy of each question's answer among its type's answers, at its end token."""
-    out = model(input_ids=packed.input_ids, pixel_values=packed.pixel_values, attention_mask=packed.attention_mask,
-                position_ids=packed.position_ids)
-    rows = out.logits[0, packed.answer_at]
-    losses = [F.cross_entropy(logits[None], torch.tensor([shapes_stream.answers(q.kind).index(q.answer)],
-                                                         device=logits.device))
-              for logits, q in zip(answer_logits(rows, [q.kind for q in packed.questions], tokenizer),
-                                   packed.questions)]
-    return torch.stack(losses).mean()
