@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -59,7 +58,7 @@ def run_watch_bench(model, out: Path, streams: int = 32, frames: int = 512, ques
     result = {"frames": frames, "streams": streams, "questions": sum(len(q) for _, q in work), "budgets": list(budgets),
               "chunk_frames": chunk_frames, "window": model.config.stream_window, "memories": {}}
     for name, memory in default_memories(budgets).items():
-        right, total, recall, seconds = defaultdict(int), defaultdict(int), [], []
+        accuracy, recall, seconds = shapes_stream.Accuracy(), [], []
         device_peak = question_peak = host_peak = 0
         for stream, asked in work:
             watcher = watch(model, memory or kv.FullKV(), chunk_frames)
@@ -75,11 +74,9 @@ def run_watch_bench(model, out: Path, streams: int = 32, frames: int = 512, ques
                                                                                                   default=0))
                 if answer.retrieved and q.evidence in watcher.host_kv[0]:
                     recall.append(sum(q.evidence in r for r in answer.retrieved) / len(answer.retrieved))
-                for key in ("all", q.kind, q.bucket(result["window"]), f"{q.kind}/{q.bucket(result['window'])}"):
-                    right[key] += answer.word == q.answer
-                    total[key] += 1
+                accuracy.add(q.kind, q.bucket(result["window"]), answer.word == q.answer)
         result["memories"][name] = {
-            "accuracy": {k: right[k] / total[k] for k in sorted(total)}, "questions": dict(sorted(total.items())),
+            **accuracy.summary(),
             "device_kv_bytes": device_peak, "device_kv_bytes_at_question": int(question_peak), "host_kv_bytes": host_peak,
             "evidence_recall": statistics.mean(recall) if recall else None, "answer_seconds": statistics.median(seconds)}
         print(name, json.dumps(result["memories"][name]["accuracy"]), flush=True)

@@ -24,6 +24,7 @@ one object are asked only of objects that take a held-out combination at some ti
 from __future__ import annotations
 
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -233,6 +234,23 @@ def balance(questions: list[Question], seed: int = 0) -> list[int]:
         least = min(map(len, by_answer.values()))
         kept += [i for group in by_answer.values() for i in rng.choice(group, least, replace=False).tolist()]
     return sorted(kept)
+
+
+class Accuracy:
+    """Right answers and questions counted overall, by type, by distance bucket and by both."""
+
+    def __init__(self):
+        self.right: Counter[str] = Counter()
+        self.total: Counter[str] = Counter()
+
+    def add(self, kind: str, bucket: str, correct: bool) -> None:
+        for key in ("all", kind, bucket, f"{kind}/{bucket}"):
+            self.right[key] += correct
+            self.total[key] += 1
+
+    def summary(self) -> dict:
+        return {"accuracy": {k: self.right[k] / self.total[k] for k in sorted(self.total)},
+                "questions": dict(sorted(self.total.items()))}
 
 
 def held_out_questions(streams: int, frames: int, questions: int = 32, seed: int = 0

@@ -144,18 +144,10 @@ def train_reference(
                 loss_fn = eager_loss
                 loss = loss_fn(transformer, text_encoder, clips, ids.to(device), **context)
         update(loss, optimizer, params, ema_params, step)
-        state["steps"] += 1
-        running.append(loss.detach())
-        if state["steps"] % log_every == 0:
-            log_mean_loss(state, running, start, first_step)
-        if time.time() - start > minutes * 60:
+        if step_done(state, running, loss, start, first_step, log_every, minutes):
             break
-    elapsed = time.time() - start
-    state["seconds"] += elapsed
     state["batch_size"], state["lr"] = batch_size, lr  # of the latest session; each session records its own
-    state["sessions"].append({"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
-                              "steps": state["steps"] - first_step, "seconds": round(elapsed, 1), "batch_size": batch_size,
-                              "lr": lr, "frames": list(frames)})
+    record_session(state, start, first_step, device, batch_size=batch_size, lr=lr, frames=list(frames))
     save_weights(out_dir, ema[0], ema[1])
     (out_dir / "training.json").write_text(json.dumps(state, indent=1))
     if checkpoint:
@@ -173,6 +165,24 @@ def update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list, e
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     torch._foreach_lerp_(ema_params, params, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
+
+
+def record_session(state: dict, start: float, first_step: int, device: str, **settings) -> None:
+    """Add this run's seconds to the training state and its record (device, steps, seconds, `settings`)."""
+    elapsed = time.time() - start
+    state["seconds"] += elapsed
+    state["sessions"].append({"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
+                              "steps": state["steps"] - first_step, "seconds": round(elapsed, 1), **settings})
+
+
+def step_done(state: dict, running: list[torch.Tensor], loss: torch.Tensor, start: float, first_step: int,
+              log_every: int, minutes: float) -> bool:
+    """Count a training step and its loss, log the mean loss every `log_every` steps; whether `minutes` are up."""
+    state["steps"] += 1
+    running.append(loss.detach())
+    if state["steps"] % log_every == 0:
+        log_mean_loss(state, running, start, first_step)
+    return time.time() - start > minutes * 60
 
 
 def log_mean_loss(state: dict, running: list[torch.Tensor], start: float, first_step: int) -> None:

@@ -13,7 +13,6 @@ import copy
 import json
 import math
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from transformers import LlavaForConditionalGeneration
 
 from . import shapes_stream, vqa
 from .shapes_stream import ShapesStream
-from .train import log_mean_loss, update
+from .train import record_session, step_done, update
 
 TRAIN_FRAMES = 512
 QUESTIONS_PER_STREAM = 32
@@ -123,17 +122,9 @@ def train_vqa(out_dir: Path, minutes: float, batch_size: int = 8, lr: float = 3e
         with autocast:
             loss = batch_loss(model, batch, device)
         update(loss, optimizer, list(model.parameters()), list(ema.parameters()), state["steps"])
-        state["steps"] += 1
-        running.append(loss.detach())
-        if state["steps"] % log_every == 0:
-            log_mean_loss(state, running, start, first_step)
-        if time.time() - start > minutes * 60:
+        if step_done(state, running, loss, start, first_step, log_every, minutes):
             break
-    elapsed = time.time() - start
-    state["seconds"] += elapsed
-    state["sessions"].append({"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
-                              "steps": state["steps"] - first_step, "seconds": round(elapsed, 1),
-                              "batch_size": batch_size, "lr": lr})
+    record_session(state, start, first_step, device, batch_size=batch_size, lr=lr)
     out_dir.mkdir(parents=True, exist_ok=True)
     copy.deepcopy(ema).half().save_pretrained(out_dir)
     (out_dir / "training.json").write_text(json.dumps(state, indent=1))
@@ -150,7 +141,7 @@ def evaluate_vqa(model: LlavaForConditionalGeneration, streams: int = 32, frames
     """Accuracy with full KV on held-out streams: overall, by question type, by distance bucket and by both, with
     the question counts; the questions balanced by answer within each type."""
     model = model.to(device).eval()
-    tokenizer, right, total = vqa.WordTokenizer(), defaultdict(int), defaultdict(int)
+    tokenizer, accuracy = vqa.WordTokenizer(), shapes_stream.Accuracy()
     for stream, mine in shapes_stream.held_out_questions(streams, frames, questions, seed):
         if not mine:
             continue
@@ -158,8 +149,5 @@ def evaluate_vqa(model: LlavaForConditionalGeneration, streams: int = 32, frames
         batch = collate([vqa.pack(stream, frames, mine, tokenizer, sinks, window)], window)
         chosen = _answer_logits(model, batch, device).argmax(1).tolist()
         for choice, (kind, answer, bucket) in zip(chosen, batch["answers"]):
-            for key in ("all", kind, bucket, f"{kind}/{bucket}"):
-                right[key] += choice == answer
-                total[key] += 1
-    return {"frames": frames, "streams": streams,
-            "accuracy": {k: right[k] / total[k] for k in sorted(total)}, "questions": dict(sorted(total.items()))}
+            accuracy.add(kind, bucket, choice == answer)
+    return {"frames": frames, "streams": streams, **accuracy.summary()}

@@ -2,12 +2,13 @@
 time, memory bounded by a `tempocache.kv` policy.
 
 The model reads each frame as it was trained to (`reference/vqa.py`): a frame's tokens attend to the
-sinks and the window before it, among the frames the memory holds (the others are not read at all). What the memory holds is the
-policy's: `kv.FullKV()` every frame (the trained oracle), `kv.Sinks(frames, sink_frames)` or
-`kv.SlidingWindow(frames)` the frames it keeps (StreamingLLM: the rest are dropped), `ReKV(...)` the
-same on the device and every older frame on the host (in 8, 4 or 2 bits with `quant=kv.KVQuant(bits=...)`),
-retrieved per question. A question attends to
-every frame held (and retrieved); it leaves the memory as it found it.
+sinks and the window before it, among the frames the memory holds (the others are not read at all).
+What the memory holds is the policy's: `kv.FullKV()` every frame (the trained oracle),
+`kv.Sinks(frames, sink_frames)` or `kv.SlidingWindow(frames)` the frames it keeps (StreamingLLM: the
+rest are dropped), `ReKV(...)` the same on the device and every older frame on the host (in 8, 4 or
+2 bits with `quant=kv.KVQuant(bits=...)`), retrieved per question, `Condensed(...)` the same and
+older frames condensed. A question attends to every frame held (and retrieved); it leaves the
+memory as it found it.
 
     watcher = tempocache.watch(model, memory=kv.Sinks(frames=66, sink_frames=2))
     watcher.add(frames)                      # (T, 3, 32, 32) in [0, 1], any T, as often as frames come
