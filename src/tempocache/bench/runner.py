@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..eval.edit_quality import judge_edits, partition_scores, summarize_edits
+from ..eval.edit_quality import in_group, judge_edits, partition_scores, summarize_edits
 from ..eval.evaluator import load_evaluator
 from ..eval.fidelity import fidelity
 from ..eval.metrics import frechet_distance, read_clips, semantic_accuracy
@@ -263,7 +263,7 @@ def _quality(evaluator, result: dict, reference: dict, work: Workload, real_feat
         row["psnr_vs_full"] = fidelity(clip[None], full[None])["psnr"]
     out = {"edit_quality": summarize_edits(judged, work.edits)}
     for name, group in out["edit_quality"].items():
-        members = [r for r, e in zip(judged, work.edits) if _in_group(e, name)]
+        members = [r for r, e in zip(judged, work.edits) if in_group(e, name)]
         group["psnr_vs_full"] = float(np.mean([r["psnr_vs_full"] for r in members]))
     if result["partitions"] is not None:
         # against the ground truth, and against what the full edit changed (an added object may go anywhere)
@@ -272,13 +272,8 @@ def _quality(evaluator, result: dict, reference: dict, work: Workload, real_feat
         for label, masks in (("partition", truth), ("partition_vs_full_edit", full_edit)):
             scores = partition_scores(result["partitions"], masks)
             for name, group in out["edit_quality"].items():
-                members = [s for s, e in zip(scores, work.edits) if _in_group(e, name)]
+                members = [s for s, e in zip(scores, work.edits) if in_group(e, name)]
                 group.update({f"{label}_{k}": float(np.mean([s[k] for s in members])) for k in ("recall", "iou")})
                 group[f"{label}_recall_min"] = float(min(s["recall"] for s in members))
                 group["edited_fraction"] = float(np.mean([s["edited_fraction"] for s in members]))
     return out
-
-
-def _in_group(edit: shapes_edits.Edit, group: str) -> bool:
-    """Whether `edit` counts in `summarize_edits`' group `group`: its kind, or "local" for any but background."""
-    return edit.kind == group or (group == "local" and edit.kind != "background")

@@ -72,13 +72,18 @@ def judge_edits(evaluator: AttributeClassifier, images: torch.Tensor, edits: lis
     return rows
 
 
+def in_group(edit: Edit, group: str) -> bool:
+    """Whether `edit` counts in `summarize_edits`' group `group`: its kind, or "local" for any but background."""
+    return edit.kind == group or (group == "local" and edit.kind != "background")
+
+
 def summarize_edits(rows: list[dict], edits: list[Edit]) -> dict:
     """Per kind, and for the local kinds together: the share changed, the share kept, the share both (success), the
     median PSNR outside the mask (the median, since an image equal to its target outside the mask reads infinite)."""
-    groups = {kind: [r for r, e in zip(rows, edits) if e.kind == kind] for kind in dict.fromkeys(e.kind for e in edits)}
-    local = [r for r, e in zip(rows, edits) if e.kind != "background"]
-    if local and len(groups) > 1:
-        groups["local"] = local
+    names = list(dict.fromkeys(e.kind for e in edits))
+    if len(names) > 1 and any(in_group(e, "local") for e in edits):
+        names.append("local")
+    groups = {name: [r for r, e in zip(rows, edits) if in_group(e, name)] for name in names}
     return {name: {"edits": len(group), "changed": float(np.mean([r["changed"] for r in group])),
                    "kept": float(np.mean([r["kept"] for r in group])),
                    "success": float(np.mean([r["changed"] and r["kept"] for r in group])),
