@@ -32,7 +32,7 @@ VISION_SO400M = dict(image_size=224, patch_size=16, hidden_size=1152, intermedia
                      num_attention_heads=16)
 TEXT_QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                      num_key_value_heads=4)
-TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+TINY_VISION = dict(image_size=48, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                    num_attention_heads=2)
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 QUESTION = "which shape entered first"

@@ -30,7 +30,7 @@ def test_a_packed_stream_computes_what_a_stream_read_into_a_cache_and_then_asked
     packed = vqa.pack(stream, frames, questions, tokenizer, sinks, window)
     with torch.no_grad():
         logits = model(input_ids=packed.input_ids, pixel_values=packed.pixel_values,
-                       attention_mask=packed.attention_mask, position_ids=packed.position_ids).logits[0]
+                       attention_mask=packed.attention_mask(), position_ids=packed.position_ids).logits[0]
         language, embed = model.model.language_model, model.get_input_embeddings()
         features = torch.cat(model.model.get_image_features(pixel_values=packed.pixel_values).pooler_output)
         mask = vqa.attends(torch.arange(frames), torch.arange(frames), sinks, window)
@@ -65,6 +65,40 @@ def test_the_tokenizer_refuses_unknown_words_and_the_packer_late_questions():
         vqa.pack(stream, 64, late, tokenizer)
 
 
+def written_out_mask(packed: vqa.Packed) -> torch.Tensor:
+    """The packed sequence's mask block by block: frames under sinks + window, each question over the frames before it
+    was asked and causally over its own words."""
+    frames = packed.pixel_values.shape[0]
+    video, length = frames * 16, packed.input_ids.shape[1]
+    mask = torch.zeros(length, length, dtype=torch.bool)
+    mask[:video, :video] = vqa.attends(torch.arange(frames), torch.arange(frames), packed.sinks, packed.window)
+    start = video
+    for q, stop in zip(packed.questions, packed.answer_at.tolist()):
+        mask[start:stop + 1, :q.asked * 16] = True
+        mask[start:stop + 1, start:stop + 1] = torch.tril(torch.ones(stop + 1 - start, stop + 1 - start, dtype=torch.bool))
+        start = stop + 1
+    return mask
+
+
+def test_the_mask_built_from_each_tokens_place_is_the_packed_sequences_and_padding_sees_only_itself():
+    from tempocache.reference.train_vqa import collate
+
+    tokenizer = vqa.WordTokenizer()
+    short, long = ShapesStream(6, 40), ShapesStream(9, 72)
+    packed = [vqa.pack(s, s.frames, s.questions(5, window=8), tokenizer, 2, 8) for s in (short, long)]
+    assert all(p.questions for p in packed)
+    for p in packed:
+        assert torch.equal(p.attention_mask()[0, 0], written_out_mask(p))
+    batch = collate(packed)
+    mask = vqa.attention_mask(batch["frame_of"], batch["span_of"], batch["sees"], batch["sinks"], batch["window"])[:, 0]
+    n = packed[0].input_ids.shape[1]
+    assert torch.equal(mask[0, :n, :n], written_out_mask(packed[0])) and not mask[0, :n, n:].any()
+    assert torch.equal(mask[0, n:, n:], torch.eye(mask.shape[-1] - n, dtype=torch.bool)) and not mask[0, n:, :n].any()
+    assert torch.equal(mask[1], written_out_mask(packed[1]))
+    with pytest.raises(ValueError, match=r"one sinks \+ window"):
+        collate([packed[0], vqa.pack(long, 72, long.questions(2, window=8), tokenizer, 2, 16)])
+
+
 def test_the_objective_can_be_learned(one_thread):
     from tempocache.reference.train_vqa import batch_loss, collate
 
@@ -75,7 +109,7 @@ def test_the_objective_can_be_learned(one_thread):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(25):
-        loss = batch_loss(model, collate([packed], window=16), "cpu")
+        loss = batch_loss(model, collate([packed]), "cpu")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -87,7 +121,7 @@ def test_training_resumes_and_the_judge_scores_by_type_and_bucket(tmp_path, caps
     from tempocache.cli import main
     from tempocache.reference.train_vqa import train_vqa
 
-    small = dict(frames=96, questions=4, batch_size=2, workers=0, device="cpu", log_every=1, vision=TINY_VISION,
+    small = dict(frames=(48, 96), questions=4, batch_size=2, workers=0, device="cpu", log_every=1, vision=TINY_VISION,
                  text=TINY_TEXT)
     first = train_vqa(tmp_path / "w", minutes=0.001, **small)
     assert first["steps"] >= 1 and (tmp_path / "w" / "model.safetensors").exists()

@@ -39,7 +39,7 @@ def test_with_full_kv_a_watched_stream_answers_as_the_trained_model_does(one_thr
     questions = sorted(stream.questions(4, window=WINDOW), key=lambda q: q.asked)
     packed = vqa.pack(stream, 96, questions, tokenizer, window=WINDOW)
     with torch.no_grad():
-        logits = model(input_ids=packed.input_ids, pixel_values=packed.pixel_values, attention_mask=packed.attention_mask,
+        logits = model(input_ids=packed.input_ids, pixel_values=packed.pixel_values, attention_mask=packed.attention_mask(),
                        position_ids=packed.position_ids).logits[0, packed.answer_at]
     for q, row, answer in zip(questions, logits, asked(stream, questions, kv.FullKV())):
         expected = row[tokenizer.answer_ids()[q.kind]]
@@ -75,6 +75,20 @@ def test_bounded_memories_stay_flat_and_rekv_offloads_the_rest(one_thread):
             assert 13 <= len(answer.frames) <= 16 and answer.frames[:2] == [0, 1] and answer.frames[-8:] == list(range(232, 240))
         else:
             assert stats["host_frames"] == 0
+
+
+def test_a_model_over_larger_frames_streams_as_many_tokens_a_frame_as_its_vision_tower_makes(one_thread):
+    from test_vqa import TINY_TEXT, TINY_VISION
+
+    torch.manual_seed(0)
+    model = vqa.build_model({**TINY_VISION, "image_size": 48}, TINY_TEXT).eval()
+    assert model.config.image_seq_length == 36
+    watcher = watch(model, ReKV(frames=4, sink_frames=1, top_k=1), chunk_frames=2)
+    watcher.add(torch.rand(6, 3, 48, 48))
+    stats = watcher.stats()
+    assert stats["device_frames"] == 4 and stats["host_frames"] == 2
+    assert stats["host_kv_bytes"] == stats["device_kv_bytes"] // 2
+    assert watcher.ask("which shape entered first").word in answers("entered_first")
 
 
 def test_a_question_leaves_the_memory_as_it_found_it(one_thread):

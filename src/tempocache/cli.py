@@ -215,10 +215,10 @@ def _train_evaluator(args: argparse.Namespace) -> None:
 
 
 def _train_vqa(args: argparse.Namespace) -> None:
-    from .reference.train_vqa import train_vqa
+    from .reference.train_vqa import TRAIN_FRAMES, train_vqa
 
     state = train_vqa(args.out, args.minutes, args.batch_size, args.lr, args.device, args.resume, args.checkpoint_dir,
-                      args.seed, args.workers, args.frames, args.questions)
+                      args.seed, args.workers, tuple(args.frames or TRAIN_FRAMES), args.questions)
     print(f"shapes-vqa: {state['steps']} steps, {state['seconds'] / 60:.1f} min in all; weights in {args.out}")
 
 
@@ -515,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=6)
-    p.add_argument("--frames", type=positive_int, default=512, help="frames per training stream")
+    p.add_argument("--frames", type=positive_int, nargs="+", default=None,
+                   help="training streams' lengths, one per batch, drawn uniformly (default: from 64 to 512 frames)")
     p.add_argument("--questions", type=positive_int, default=32, help="questions per training stream")
     p.set_defaults(run=_train_vqa)
 

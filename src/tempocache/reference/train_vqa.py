@@ -1,8 +1,9 @@
 """Training and judging shapes-vqa (`reference/vqa.py`) on ShapesStream.
 
-Each sample is one training stream of `frames` frames packed with `questions` questions about it
-(`vqa.pack`: the frames under the sinks + window mask, each question over every frame before it
-was asked); a batch pads its samples to one length. The judge packs held-out streams the same
+Each sample is one training stream packed with `questions` questions about it (`vqa.pack`: the
+frames under the sinks + window mask, each question over every frame before it was asked); a
+batch's streams are of one length, drawn from `frames` (short streams are cheap steps, and their
+questions easier to find the evidence of), padded to one sequence length. The judge packs held-out streams the same
 way, which is full KV's view, and scores the answer (the likeliest of its type's) by question
 type and distance bucket.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
 import time
 from pathlib import Path
 
@@ -24,15 +26,16 @@ from . import shapes_stream, vqa
 from .shapes_stream import ShapesStream
 from .train import record_session, step_done, update
 
-TRAIN_FRAMES = 512
+TRAIN_FRAMES = (64, 128, 256, 512)
+EVAL_FRAMES = 512
 QUESTIONS_PER_STREAM = 32
 WARMUP_STEPS = 300
 
 
 class PackedStreams(IterableDataset):
-    """Endless batches of packed training streams: (padded batch, questions per sample)."""
+    """Endless collated batches of packed training streams, each batch's streams of a length drawn from `frames`."""
 
-    def __init__(self, batch_size: int, frames: int, questions: int, seed: int, split: str = "train"):
+    def __init__(self, batch_size: int, frames: tuple[int, ...], questions: int, seed: int, split: str = "train"):
         self.batch_size, self.frames, self.questions, self.seed, self.split = batch_size, frames, questions, seed, split
 
     def __iter__(self):
@@ -40,36 +43,42 @@ class PackedStreams(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         tokenizer = vqa.WordTokenizer()
         for batch in range(worker, 1 << 62, workers):
-            samples = []
+            samples, frames = [], random.Random(self.seed + batch).choice(self.frames)
             for i in range(self.batch_size):
-                stream = ShapesStream(self.seed + batch * self.batch_size + i, self.frames, self.split)
+                stream = ShapesStream(self.seed + batch * self.batch_size + i, frames, self.split)
                 asked = stream.questions(self.questions)
                 if asked:
-                    samples.append(vqa.pack(stream, self.frames, asked, tokenizer))
+                    samples.append(vqa.pack(stream, frames, asked, tokenizer))
             if samples:
                 yield collate(samples)
 
 
-def collate(samples: list[vqa.Packed], window: int = vqa.WINDOW_FRAMES) -> dict:
-    """Samples padded to the longest: pad tokens attend to themselves alone and are never read; `window`: the
-    questions' distance buckets'."""
+def collate(samples: list[vqa.Packed]) -> dict:
+    """Samples padded to the longest (padding is no token's frame or question: it attends to itself alone and is
+    never read); the questions' distance buckets are by the window the samples were packed under."""
+    sinks, window = samples[0].sinks, samples[0].window
+    if any((s.sinks, s.window) != (sinks, window) for s in samples):
+        raise ValueError("a batch packs its samples under one sinks + window mask")
     length = max(s.input_ids.shape[1] for s in samples)
-    ids = torch.zeros(len(samples), length, dtype=torch.long)
-    mask = torch.eye(length, dtype=torch.bool).repeat(len(samples), 1, 1, 1)
-    positions = torch.zeros(len(samples), length, dtype=torch.long)
+    ids, positions, sees = (torch.zeros(len(samples), length, dtype=torch.long) for _ in range(3))
+    frame_of, span_of = (torch.full((len(samples), length), -1) for _ in range(2))
     rows, answers = [], []
     for b, s in enumerate(samples):
         n = s.input_ids.shape[1]
-        ids[b, :n], mask[b, 0, :n, :n], positions[b, :n] = s.input_ids[0], s.attention_mask[0, 0], s.position_ids[0]
+        ids[b, :n], positions[b, :n], sees[b, :n] = s.input_ids[0], s.position_ids[0], s.sees[0]
+        frame_of[b, :n], span_of[b, :n] = s.frame_of[0], s.span_of[0]
         rows += [(b, int(at)) for at in s.answer_at]
         answers += [(q.kind, shapes_stream.answers(q.kind).index(q.answer), q.bucket(window)) for q in s.questions]
-    return {"input_ids": ids, "pixel_values": torch.cat([s.pixel_values for s in samples]), "attention_mask": mask,
-            "position_ids": positions, "rows": torch.tensor(rows), "answers": answers}
+    return {"input_ids": ids, "pixel_values": torch.cat([s.pixel_values for s in samples]), "position_ids": positions,
+            "frame_of": frame_of, "span_of": span_of, "sees": sees, "sinks": sinks, "window": window,
+            "rows": torch.tensor(rows), "answers": answers}
 
 
 def _answer_logits(model, batch: dict, device: str) -> torch.Tensor:
     """(questions, most answers of a type) each question's logits over its type's answers, -inf past them."""
-    out = model(**{k: batch[k].to(device) for k in ("input_ids", "pixel_values", "attention_mask", "position_ids")})
+    places = (batch[k].to(device) for k in ("frame_of", "span_of", "sees"))
+    out = model(**{k: batch[k].to(device) for k in ("input_ids", "pixel_values", "position_ids")},
+                attention_mask=vqa.attention_mask(*places, batch["sinks"], batch["window"]))
     rows = out.logits[batch["rows"][:, 0], batch["rows"][:, 1]].float()
     allowed = vqa.WordTokenizer().answer_ids()
     most = max(map(len, allowed.values()))
@@ -85,14 +94,15 @@ def batch_loss(model, batch: dict, device: str) -> torch.Tensor:
 
 def train_vqa(out_dir: Path, minutes: float, batch_size: int = 8, lr: float = 3e-4, device: str = "cuda",
               resume_dir: Path | None = None, checkpoint_dir: Path | None = None, seed: int = 0, workers: int = 6,
-              frames: int = TRAIN_FRAMES, questions: int = QUESTIONS_PER_STREAM, log_every: int = 50,
+              frames: tuple[int, ...] = TRAIN_FRAMES, questions: int = QUESTIONS_PER_STREAM, log_every: int = 50,
               vision: dict | None = None, text: dict | None = None) -> dict:
     """Train (or resume training) shapes-vqa for `minutes`; the weights (EMA, fp16) and training.json go to
-    `out_dir`; with `checkpoint_dir`, the whole state too, for an exact resume. `vision`, `text`: config overrides."""
+    `out_dir`; with `checkpoint_dir`, the whole state too, for an exact resume. `frames`: the stream lengths drawn
+    from, one per batch; `vision`, `text`: config overrides."""
     torch.manual_seed(seed)
     checkpoint = checkpoint_dir / "shapes-vqa.pt" if checkpoint_dir else None
     full = torch.load(checkpoint, map_location="cpu") if checkpoint and checkpoint.exists() else None
-    state = {"model": "shapes-vqa", "steps": 0, "seconds": 0.0, "frames": frames, "questions": questions, "seed": seed,
+    state = {"model": "shapes-vqa", "steps": 0, "seconds": 0.0, "frames": list(frames), "questions": questions, "seed": seed,
              "losses": [], "sessions": []}
     if resume_dir and (resume_dir / "training.json").exists() and not full:
         model = LlavaForConditionalGeneration.from_pretrained(resume_dir, dtype=torch.float32)
@@ -110,7 +120,7 @@ def train_vqa(out_dir: Path, minutes: float, batch_size: int = 8, lr: float = 3e
     if full:
         optimizer.load_state_dict(full["optimizer"])
     warmup_from = 0 if full else state["steps"]
-    data = PackedStreams(batch_size, frames, questions, seed * 1_000_003 + state["steps"] * batch_size)
+    data = PackedStreams(batch_size, tuple(frames), questions, seed * 1_000_003 + state["steps"] * batch_size)
     loader = DataLoader(data, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     start, running, first_step = time.time(), [], state["steps"]
@@ -136,7 +146,7 @@ def train_vqa(out_dir: Path, minutes: float, batch_size: int = 8, lr: float = 3e
 
 
 @torch.no_grad()
-def evaluate_vqa(model: LlavaForConditionalGeneration, streams: int = 32, frames: int = TRAIN_FRAMES,
+def evaluate_vqa(model: LlavaForConditionalGeneration, streams: int = 32, frames: int = EVAL_FRAMES,
                  questions: int = QUESTIONS_PER_STREAM, device: str = "cpu", seed: int = 0) -> dict:
     """Accuracy with full KV on held-out streams: overall, by question type, by distance bucket and by both, with
     the question counts; the questions balanced by answer within each type."""
@@ -146,7 +156,7 @@ def evaluate_vqa(model: LlavaForConditionalGeneration, streams: int = 32, frames
         if not mine:
             continue
         sinks, window = model.config.stream_sinks, model.config.stream_window  # what it was trained under
-        batch = collate([vqa.pack(stream, frames, mine, tokenizer, sinks, window)], window)
+        batch = collate([vqa.pack(stream, frames, mine, tokenizer, sinks, window)])
         chosen = _answer_logits(model, batch, device).argmax(1).tolist()
         for choice, (kind, answer, bucket) in zip(chosen, batch["answers"]):
             accuracy.add(kind, bucket, choice == answer)

@@ -59,11 +59,12 @@ def build_model(vision: dict | None = None, text: dict | None = None, sinks: int
                 window: int = WINDOW_FRAMES) -> LlavaForConditionalGeneration:
     """An untrained shapes-vqa (`vision`, `text`: config overrides); its config records the sinks and window its
     frames are read under (`stream_sinks`, `stream_window`), for whoever streams it."""
-    tokenizer = WordTokenizer()
+    tokenizer, vision = WordTokenizer(), SiglipVisionConfig(**{**VISION, **(vision or {})})
     config = LlavaConfig(
-        vision_config=SiglipVisionConfig(**{**VISION, **(vision or {})}),
+        vision_config=vision,
         text_config=Qwen2Config(vocab_size=len(tokenizer.words), pad_token_id=0, **{**TEXT, **(text or {})}),
-        image_token_id=tokenizer.ids[IMAGE], image_seq_length=FRAME_TOKENS, vision_feature_layer=-1,
+        image_token_id=tokenizer.ids[IMAGE], image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+        vision_feature_layer=-1,
         vision_feature_select_strategy="full", projector_hidden_act="gelu", stream_sinks=sinks, stream_window=window)
     return LlavaForConditionalGeneration(config)
 
@@ -72,21 +73,48 @@ def attends(queries: torch.Tensor, keys: torch.Tensor, sinks: int = SINK_FRAMES,
             tokens: int = FRAME_TOKENS) -> torch.Tensor:
     """(queries, keys) bool, by token: which of the frames `keys` the tokens of the frames `queries` attend to
     (their own frame, the sinks, the window before it), each frame `tokens` tokens."""
-    query, key = queries[:, None], keys[None, :]
-    allowed = (key <= query) & ((key < sinks) | (query - key <= window))
+    allowed = _frame_sees(queries[:, None], keys[None, :], sinks, window)
     return allowed.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
+
+
+def _frame_sees(query: torch.Tensor, key: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """Whether frame `query` attends to frame `key` (broadcast): itself, the sinks and the window before it."""
+    return (key <= query) & ((key < sinks) | (key >= query - window))  # no (L, L) integer difference
+
+
+def attention_mask(frame_of: torch.Tensor, span_of: torch.Tensor, sees: torch.Tensor, sinks: int = SINK_FRAMES,
+                   window: int = WINDOW_FRAMES) -> torch.Tensor:
+    """(B, 1, L, L) bool, what each token of packed sequences (B, L) attends to, from each token's place in its
+    sequence (`Packed`); built where the places lie, so that a batch carries (B, L) places, not (B, L, L) masks.
+    A token of neither a frame nor a question (padding) attends to itself alone."""
+    query_frame, key_frame = frame_of[:, :, None], frame_of[:, None, :]
+    frames = (query_frame >= 0) & (key_frame >= 0) & _frame_sees(query_frame, key_frame, sinks, window)
+    place = torch.arange(frame_of.shape[1], device=frame_of.device)
+    question, own_words = span_of[:, :, None], span_of[:, None, :] == span_of[:, :, None]
+    seen = (key_frame >= 0) & (key_frame < sees[:, :, None])
+    questions = (question >= 0) & (seen | (own_words & (place[None, :] <= place[:, None])))
+    return (frames | questions | (place[None, :] == place[:, None]))[:, None]
 
 
 @dataclass
 class Packed:
-    """One stream's frames and questions as one sequence: every tensor batch-first with batch 1."""
+    """One stream's frames and questions as one sequence: every tensor batch-first with batch 1, and each token's
+    place: its frame (-1 for a question's), its question (-1 for a frame's) and the frames that question sees."""
 
     input_ids: torch.Tensor  # (1, L)
     pixel_values: torch.Tensor  # (frames, 3, 32, 32)
-    attention_mask: torch.Tensor  # (1, 1, L, L) bool
     position_ids: torch.Tensor  # (1, L)
+    frame_of: torch.Tensor  # (1, L)
+    span_of: torch.Tensor  # (1, L)
+    sees: torch.Tensor  # (1, L) a question token's question's `asked`, 0 for a frame's
     answer_at: torch.Tensor  # (questions,) each question's end token's place in the sequence
     questions: list[Question]
+    sinks: int
+    window: int
+
+    def attention_mask(self) -> torch.Tensor:
+        """(1, 1, L, L) bool."""
+        return attention_mask(self.frame_of, self.span_of, self.sees, self.sinks, self.window)
 
 
 def pack(stream: ShapesStream, frames: int, questions: list[Question], tokenizer: WordTokenizer,
@@ -97,17 +125,14 @@ def pack(stream: ShapesStream, frames: int, questions: list[Question], tokenizer
         raise ValueError(f"{len(late)} questions are asked after frame {frames}, past the frames packed")
     video = frames * FRAME_TOKENS
     words = [tokenizer.encode(q.text) for q in questions]
-    length = video + sum(map(len, words))
-    mask = torch.zeros(length, length, dtype=torch.bool)
-    mask[:video, :video] = attends(torch.arange(frames), torch.arange(frames), sinks, window)
-    positions, ends, start = [torch.arange(video)], [], video
-    for q, ids in zip(questions, words):
-        span = slice(start, start + len(ids))
-        mask[span, :q.asked * FRAME_TOKENS] = True
-        mask[span, span] = torch.tril(torch.ones(len(ids), len(ids), dtype=torch.bool))
+    frame_of = [torch.arange(frames).repeat_interleave(FRAME_TOKENS)]
+    span_of, sees, positions = [torch.full((video,), -1)], [torch.zeros(video, dtype=torch.long)], [torch.arange(video)]
+    for i, (q, ids) in enumerate(zip(questions, words)):
+        frame_of.append(torch.full((len(ids),), -1))
+        span_of.append(torch.full((len(ids),), i))
+        sees.append(torch.full((len(ids),), q.asked))
         positions.append(q.asked * FRAME_TOKENS + torch.arange(len(ids)))
-        ends.append(span.stop - 1)
-        start = span.stop
+    ends = video - 1 + torch.tensor([len(ids) for ids in words], dtype=torch.long).cumsum(0)
     ids = torch.tensor([tokenizer.ids[IMAGE]] * video + [i for w in words for i in w])
-    return Packed(ids[None], stream.render(0, frames), mask[None, None], torch.cat(positions)[None],
-                  torch.tensor(ends), list(questions))
+    return Packed(ids[None], stream.render(0, frames), torch.cat(positions)[None], torch.cat(frame_of)[None],
+                  torch.cat(span_of)[None], torch.cat(sees)[None], ends, list(questions), sinks, window)
