@@ -191,7 +191,7 @@ def test_cache_dit_setting_leaves_no_state_between_generations():
 
     setting.enable(pipe)
     try:
-        first, other, again = generate(3), generate(4), generate(3)
+        first, _, again = generate(3), generate(4), generate(3)  # another generation between
     finally:
         setting.disable(pipe)
     assert np.array_equal(first, again)

@@ -12,7 +12,8 @@ import torch
 from tempocache import kv
 from tempocache.reference import vqa
 from tempocache.reference.shapes_stream import ShapesStream, answers
-from tempocache.understanding import Condensed, ReKV, watch
+from tempocache.understanding import Auto, Condensed, ReKV, watch
+from tempocache.understanding.auto import _Profile
 from tempocache.understanding.rekv import block_scores, retrieve
 from test_vqa import tiny
 
@@ -179,6 +180,67 @@ def test_a_condensed_token_with_its_groups_log_size_attends_as_its_alike_tokens_
         watch(tiny()[0], Condensed(frames=10, sink_frames=2, tokens=5))
 
 
+SMALL_PROFILE = dict(profile_frames=64, profile_questions=4)
+
+
+def test_auto_spends_its_budget_in_bytes_on_held_and_retrieved_frames_and_holds_what_it_planned(one_thread):
+    model, _ = tiny()
+    text = model.config.text_config
+    frame = 2 * 16 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4 * text.num_hidden_layers
+    plan = Auto(memory=14 * frame + frame // 2, **SMALL_PROFILE).plan(model)
+    assert isinstance(plan, ReKV) and plan.frames + plan.top_k == 14 and plan.sink_frames == model.config.stream_sinks
+    watcher = watch(model, Auto(memory=14 * frame, **SMALL_PROFILE))
+    assert watcher.memory == plan  # the profile is seeded: the same model, the same plan
+    watcher.add(ShapesStream(1, 120).render())
+    assert watcher.stats()["device_kv_bytes"] == plan.frames * frame
+    answer = watcher.ask("which shape entered first")  # each layer: the held frames and its own retrieved ones
+    assert [len(r) for r in answer.retrieved] == [plan.top_k] * text.num_hidden_layers
+
+
+def test_auto_with_room_for_the_whole_stream_answers_as_full_kv_does(one_thread):
+    model, _ = tiny()
+    stream = ShapesStream(3, 96)
+    questions = sorted(stream.questions(4, window=WINDOW), key=lambda q: q.asked)
+    memory = Auto(memory_frames=200, **SMALL_PROFILE)
+    assert watch(model, memory).memory.frames >= 96
+    for got, expected in zip(asked(stream, questions, memory), asked(stream, questions, kv.FullKV())):
+        assert got.word == expected.word and got.scores == expected.scores and got.frames == expected.frames
+
+
+def test_auto_holds_the_recent_frames_where_attention_is_and_retrieves_where_it_is_not():
+    recent, old = _Profile(), _Profile()
+    mass = torch.zeros(20)
+    mass[-6:] = 1 / 6
+    recent.questions = [[(mass, torch.arange(20.0))]]
+    assert recent.best_hold(12, 2, 6) == 11  # everything is in the last frames: hold the most, retrieve one
+    mass = torch.zeros(20)
+    mass[[4, 7, 9]] = 0.3
+    mass[-1] = 0.1
+    scores = torch.zeros(20)
+    scores[[4, 7, 9]] = 1.0
+    old.questions = [[(mass, scores)]]
+    assert old.best_hold(12, 2, 6) == 9  # three old frames carry the mass and score best: room for them, no more
+    assert old.recall(9, 3, 2) == pytest.approx(1.0) and old.recall(11, 1, 2) == pytest.approx(0.4)
+
+
+def test_auto_stores_the_host_frames_in_the_fewest_bits_its_tolerance_allows(one_thread):
+    model, _ = tiny()
+    assert watch(model, Auto(memory_frames=12, tolerance=0.99, **SMALL_PROFILE)).memory.quant.bits == 2
+    assert watch(model, Auto(memory_frames=12, tolerance=1e-6, **SMALL_PROFILE)).memory.quant is None
+
+
+@pytest.mark.parametrize("memory, message", [
+    (Auto(), "one budget"), (Auto(memory=1, memory_frames=2), "one budget"), (Auto(memory=-5), "positive number"),
+    (Auto(memory_frames=6), r"below the 2 sink frames, a chunk of 4 and one retrieved frame: give at least \d+ bytes"),
+    (Auto(memory_frames=12, quant=kv.KVQuant(bits=4)), "leave quant None"),
+    (Auto(memory_frames=12, tolerance=1.5), "tolerance must be in"),
+])
+def test_auto_refuses_a_budget_it_cannot_plan(memory, message):
+    model, _ = tiny()
+    with pytest.raises(ValueError, match=message):
+        watch(model, memory)
+
+
 def test_retrieval_scores_blocks_by_the_questions_queries():
     queries = torch.zeros(4, 2, 8)  # 4 query heads onto 2 key-value heads, 2 words
     queries[..., 0] = 1.0
@@ -232,4 +294,7 @@ def test_the_watch_bench_runs_every_memory_on_the_same_questions(tmp_path, capsy
     assert rekv["device_kv_bytes"] < memories["full KV"]["device_kv_bytes"] and rekv["host_kv_bytes"] > 0
     assert rekv["evidence_recall"] is not None and 0 <= rekv["evidence_recall"] <= 1
     assert memories["question alone (blind)"]["device_kv_bytes_at_question"] >= 0
+    auto = memories["Auto (12)"]  # planned once, held to its budget of 12 frames
+    assert auto["plan"].startswith("ReKV(") and auto["device_kv_bytes_at_question"] <= \
+        memories["sinks + window (12)"]["device_kv_bytes"]
     assert (tmp_path / "bench" / "memory.png").stat().st_size > 0 and "ReKV" in capsys.readouterr().out

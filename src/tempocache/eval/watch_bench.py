@@ -24,15 +24,16 @@ import torch  # noqa: E402
 
 from .. import kv  # noqa: E402
 from ..reference import shapes_stream, vqa  # noqa: E402
-from ..understanding import Condensed, ReKV, watch  # noqa: E402
+from ..understanding import Auto, Condensed, ReKV, watch  # noqa: E402
 
 BLIND = "question alone (blind)"
 
 
 def default_memories(budgets: tuple[int, ...]) -> dict[str, kv.KVConfig | None]:
     """Full KV, and at each budget of device frames: sinks + window, ReKV (a quarter of the budget retrieved), its
-    4- and 2-bit host frames, ReKV retrieving at random, and a condensed memory (half the budget exact, the other
-    half as 16 times as many frames of one token); None is the blind baseline."""
+    4- and 2-bit host frames, ReKV retrieving at random, a condensed memory (half the budget exact, the other
+    half as 16 times as many frames of one token) and Auto (its own split and host bits); None is the blind
+    baseline."""
     memories: dict[str, kv.KVConfig | None] = {"full KV": kv.FullKV(), BLIND: None}
     sinks = vqa.SINK_FRAMES
     for budget in budgets:
@@ -46,6 +47,7 @@ def default_memories(budgets: tuple[int, ...]) -> dict[str, kv.KVConfig | None]:
             f"ReKV ({held} + random {k})": ReKV(frames=held, sink_frames=sinks, top_k=k, random_retrieval=True),
             f"condensed ({budget // 2} + {8 * budget} of 1 token)": Condensed(
                 frames=budget // 2, sink_frames=sinks, tokens=1, condensed_frames=8 * budget),
+            f"Auto ({budget})": Auto(memory_frames=budget),
         }
     return memories
 
@@ -58,6 +60,8 @@ def run_watch_bench(model, out: Path, streams: int = 32, frames: int = 512, ques
     result = {"frames": frames, "streams": streams, "questions": sum(len(q) for _, q in work), "budgets": list(budgets),
               "chunk_frames": chunk_frames, "window": model.config.stream_window, "memories": {}}
     for name, memory in default_memories(budgets).items():
+        plan = memory.plan(model, chunk_frames) if isinstance(memory, Auto) else None  # once, for every stream
+        memory = plan or memory
         accuracy, recall, seconds = shapes_stream.Accuracy(), [], []
         device_peak = question_peak = host_peak = 0
         for stream, asked in work:
@@ -78,7 +82,8 @@ def run_watch_bench(model, out: Path, streams: int = 32, frames: int = 512, ques
         result["memories"][name] = {
             **accuracy.summary(),
             "device_kv_bytes": device_peak, "device_kv_bytes_at_question": int(question_peak), "host_kv_bytes": host_peak,
-            "evidence_recall": statistics.mean(recall) if recall else None, "answer_seconds": statistics.median(seconds)}
+            "evidence_recall": statistics.mean(recall) if recall else None, "answer_seconds": statistics.median(seconds),
+            "plan": repr(plan) if plan else None}
         print(name, json.dumps(result["memories"][name]["accuracy"]), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))

@@ -7,8 +7,9 @@ What the memory holds is the policy's: `kv.FullKV()` every frame (the trained or
 `kv.Sinks(frames, sink_frames)` or `kv.SlidingWindow(frames)` the frames it keeps (StreamingLLM: the
 rest are dropped), `ReKV(...)` the same on the device and every older frame on the host (in 8, 4 or
 2 bits with `quant=kv.KVQuant(bits=...)`), retrieved per question, `Condensed(...)` the same and
-older frames condensed. A question attends to every frame held (and retrieved); it leaves the
-memory as it found it.
+older frames condensed; `Auto(memory=...)`, ours, the ReKV a device budget is best spent on, from
+a profile of the model's attention. A question attends to every frame held (and retrieved); it
+leaves the memory as it found it.
 
     watcher = tempocache.watch(model, memory=kv.Sinks(frames=66, sink_frames=2))
     watcher.add(frames)                      # (T, 3, 32, 32) in [0, 1], any T, as often as frames come
@@ -28,6 +29,7 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 from .. import kv
 from ..kv.quantized import QuantizedFrame, quantize_frame
 from ..reference import shapes_stream, vqa
+from .auto import Auto
 from .condensed import Condensed, condense
 from .rekv import ReKV, block_scores, retrieve
 
@@ -47,13 +49,15 @@ class Watcher:
 
     def __init__(self, model: LlavaForConditionalGeneration, memory: kv.KVConfig | None = None, chunk_frames: int = 4):
         memory = kv.FullKV() if memory is None else memory
-        if type(memory) not in MEMORIES:
-            raise TypeError(f"watch keeps its memory with {', '.join(m.__name__ for m in MEMORIES)}, "
+        if type(memory) not in (*MEMORIES, Auto):
+            raise TypeError(f"watch keeps its memory with {', '.join(m.__name__ for m in MEMORIES)} or Auto, "
                             f"not {type(memory).__name__}")
         memory.check(chunk_frames)
         if not isinstance(model, LlavaForConditionalGeneration) or not hasattr(model.config, "stream_window"):
             raise TypeError(f"watch reads streams with shapes-vqa (a LlavaForConditionalGeneration whose config says "
                             f"the sinks and window it was trained to read frames under), not {type(model).__name__}")
+        if isinstance(memory, Auto):
+            memory = memory.plan(model, chunk_frames)
         if memory.quant is not None:
             if not isinstance(memory, ReKV):
                 raise ValueError(f"watch quantizes only the frames ReKV keeps on the host: {type(memory).__name__} "
@@ -117,7 +121,8 @@ class Watcher:
             keys, values = stored.pop(frame)
             if isinstance(self.memory, ReKV):
                 host[frame] = _to_host(keys, values, self.memory.quant)
-                representatives[frame] = keys[0].mean(1)  # (kv_heads, head_dim), of the exact keys, on the device
+                # (kv_heads, head_dim), of the exact keys; on the host, so that the device's memory stays flat
+                representatives[frame] = keys[0].mean(1).cpu()
             elif condensing:
                 stored[frame] = condense(keys, values, self.memory.tokens)[:2]
         if condensing:
@@ -199,7 +204,7 @@ class Watcher:
                     for _ in self.device_kv]
         queries: list[torch.Tensor] = []
         self._question(ids, [self.held] * len(self.device_kv), capture=queries)
-        return [retrieve(block_scores(q, torch.stack([self.representatives[layer][f] for f in frames])), frames,
+        return [retrieve(block_scores(q.cpu(), torch.stack([self.representatives[layer][f] for f in frames])), frames,
                          self.memory.top_k) for layer, q in enumerate(queries)]
 
     def stats(self) -> dict:
