@@ -9,8 +9,10 @@ relies on four things diffusers does not document as public:
 - `_reset_stateful_cache()` (what `DiffusionPipeline.maybe_free_model_hooks` calls) reaching
   such a hook's `reset_state`;
 - `CacheMixin.enable_cache` refusing while `_cache_config` is set, which `claim_cache` uses so
-  that a diffusers cache is not stacked on tempocache's.
-`check_internals` exercises all five on throwaway modules before the first hook is installed,
+  that a diffusers cache is not stacked on tempocache's;
+- the names its context-parallel hooks register under (`cp_input---...`, `cp_output---...`) and the
+  registry's `_hook_order`, so that `add_hook` keeps those hooks outermost.
+`check_internals` exercises them on throwaway modules before the first hook is installed,
 and raises, naming the diffusers version, if any of them changed.
 """
 
@@ -23,6 +25,8 @@ from typing import Iterator
 import diffusers
 import torch
 from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, ModelHook
+from diffusers.hooks.context_parallel import (_CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE,
+                                              _CONTEXT_PARALLEL_OUTPUT_HOOK_TEMPLATE)
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager, _set_cache_context
 from diffusers.models.cache_utils import CacheMixin
 from torch import nn
@@ -78,11 +82,27 @@ class ContextHook(Hook):
         return module
 
 
+CONTEXT_PARALLEL_HOOKS = tuple(t.split("{")[0] for t in (_CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE,
+                                                          _CONTEXT_PARALLEL_OUTPUT_HOOK_TEMPLATE))
+
+
 def add_hook(module: nn.Module, hook: Hook, part: str) -> None:
-    """Install `hook` on `module` under the name of the tempocache part it belongs to (STEP_CACHE or QUANT)."""
+    """Install `hook` on `module` under the name of the tempocache part it belongs to (STEP_CACHE or QUANT).
+
+    diffusers' context-parallel hooks (`enable_parallelism`) split a module's inputs across ranks and gather its
+    outputs: they are moved back outside `hook`, as if parallelism were enabled last, so that tempocache sees and
+    keeps the shard each rank computes whichever was enabled first."""
     check_internals()
     hook.part = part
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, part)
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    order = registry._hook_order
+    first = next((i for i, name in enumerate(order) if name.startswith(CONTEXT_PARALLEL_HOOKS)), len(order))
+    outer = [(name, registry.get_hook(name)) for name in order[first:]]
+    for name, _ in reversed(outer):  # outermost first: removing the last hook restores the forward it wrapped
+        registry.remove_hook(name, recurse=False)
+    registry.register_hook(hook, part)
+    for name, kept in outer:
+        registry.register_hook(kept, name)
 
 
 def remove_hook(module: nn.Module, name: str, recurse: bool = False) -> None:
@@ -150,7 +170,10 @@ def _exercise_internals() -> None:
     HookRegistry.check_if_exists_or_initialize(module).reset_stateful_hooks()
     if seen["resets"] != 1:
         raise AssertionError("HookRegistry.reset_stateful_hooks did not call the stateful hook's reset_state")
-    HookRegistry.check_if_exists_or_initialize(module).remove_hook("probe", recurse=False)
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    if registry._hook_order != ["probe"]:
+        raise AssertionError(f"HookRegistry._hook_order does not list the hooks in order ({registry._hook_order!r})")
+    registry.remove_hook("probe", recurse=False)
     module(torch.zeros(1, 1))
     if seen["forwards"] != 1:
         raise AssertionError("remove_hook left the hook in place")

@@ -52,10 +52,12 @@ from ..models import (
     Hook,
     add_hook,
     attached,
+    decision_group,
     find_blocks,
     find_profile,
     fingerprint,
     remove_hook,
+    summed,
     timestep_of,
     transformer_of,
 )
@@ -211,6 +213,7 @@ class _Controller:
         self.changes: dict[int, torch.Tensor] = {}
         self.last_timestep: float | None = None
         self.low_macs = self.all_macs = 0.0
+        self.transformer = transformer
         blocks = find_blocks(transformer)
         self.blocks = blocks.modules
         if mix[1] == "change":  # the block changes are read only by the predictor
@@ -231,7 +234,9 @@ class _Controller:
         change = np.array(self.profile.initial_change)
         if self.changes:
             measured = sorted(self.changes)
-            change[measured] = torch.stack([self.changes[b] for b in measured]).float().cpu().numpy()
+            # every rank's shard of each block, under context parallelism: all ranks pick the same precisions
+            sums = summed(torch.stack([self.changes[b] for b in measured]), decision_group(self.transformer))
+            change[measured] = (sums[:, 0] / sums[:, 1].clamp(min=1e-24)).sqrt().cpu().numpy()
         t = timestep if timestep is not None else self.profile.step_timesteps[-1]  # no timestep: as at the first step
         low = self.profile.scores(change, t, self.mix) <= self.threshold
         for layer, is_low in zip(self.layers, low):
@@ -255,15 +260,22 @@ class _ChangeHook(Hook):
         return args, kwargs
 
     def post_forward(self, module, output):
-        self.controller.changes[self.index] = relative_state_change(self.call.state_out(output, self._args, self._kwargs), self.state_in)
+        self.controller.changes[self.index] = state_change_sums(self.call.state_out(output, self._args, self._kwargs),
+                                                                self.state_in)
         self.state_in = self._args = self._kwargs = None
         return output
 
 
+def state_change_sums(new: tuple, old: tuple) -> torch.Tensor:
+    """(2,) |new - old|^2 and |old|^2 summed over every tensor of a block state (no device sync)."""
+    pairs = [(n.float(), o.float()) for n, o in zip(new, old) if n is not None and o is not None]
+    return torch.stack([sum((n - o).pow(2).sum() for n, o in pairs), sum(o.pow(2).sum() for _, o in pairs)])
+
+
 def relative_state_change(new: tuple, old: tuple) -> torch.Tensor:
     """|new - old| / |old| over every tensor of a block state (a 0-d tensor: no device sync)."""
-    pairs = [(n.float(), o.float()) for n, o in zip(new, old) if n is not None and o is not None]
-    return torch.sqrt(sum((n - o).pow(2).sum() for n, o in pairs) / sum(o.pow(2).sum() for _, o in pairs).clamp(min=1e-24))
+    change, size = state_change_sums(new, old)
+    return torch.sqrt(change / size.clamp(min=1e-24))
 
 
 def calibrate_quant(pipe: Any, prompts: Sequence, run: Run | None = None, format: str = "fp8",

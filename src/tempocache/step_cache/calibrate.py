@@ -103,7 +103,7 @@ class _Recorder(Policy):
                 self.trajectories.append(self.open[step.branch])
             record = self.open[step.branch]
             record["timesteps"].append(step.timestep)
-            record["signal"].append(teacache_signal(x_in, memory.temb, memory.state.previous))
+            record["signal"].append(teacache_signal(x_in, memory.temb, memory.state.previous, step.group))
             memory.state.previous = (x_in[0], memory.temb)
             record["h0"].append(self._sample(x_in[0]))
             record["residuals"].append([])

@@ -37,8 +37,10 @@ from ..models import (
     add_hook,
     attach,
     attached,
+    check_parallel,
     claim_cache,
     conditioning_key,
+    decision_group,
     detach,
     find_blocks,
     hidden_states_of,
@@ -148,6 +150,7 @@ class StepCacheEngine(Attachment):
             restarted = t > branch.timestep or shape != branch.shape or step_index <= branch.index
         self._last_timestep = t
         if restarted or not self.branches:
+            check_parallel(self.transformer)  # parallelism may have been enabled after the cache
             self.branches, self._unnamed = {}, {}
             self.counts.generations += 1
             self._generation_steps = self._scheduled_steps() if announced else None
@@ -163,7 +166,7 @@ class StepCacheEngine(Attachment):
         if num_steps is None and self._timesteps is not None:
             unknown = (f"a pipeline other than the one tempocache was enabled on, or a loop of its own, runs this "
                        f"{type(self.transformer).__name__}: that pipeline's scheduler did not start this generation")
-        return Step(branch.index, num_steps, t, name, unknown), branch
+        return Step(branch.index, num_steps, t, name, unknown, decision_group(self.transformer)), branch
 
     def _scheduler_timesteps(self):
         return getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
@@ -317,6 +320,7 @@ def enable(pipe_or_transformer: Any, config: StepCacheConfig) -> StepCacheEngine
                            f"({type(existing.config).__name__}); call tempocache.disable() first")
     if getattr(transformer, "is_cache_enabled", False):
         raise RuntimeError(f"a diffusers cache is enabled on this {type(transformer).__name__}; call transformer.disable_cache() first")
+    check_parallel(transformer)
     engine = StepCacheEngine(transformer, config, pipe)
     attach(transformer, STEP_CACHE, engine)
     claim_cache(transformer, config)

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed import ProcessGroup
 
-from ..models import State
+from ..models import State, summed
 
 
 class Action(enum.Enum):
@@ -32,6 +33,7 @@ class Step:
     timestep: float
     branch: str  # "cond", "uncond", ... (the pipeline's cache_context name, else the call's order at this timestep)
     steps_unknown: str = ""  # why the step count is unknown where a pipeline should have told it
+    group: ProcessGroup | None = None  # the ranks this call's sequence is split over (context parallelism)
 
     def require_num_steps(self, policy: str, alternative: str = "") -> int:
         if self.num_steps is None:
@@ -98,9 +100,12 @@ def sub(a: State, b: State) -> State:
     return tuple(None if x is None or y is None else x - y for x, y in zip(a, b))
 
 
-def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
-    """mean|a - b| / mean|b|."""
-    return float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
+def relative_change(a: torch.Tensor, b: torch.Tensor, group: ProcessGroup | None = None) -> float:
+    """mean|a - b| / mean|b|; over every rank's shard of a and b where `group` splits them (`Step.group`)."""
+    if group is None:
+        return float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
+    difference, size = summed(torch.stack([(a - b).abs().sum(), b.abs().sum()]), group)
+    return float(difference / size.clamp_min(1e-12))
 
 
 def taylor_forecast(history: list[tuple[int, State]], step: int, order: int) -> State:

@@ -81,7 +81,7 @@ class DBCachePolicy(Policy):
         probe = memory.segments[0].history[-1][1][0]
         if (step.index < self.warmup or state.probe is None
                 or (self.max_cached_steps is not None and state.cached_steps >= self.max_cached_steps)
-                or relative_change(probe, state.probe) >= self.threshold):
+                or relative_change(probe, state.probe, step.group) >= self.threshold):
             return Action.COMPUTE
         state.cached_steps += 1
         return Action.REUSE

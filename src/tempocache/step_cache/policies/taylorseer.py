@@ -98,4 +98,4 @@ class GatedTaylorSeerPolicy(Policy):
         if step.index < c.warmup or len(probe) < 3 or step.index - last >= c.max_interval:
             return Action.COMPUTE
         forecast = taylor_forecast(probe[:-1], step.index, self.order)[0]
-        return Action.FORECAST if relative_change(forecast, probe[-1][1][0]) < c.threshold else Action.COMPUTE
+        return Action.FORECAST if relative_change(forecast, probe[-1][1][0], step.group) < c.threshold else Action.COMPUTE

@@ -17,18 +17,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from ..policy import Action, BranchMemory, Policy, State, Step, StepCacheConfig, check_int, check_range, relative_change
 from ..profile import ProfileArg, require_profile
 
 
-def teacache_signal(x: State, temb: torch.Tensor | None, previous: tuple | None) -> float | None:
-    """TeaCache's input signal: the relative change of the first block's input and of its timestep embedding."""
+def teacache_signal(x: State, temb: torch.Tensor | None, previous: tuple | None,
+                    group: ProcessGroup | None = None) -> float | None:
+    """TeaCache's input signal: the relative change of the first block's input and of its timestep embedding (over
+    every rank's shard of each, with `group`: a per-token embedding is split as the tokens are)."""
     if previous is None:
         return None
-    signal = relative_change(x[0], previous[0])
+    signal = relative_change(x[0], previous[0], group)
     if temb is not None and previous[1] is not None:
-        signal += relative_change(temb, previous[1])
+        signal += relative_change(temb, previous[1], group)
     return signal
 
 
@@ -72,7 +75,7 @@ class TeaCachePolicy(Policy):
 
     def decide(self, step: Step, segment: int, x: State, memory: BranchMemory) -> Action:
         state: TeaCacheState = memory.state
-        signal = teacache_signal(x, memory.temb, state.previous)
+        signal = teacache_signal(x, memory.temb, state.previous, step.group)
         state.previous = (x[0], memory.temb)
         if step.index < self.config.warmup or signal is None:
             return Action.COMPUTE

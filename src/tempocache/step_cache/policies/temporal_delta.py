@@ -44,6 +44,6 @@ class TemporalDeltaPolicy(Policy):
         c = self.config
         last = memory.segments[segment].last_step
         if (step.index < c.warmup or (c.max_cached_steps is not None and step.index - last > c.max_cached_steps)
-                or relative_change(x[0], memory.segments[segment].input[0]) >= c.threshold):
+                or relative_change(x[0], memory.segments[segment].input[0], step.group) >= c.threshold):
             return Action.COMPUTE
         return Action.REUSE
