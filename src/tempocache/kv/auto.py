@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .config import check_frames, check_scoring
+from .config import check_frames, check_one_budget, check_scoring
 from .merged import Summary
 from .quantized import REBUILD_ONCE
 from .window import SlidingWindow
@@ -50,20 +50,15 @@ class Auto(SlidingWindow):
         super().check(chunk_frames)
         if self.quant is not None:
             raise ValueError("Auto chooses the bits of each layer and frame itself: leave quant None")
-        if (self.memory is None) == (self.memory_frames is None):
-            raise ValueError("Auto needs one budget: memory=bytes or memory_frames=frames (kept exact)")
+        check_one_budget("Auto", self.memory, self.memory_frames)  # memory_frames: kept exact
         if self.exact_frames is not None:
             check_frames("exact_frames", self.exact_frames, least=chunk_frames)
             if self.exact_frames > self.frames:
                 raise ValueError(f"exact_frames ({self.exact_frames}) cannot exceed frames ({self.frames})")
         least = self.exact_frames or chunk_frames
-        if self.memory_frames is not None:
-            check_frames("memory_frames", self.memory_frames)
-            if self.memory_frames < least:
-                raise ValueError(f"a budget of {self.memory_frames} frames is less than the {least} frames kept exact "
-                                 f"(one chunk at least): use memory_frames >= {least}")
-        elif isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
-            raise ValueError(f"memory must be a positive number of bytes, got {self.memory!r}")
+        if self.memory_frames is not None and self.memory_frames < least:
+            raise ValueError(f"a budget of {self.memory_frames} frames is less than the {least} frames kept exact "
+                             f"(one chunk at least): use memory_frames >= {least}")
         check_scoring(self.query_sample, self.decay)
         rebuild = self.rebuild_frames
         if rebuild not in (None, REBUILD_ONCE) and (isinstance(rebuild, bool) or not isinstance(rebuild, int) or

@@ -94,6 +94,16 @@ def check_frames(name: str, value, least: int = 1) -> None:
         raise ValueError(f"{name} must be an integer of at least {least} frames, got {value!r}")
 
 
+def check_one_budget(policy: str, memory, memory_frames) -> None:
+    """A memory budget given one way: `memory` bytes (a positive integer) or `memory_frames` frames."""
+    if (memory is None) == (memory_frames is None):
+        raise ValueError(f"{policy} needs one budget: memory=bytes or memory_frames=frames")
+    if memory_frames is not None:
+        check_frames("memory_frames", memory_frames)
+    elif isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
+        raise ValueError(f"memory must be a positive number of bytes, got {memory!r}")
+
+
 def check_scoring(query_sample, decay) -> None:
     """The knobs of a policy that scores the attention its frames receive: queries sampled per call, and what is left
     of a score after each commit."""

@@ -1,7 +1,7 @@
 """The one place tempocache touches diffusers' hook internals.
 
 tempocache installs its behaviour as diffusers `ModelHook`s, as diffusers' own caches do, and
-relies on four things diffusers does not document as public:
+relies on these things diffusers does not document as public:
 - `HookRegistry.check_if_exists_or_initialize(module)`, its `register_hook` and `remove_hook`;
 - a hook's `fn_ref.original_forward`, the forward it wraps;
 - pipelines' `transformer.cache_context(name, step_index=..., ...)` reaching, through
@@ -90,7 +90,7 @@ def add_hook(module: nn.Module, hook: Hook, part: str) -> None:
     """Install `hook` on `module` under the name of the tempocache part it belongs to (STEP_CACHE or QUANT).
 
     diffusers' context-parallel hooks (`enable_parallelism`) split a module's inputs across ranks and gather its
-    outputs: they are moved back outside `hook`, as if parallelism were enabled last, so that tempocache sees and
+    outputs: `hook` goes inside them, as if parallelism were enabled last, so that tempocache sees and
     keeps the shard each rank computes whichever was enabled first."""
     check_internals()
     hook.part = part

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import kv
-from ..kv.config import check_frames
-from ..kv.quantized import quantize_frame
+from ..kv.config import check_frames, check_one_budget
+from ..kv.quantized import exact_bytes, quantize_frame
 from ..reference.shapes_stream import ShapesStream
 from .rekv import ReKV, block_scores, retrieve
 
@@ -49,13 +49,7 @@ class Auto(kv.KVConfig):
         super().check(chunk_frames)
         if self.quant is not None:
             raise ValueError("Auto chooses the host frames' bits itself: leave quant None")
-        if (self.memory is None) == (self.memory_frames is None):
-            raise ValueError("Auto needs one budget: memory=bytes or memory_frames=frames")
-        if self.memory is not None and (isinstance(self.memory, bool) or not isinstance(self.memory, int)
-                                        or self.memory <= 0):
-            raise ValueError(f"memory must be a positive number of bytes, got {self.memory!r}")
-        if self.memory_frames is not None:
-            check_frames("memory_frames", self.memory_frames)
+        check_one_budget("Auto", self.memory, self.memory_frames)
         for name in ("profile_streams", "profile_frames", "profile_questions"):
             check_frames(name, getattr(self, name))
         if not 0 < self.tolerance < 1:
@@ -66,8 +60,8 @@ class Auto(kv.KVConfig):
         self.check(chunk_frames)
         text, sinks = model.config.text_config, model.config.stream_sinks
         head_dim = text.hidden_size // text.num_attention_heads
-        frame = kv.quantized.exact_bytes(1, model.config.image_seq_length, text.num_key_value_heads, head_dim,
-                                         model.dtype.itemsize) * text.num_hidden_layers
+        frame = exact_bytes(1, model.config.image_seq_length, text.num_key_value_heads, head_dim,
+                            model.dtype.itemsize) * text.num_hidden_layers
         frames = self.memory_frames if self.memory is None else self.memory // frame
         least = sinks + chunk_frames + 1
         if frames < least:
@@ -105,7 +99,7 @@ class _Profile:
 
     def __init__(self):
         self.questions: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per question, per layer (mass, scores)
-        self.outputs: list[tuple] = []  # (queries, keys, values) per question and layer, a sample
+        self.outputs: list[tuple] = []  # (queries, keys, values, frames) per question and layer
 
     def add(self, watcher, question: str) -> None:
         ids = torch.tensor(watcher.tokenizer.encode(question), device=watcher.model.device)
