@@ -21,6 +21,7 @@ POLICIES = {
     "FirstBlockCache(0.3)": lambda: tempocache.FirstBlockCache(threshold=0.3),  # the tiny FLUX changes more a step
     "TeaCache": lambda: tempocache.TeaCache(threshold=0.5, coefficients=(1.0, 0.0)),
     "GatedTaylorSeer": lambda: tempocache.GatedTaylorSeer(threshold=0.3),
+    "W8A8 + FP8 attention": lambda: tempocache.W8A8("fp8", attention=True),
     "TimestepAdaptive": lambda profile: tempocache.TimestepAdaptive(budget=0.5, format="int8",
                                                                     profile=tempocache.QuantProfile.load(profile)),
 }
@@ -195,7 +196,8 @@ def split(request, quant_profile) -> tuple[int, list[tuple], list[tuple]]:
     cases, each rank's (rank, results, forced))."""
     world = request.param
     cases = CASES[world] + ([("wan", "TimestepAdaptive", "parallel first", 2, quant_profile),
-                             ("wan", "TimestepAdaptive", "cache first", 2, quant_profile)] if world == 2 else [])
+                             ("wan", "TimestepAdaptive", "cache first", 2, quant_profile),
+                             ("wan", "W8A8 + FP8 attention", "cache first", 2)] if world == 2 else [])
     return world, cases, succeeded(in_parallel(world, _rank, cases))
 
 
@@ -207,11 +209,20 @@ def test_a_split_generation_with_a_cache_is_the_single_process_one_and_every_ran
         expected, expected_ran, expected_stats = single(name, policy, heads, *args)
         if policy == "TimestepAdaptive":  # some layers ran in 8 bits and some not, on every rank alike
             assert 0 < expected_stats["low_precision_share"] < 1
+        elif policy.startswith("W8A8"):
+            assert expected_stats["attention_fp8_calls"] > 0
         else:
             skipped = expected_stats["blocks_reused"] + expected_stats["blocks_forecast"]
             assert 0 < skipped < expected_stats["block_calls"]  # the cache did skip, and compute
         for _, results, _ in ranks:
             out, every, stats = results[i]
+            if policy.startswith("W8A8"):
+                # attention's FP8 scales are per tensor, and a rank's tensors hold its share of the heads (Ulysses):
+                # the same numerics to within FP8 rounding, not to the bit
+                assert stats["attention_fp8_calls"] == expected_stats["attention_fp8_calls"]
+                error = (torch.from_numpy(out) - expected).norm() / expected.norm()
+                assert error < 0.05, error
+                continue
             torch.testing.assert_close(torch.from_numpy(out), expected, atol=1e-5, rtol=1e-5)
             assert all(ran == expected_ran for ran in every), (name, policy, order)  # the same blocks, in order
             if policy == "TimestepAdaptive":
