@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 import tempocache
 from diffusers import WanTransformer3DModel
-from families import TEXT_DIM, tiny
+from families import TEXT_DIM, run, tiny
 
 TIMESTEPS = torch.linspace(999, 100, 8)
 TIMEOUT = 240  # seconds a spawn of ranks may take
@@ -89,7 +89,12 @@ def _case(name: str, policy, order: str, heads: int, world: int, moving: slice =
         return repr(error)
     every = [None] * world
     dist.all_gather_object(every, ran)
-    return out.numpy(), every, stats(family.transformer)  # by value: the process ends
+    result = stats(family.transformer)
+    if isinstance(policy, tempocache.StepCacheConfig):  # disabled, the split model computes as it did before
+        tempocache.disable(family.transformer)
+        with torch.no_grad():
+            result["after_disable"] = family.transformer(**family.inputs(size=8), return_dict=False)[0].numpy()
+    return out.numpy(), every, result  # by value: the process ends
 
 
 def _rank(rank: int, world: int, port: int, cases: list[tuple], queue) -> None:
@@ -229,6 +234,8 @@ def test_a_split_generation_with_a_cache_is_the_single_process_one_and_every_ran
                 assert stats["low_precision_share"] == expected_stats["low_precision_share"]
             else:  # each rank holds its shard of the residuals (TeaCache's timestep embedding is whole on each)
                 assert stats["cache_bytes"] * (world if policy != "TeaCache" else 1) <= expected_stats["cache_bytes"]
+                plain = run(model(name, heads), size=8)
+                torch.testing.assert_close(torch.from_numpy(stats["after_disable"]), plain, atol=1e-5, rtol=1e-5)
 
 
 def test_ulysses_over_more_ranks_than_the_heads_divide_is_refused_before_compute(split):
