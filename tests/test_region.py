@@ -204,3 +204,19 @@ def test_calibrate_fits_regione_gamma_for_an_editor_only(tmp_path, monkeypatch, 
     RegionE(partition_step=1, refresh_steps=(), final_steps=1, velocity_threshold=0.1, gamma=tuple(saved["gamma"])).check(6)
     assert main(["calibrate", "--model", "shapes-t2i", "--regione", "--out", str(tmp_path / "x.json")]) == 2
     assert "not an editor" in capsys.readouterr().err
+
+
+def test_regione_on_a_context_parallel_transformer_is_refused_enabled_before_or_after():
+    from diffusers import ContextParallelConfig, ParallelConfig
+
+    split = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))  # as enable_parallelism
+    pipe = tiny_editor()  # records it on a model (which needs ranks to run)
+    pipe.transformer._parallel_config = split
+    with pytest.raises(NotImplementedError, match="takes no part in diffusers' context parallelism"):
+        tc.enable(pipe, RegionE(**SCHEDULE))
+    pipe.transformer._parallel_config = None
+    with tc.enabled(pipe, RegionE(**SCHEDULE)):
+        pipe.transformer._parallel_config = split
+        with pytest.raises(NotImplementedError, match="takes no part"):
+            edit(pipe)
+        pipe.transformer._parallel_config = None

@@ -161,6 +161,15 @@ def test_bad_settings_are_refused_before_any_compute(pipe, kwargs, error):
         stream(pipe, PROMPT, **kwargs)
 
 
+def test_a_stream_on_a_context_parallel_transformer_is_refused():
+    from diffusers import ContextParallelConfig, ParallelConfig
+
+    split = tiny_pipe()  # what enable_parallelism records on a model (which needs ranks to run)
+    split.transformer._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+    with pytest.raises(NotImplementedError, match="takes no part in diffusers' context parallelism"):
+        stream(split, PROMPT, frames=4)
+
+
 def test_bad_prompts_are_refused_before_any_compute_also_mid_stream(pipe):
     with pytest.raises(ValueError, match="nothing can grow"):
         stream(pipe, "a red circle grows on a black background")

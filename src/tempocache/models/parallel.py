@@ -14,17 +14,21 @@ import torch.distributed as dist
 from torch import nn
 
 
+def context_parallel_config(transformer: nn.Module):
+    """diffusers' `ContextParallelConfig` the transformer runs under, or None."""
+    return getattr(getattr(transformer, "_parallel_config", None), "context_parallel_config", None)
+
+
 def decision_group(transformer: nn.Module) -> dist.ProcessGroup | None:
     """The ranks a context-parallel transformer's generation is split over (None: it is not split)."""
-    config = getattr(getattr(transformer, "_parallel_config", None), "context_parallel_config", None)
-    mesh = getattr(config, "_flattened_mesh", None)
+    mesh = getattr(context_parallel_config(transformer), "_flattened_mesh", None)
     return None if mesh is None or mesh.size() == 1 else mesh.get_group()
 
 
 def check_parallel(transformer: nn.Module) -> None:
     """Raise ValueError, before any compute, for a split diffusers' Ulysses attention cannot make: it hands each
     rank a share of the attention heads, so their count must divide by the Ulysses degree (or ulysses_anything)."""
-    config = getattr(getattr(transformer, "_parallel_config", None), "context_parallel_config", None)
+    config = context_parallel_config(transformer)
     heads = getattr(getattr(transformer, "config", None), "num_attention_heads", None)
     if config is None or heads is None or config.ulysses_anything or heads % config.ulysses_degree == 0:
         return
