@@ -17,7 +17,7 @@ import torch
 
 from .kv import FullKV, KVCache, KVConfig, Layout, Recompute, installed
 from .kv.quantized import exact_bytes
-from .models import STREAM, Attachment, attach, attached, cache_context, context_parallel_config, detach
+from .models import STREAM, Attachment, attach, attached, cache_context, detach, refuse_context_parallel
 from .reference.models import predict_velocity
 from .reference.pipeline import ShapesPipeline
 
@@ -210,10 +210,7 @@ def stream(pipe_or_model: ShapesPipeline | str, prompt: str | list[str], frames:
         from .generation import load_pipeline
 
         pipe_or_model = load_pipeline(pipe_or_model, device)
-    if context_parallel_config(pipe_or_model.transformer) is not None:
-        raise NotImplementedError("tempocache.stream attends to its KV cache with attention of its own, which takes no "
-                                  "part in diffusers' context parallelism (each rank's chunk would see only its shard "
-                                  "of the frames): stream on one GPU, without transformer.enable_parallelism")
+    refuse_context_parallel(pipe_or_model.transformer, "tempocache.stream", "stream on one GPU")
     spec = pipe_or_model.spec
     return Stream(pipe_or_model, prompt, frames, kv or FullKV(), spec.default_steps if steps is None else steps,
                   spec.default_guidance if guidance is None else guidance, seed, on_prompt_switch)

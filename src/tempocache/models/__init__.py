@@ -16,11 +16,11 @@ from .families import (
     register_family,
 )
 from .hooks import ContextHook, Hook, add_hook, cache_context, claim_cache, release_cache, remove_hook
-from .parallel import check_parallel, context_parallel_config, decision_group, summed
+from .parallel import check_parallel, context_parallel_config, decision_group, refuse_context_parallel, summed
 from .profiles import find_profile, fingerprint, register_profile, registered_profiles
 
 __all__ = ["FAMILIES", "QUANT", "REGION", "STEP_CACHE", "STREAM", "Attachment", "BlockCall", "Blocks", "ContextHook", "Family", "Hook",
            "State", "add_hook", "attach", "attached", "attention_modules", "cache_context", "claim_cache",
            "check_parallel", "conditioning_key", "context_parallel_config", "decision_group", "detach", "find_blocks", "find_profile", "fingerprint", "hidden_states_of", "modulation_modules",
            "output_tensor", "register_family", "register_profile", "registered_profiles", "release_cache",
-           "remove_hook", "require_attached", "summed", "timestep_of", "transformer_of", "with_output_tensor"]
+           "refuse_context_parallel", "remove_hook", "require_attached", "summed", "timestep_of", "transformer_of", "with_output_tensor"]

@@ -39,6 +39,16 @@ def check_parallel(transformer: nn.Module) -> None:
                      f"ring attention, or ContextParallelConfig(ulysses_anything=True)")
 
 
+def refuse_context_parallel(transformer: nn.Module, part: str, instead: str) -> None:
+    """Raise NotImplementedError if `transformer` is split by diffusers' context parallelism, for a tempocache `part`
+    that attends with attention of its own (no part in diffusers' exchange between ranks: each rank would attend
+    only to its shard, a silently wrong result); `instead`: what to do."""
+    if context_parallel_config(transformer) is not None:
+        raise NotImplementedError(f"{part} attends with attention of its own, which takes no part in diffusers' "
+                                  f"context parallelism (each rank would attend only to its shard): {instead}, "
+                                  f"without transformer.enable_parallelism")
+
+
 def summed(partial: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """`partial` (sums over this rank's shard) summed over `group`'s ranks, in float64 so that every rank, and one
     unsplit process, adds up nearly the same number."""

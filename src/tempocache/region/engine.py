@@ -18,7 +18,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 from ..models import REGION, Attachment, ContextHook, add_hook, attach, attached, conditioning_key, detach, remove_hook
-from ..models import context_parallel_config, require_attached, transformer_of
+from ..models import refuse_context_parallel, require_attached, transformer_of
 from .attention import RegionAttention, RegionCall, RegionKV
 from .config import RegionE
 from .partition import edited_tokens, token_similarity
@@ -210,7 +210,7 @@ class RegionEngine(Attachment):
             raise RuntimeError(f"the transformer was called at timestep {t:g}, which is not on the schedule of the "
                                f"pipeline RegionE was enabled on")
         if timesteps is not generation.timesteps or step < generation.step:
-            refuse_context_parallel(self.transformer)  # parallelism may have been enabled after RegionE
+            refuse_context_parallel(self.transformer, "RegionE", "edit on one GPU")  # enabled after RegionE?
             self.forget()
             self.generation = generation = Generation(timesteps=timesteps, sigmas=scheduler.sigmas.cpu())
             self.counts.generations += 1
@@ -224,13 +224,6 @@ class RegionEngine(Attachment):
             return context.name
         key = conditioning_key(self.transformer, args, kwargs)
         return self.branch_names.setdefault(key, f"call{len(self.branch_names)}")
-
-
-def refuse_context_parallel(transformer: FluxTransformer2DModel) -> None:
-    if context_parallel_config(transformer) is not None:
-        raise NotImplementedError("RegionE attends with attention of its own, which takes no part in diffusers' context "
-                                  "parallelism (each rank would attend only to its shard): edit on one GPU, without "
-                                  "transformer.enable_parallelism")
 
 
 def _noisy_tokens(img_ids: torch.Tensor) -> int:
@@ -275,7 +268,7 @@ def enable_region(pipe: Any, config: RegionE) -> RegionEngine:
     transformer, pipe = transformer_of(pipe)
     if not isinstance(transformer, FluxTransformer2DModel):
         raise TypeError(f"RegionE edits with a FluxTransformer2DModel (Kontext-style), not {type(transformer).__name__}")
-    refuse_context_parallel(transformer)
+    refuse_context_parallel(transformer, "RegionE", "edit on one GPU")
     if pipe is None or not isinstance(getattr(pipe, "scheduler", None), FlowMatchEulerDiscreteScheduler):
         raise TypeError("RegionE is enabled on the pipeline (it follows its FlowMatchEulerDiscreteScheduler's "
                         "Euler steps), not on a bare transformer")
