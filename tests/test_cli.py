@@ -114,10 +114,10 @@ def test_quantization_predictor_and_quality_from_the_command_line(tmp_path, caps
     assert "give one of them" in capsys.readouterr().err
 
     saved = tmp_path / "quality.json"
-    assert main(["quant-quality", "--model", "shapes-t2i", "--captions", "1", "--save", str(saved)]) == 0
+    assert main(["quant-quality", "--model", "shapes-t2i", "--captions", "1", "--steps", "4", "--save", str(saved)]) == 0
     rows = json.loads(saved.read_text())["rows"]
     assert rows[0]["quantization"] == "full precision" and rows[0]["psnr"] == 100
     assert all(20 < r["psnr"] < 100 for r in rows[1:])
     assert all(r["weight_bytes_ratio"] > 3.9 for r in rows if r["quantization"] != "full precision")
-    assert {r["step_cache"] for r in rows} == {"none", "Auto(budget=0.33)"}
+    assert {r["step_cache"] for r in rows} == {"none", "Auto(budget=0.33) zero-shot"}
     assert "| TimestepAdaptive fp8 budget=0.7 | none |" in capsys.readouterr().out

@@ -335,7 +335,8 @@ def _quant_quality(args: argparse.Namespace) -> None:
 
     if args.save:
         check_writable(args.save)
-    result = quant_quality(args.model, args.captions, args.device, args.batch_size, args.seed, args.format, args.cache_profile)
+    result = quant_quality(args.model, args.captions, args.device, args.batch_size, args.seed, args.format, args.cache_profile,
+                           args.steps)
     _save_json(args.save, result)
     print(format_table(result))
 
@@ -568,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["fp8", "int8"], default="fp8", help="TimestepAdaptive's 8-bit format")
     p.add_argument("--cache-profile", type=Path, default=None,
                    help="a step-cache profile made with calibrate --quantized FORMAT: also run W8A8 + Auto with it")
+    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=positive_int, default=16)

@@ -28,13 +28,14 @@ ADAPTIVE_BUDGETS = (0.9, 0.7)
 CACHE_BUDGET = 0.33
 
 
-def settings(fmt: str, static_shares: dict[float, float],
-             quantized_cache_profile: str | None = None) -> list[tuple[object | None, object | None]]:
+def settings(fmt: str, static_shares: dict[float, float], quantized_cache_profile: str | None = None,
+             zero_shot: bool = False) -> list[tuple[object | None, object | None]]:
     """(quantization config, step-cache config) pairs; full precision first.
 
     static_shares: per budget of ADAPTIVE_BUDGETS, the 8-bit share static mixed precision reaches
     at it. With `quantized_cache_profile` (a step-cache profile calibrated on the W8A8 `fmt`
-    model, CacheQuant's point), W8A8 `fmt` + Auto also runs with that profile.
+    model, CacheQuant's point), W8A8 `fmt` + Auto also runs with that profile. `zero_shot`: Auto plans
+    without the model's profile (which is for its default step count).
     """
     static = [q.W8A8("fp8"), q.W8A8("int8"), q.W8A8(fmt, attention=True)]
     quantized, cached = list(static), [None, *static]
@@ -43,7 +44,7 @@ def settings(fmt: str, static_shares: dict[float, float],
         quantized += [adaptive, q.TimestepAdaptive(static_shares[budget], fmt), q.TimestepAdaptive(budget, fmt, per_step=False),
                       with_attention]
         cached += [adaptive, with_attention]
-    cached = [(config, sc.Auto(CACHE_BUDGET)) for config in cached]
+    cached = [(config, sc.Auto(CACHE_BUDGET, zero_shot=zero_shot)) for config in cached]
     if quantized_cache_profile:
         cached.append((q.W8A8(fmt), sc.Auto(CACHE_BUDGET, profile=quantized_cache_profile)))
     return [(None, None), *((config, None) for config in quantized), *cached]
@@ -60,7 +61,8 @@ def describe(config) -> str:
 
 
 def quant_quality(model: str = "shapes-t2v", captions: int = 16, device: str = "cpu", batch_size: int = 16,
-                  seed: int = 0, fmt: str = "fp8", quantized_cache_profile: str | None = None) -> dict:
+                  seed: int = 0, fmt: str = "fp8", quantized_cache_profile: str | None = None,
+                  steps: int | None = None) -> dict:
     spec = get_spec(model)
     evaluator = load_evaluator(device)
     scenes = shapesworld.held_out_scenes(captions, seed, with_motion=spec.is_video)
@@ -68,7 +70,8 @@ def quant_quality(model: str = "shapes-t2v", captions: int = 16, device: str = "
     probe = load_pipeline(model, device)  # fail on a missing profile before any sampling
     names = [n for n, _ in quantizable_linears(probe.transformer)]
     profile = q.TimestepAdaptive(format=fmt).prepare(probe.transformer, fmt, names).profile
-    runs = settings(fmt, {budget: profile.static_share(budget) for budget in ADAPTIVE_BUDGETS}, quantized_cache_profile)
+    shares = {budget: profile.static_share(budget) for budget in ADAPTIVE_BUDGETS}
+    runs = settings(fmt, shares, quantized_cache_profile, zero_shot=steps not in (None, spec.default_steps))
     for quant_config, cache_config in runs:
         if isinstance(quant_config, q.TimestepAdaptive):
             quant_config.prepare(probe.transformer, fmt, names)
@@ -83,21 +86,23 @@ def quant_quality(model: str = "shapes-t2v", captions: int = 16, device: str = "
         if cache_config is not None:
             sc.enable(pipe, cache_config)
         start = time.perf_counter()
-        clips = generate(prompts, seed=seed, device=device, batch_size=batch_size, pipe=pipe)
+        clips = generate(prompts, steps=steps, seed=seed, device=device, batch_size=batch_size, pipe=pipe)
         seconds = time.perf_counter() - start
         reference = clips if reference is None else reference
         stats = state.stats() if state is not None else {}
         rows.append({
             "quantization": describe(quant_config),
             "step_cache": "none" if cache_config is None else f"Auto(budget={cache_config.budget})"
-                          + (" profiled quantized" if cache_config.profile is not None else ""),
+                          + (" profiled quantized" if cache_config.profile is not None else "")
+                          + (" zero-shot" if cache_config.zero_shot else ""),
             "low_precision_share": stats.get("low_precision_share", 0.0),
             "weight_bytes_ratio": stats["weight_bytes_before"] / stats["weight_bytes_after"] if stats else 1.0,
             "compute_fraction": sc.stats(pipe)["compute_fraction"] if cache_config is not None else 1.0,
             **score(clips, reference, evaluator, scenes, spec.is_video),
             "seconds": round(seconds, 2),
         })
-    return {**run_header(model, captions, seed, spec.default_steps, spec.default_guidance, device), "format": fmt, "rows": rows}
+    steps = spec.default_steps if steps is None else steps
+    return {**run_header(model, captions, seed, steps, spec.default_guidance, device), "format": fmt, "rows": rows}
 
 
 def format_table(result: dict) -> str:
