@@ -9,7 +9,7 @@ chunk), the KV bytes on the device and on the host at the end, peak device memor
 time to answer a question at the end (median of three). Re-encoding the whole stream to answer
 costs what full KV's reading of it costs, plus its answer.
 
-    python benchmarks/watch_speed.py --out benchmarks/results/watch_speed.json
+    python benchmarks/watch_speed.py --out benchmarks/results/watch_speed.json   # on the GPU: scripts/device_watch.sh
     python benchmarks/watch_speed.py --tiny --out /tmp/watch_speed.json   # a CPU smoke run, measures nothing
 """
 
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from tempocache import kv
 from tempocache.reference import vqa
@@ -98,6 +99,7 @@ def main() -> None:
                        "Qwen2-7B-shaped text, random weights, bf16" if not args.tiny else "tiny",
               "frames": args.frames, "chunk_frames": args.chunk, "window": args.window,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+              "transformers": transformers.__version__,
               "date": datetime.date.today().isoformat(), "policies": {},
               "command": "python benchmarks/watch_speed.py --out benchmarks/results/watch_speed.json"}
     for name, memory in policies(args.window).items():

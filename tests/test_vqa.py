@@ -117,6 +117,28 @@ def test_the_objective_can_be_learned(one_thread):
     assert losses[-1] < 0.3 * losses[0]
 
 
+def test_the_frame_objective_names_each_shapes_colour_in_view_and_teaches_the_vision_tower(one_thread):
+    from tempocache.reference.train_vqa import ABSENT, batch_loss, collate, frame_head, frame_targets
+
+    stream = ShapesStream(3, 96)  # an object enters, then leaves
+    targets = frame_targets(stream, 96)
+    assert targets.shape == (96, len(ss.SHAPES))
+    for state, row in zip(stream.states, targets):
+        in_view = {ss.SHAPES.index(s): list(ss.COLOURS).index(c) for s, c, x, y in state["objects"]
+                   if 0 <= x < stream.size and 0 <= y < stream.size}
+        assert row.tolist() == [in_view.get(i, ABSENT) for i in range(len(ss.SHAPES))]
+    assert (targets != ABSENT).any() and (targets == ABSENT).any()
+
+    model, tokenizer = tiny()
+    head = frame_head(model)
+    batch = collate([vqa.pack(stream, 96, stream.questions(4, window=8), tokenizer, window=8)], [targets])
+    answers_only, both = batch_loss(model, batch, "cpu"), batch_loss(model, batch, "cpu", head)
+    assert both > answers_only
+    both.backward()
+    tower = model.model.vision_tower.embeddings.patch_embedding.weight
+    assert head.weight.grad.abs().sum() > 0 and tower.grad.abs().sum() > 0
+
+
 def test_training_resumes_and_the_judge_scores_by_type_and_bucket(tmp_path, capsys, one_thread):
     from tempocache.cli import main
     from tempocache.reference.train_vqa import train_vqa

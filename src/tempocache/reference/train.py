@@ -159,10 +159,11 @@ def train_reference(
 
 
 def update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list, ema_params: list, step: int) -> None:
-    """One optimizer step on `loss` (gradients clipped to norm 1), then the EMA weights toward the new ones."""
+    """One optimizer step on `loss` (every optimized gradient clipped to norm 1), then the EMA weights `ema_params`
+    toward `params`."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
     optimizer.step()
     torch._foreach_lerp_(ema_params, params, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
 

@@ -6,6 +6,12 @@ batch's streams are of one length, drawn from `frames` (short streams are cheap 
 questions easier to find the evidence of), padded to one sequence length. The judge packs held-out streams the same
 way, which is full KV's view, and scores the answer (the likeliest of its type's) by question
 type and distance bucket.
+
+Answers alone teach the vision tower too little: they name a frame's background from every
+patch, but an object's shape only from the few patches it covers, in a handful of questions per
+stream, and the tower learns to keep the background and drop the shape. So training adds a dense
+objective on every frame, through a head that is not part of the model: from the mean of the
+frame's projected tokens, the colour of each shape in view (or that it is absent).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ TRAIN_FRAMES = (64, 128, 256, 512)
 EVAL_FRAMES = 512
 QUESTIONS_PER_STREAM = 32
 WARMUP_STEPS = 300
+FRAME_LOSS_WEIGHT = 0.5
+ABSENT = len(shapes_stream.COLOURS)  # a shape's frame target when it is not in view
 
 
 class PackedStreams(IterableDataset):
@@ -48,14 +56,33 @@ class PackedStreams(IterableDataset):
                 stream = ShapesStream(self.seed + batch * self.batch_size + i, frames, self.split)
                 asked = stream.questions(self.questions)
                 if asked:
-                    samples.append(vqa.pack(stream, frames, asked, tokenizer))
+                    samples.append((vqa.pack(stream, frames, asked, tokenizer), frame_targets(stream, frames)))
             if samples:
-                yield collate(samples)
+                packed, targets = zip(*samples)
+                yield collate(list(packed), list(targets))
 
 
-def collate(samples: list[vqa.Packed]) -> dict:
+def frame_targets(stream: ShapesStream, frames: int) -> torch.Tensor:
+    """(frames, shapes) long: each shape's colour (its index in COLOURS) in each of the first `frames` frames, ABSENT
+    where it is not in view (its centre outside the frame)."""
+    colours, size = list(shapes_stream.COLOURS), stream.size
+    targets = torch.full((frames, len(shapes_stream.SHAPES)), ABSENT)
+    for f, state in enumerate(stream.states[:frames]):
+        for shape, colour, x, y in state["objects"]:
+            if 0 <= x < size and 0 <= y < size:
+                targets[f, shapes_stream.SHAPES.index(shape)] = colours.index(colour)
+    return targets
+
+
+def frame_head(model: LlavaForConditionalGeneration) -> torch.nn.Linear:
+    """The training-only head of the frame objective: a frame's mean projected token to each shape's colour logits."""
+    return torch.nn.Linear(model.config.text_config.hidden_size, len(shapes_stream.SHAPES) * (ABSENT + 1))
+
+
+def collate(samples: list[vqa.Packed], targets: list[torch.Tensor] | None = None) -> dict:
     """Samples padded to the longest (padding is no token's frame or question: it attends to itself alone and is
-    never read); the questions' distance buckets are by the window the samples were packed under."""
+    never read); the questions' distance buckets are by the window the samples were packed under. `targets`: each
+    sample's `frame_targets`, for the frame objective."""
     sinks, window = samples[0].sinks, samples[0].window
     if any((s.sinks, s.window) != (sinks, window) for s in samples):
         raise ValueError("a batch packs its samples under one sinks + window mask")
@@ -71,14 +98,22 @@ def collate(samples: list[vqa.Packed]) -> dict:
         answers += [(q.kind, shapes_stream.answers(q.kind).index(q.answer), q.bucket(window)) for q in s.questions]
     return {"input_ids": ids, "pixel_values": torch.cat([s.pixel_values for s in samples]), "position_ids": positions,
             "frame_of": frame_of, "span_of": span_of, "sees": sees, "sinks": sinks, "window": window,
-            "rows": torch.tensor(rows), "answers": answers}
+            "rows": torch.tensor(rows), "answers": answers,
+            "frame_targets": torch.cat(targets) if targets else None}
 
 
-def _answer_logits(model, batch: dict, device: str) -> torch.Tensor:
-    """(questions, most answers of a type) each question's logits over its type's answers, -inf past them."""
+def _answer_logits(model, batch: dict, device: str, frames_seen: list | None = None) -> torch.Tensor:
+    """(questions, most answers of a type) each question's logits over its type's answers, -inf past them.
+    `frames_seen`: a list that gets the projected frame tokens (frames, tokens, hidden)."""
     places = (batch[k].to(device) for k in ("frame_of", "span_of", "sees"))
-    out = model(**{k: batch[k].to(device) for k in ("input_ids", "pixel_values", "position_ids")},
-                attention_mask=vqa.attention_mask(*places, batch["sinks"], batch["window"]))
+    projector = model.model.multi_modal_projector
+    hook = projector.register_forward_hook(lambda m, i, o: frames_seen.append(o)) if frames_seen is not None else None
+    try:
+        out = model(**{k: batch[k].to(device) for k in ("input_ids", "pixel_values", "position_ids")},
+                    attention_mask=vqa.attention_mask(*places, batch["sinks"], batch["window"]))
+    finally:
+        if hook is not None:
+            hook.remove()
     rows = out.logits[batch["rows"][:, 0], batch["rows"][:, 1]].float()
     allowed = vqa.WordTokenizer().answer_ids()
     most = max(map(len, allowed.values()))
@@ -87,9 +122,15 @@ def _answer_logits(model, batch: dict, device: str) -> torch.Tensor:
     return rows.gather(1, index.to(rows.device)).masked_fill(~valid.to(rows.device), -math.inf)
 
 
-def batch_loss(model, batch: dict, device: str) -> torch.Tensor:
+def batch_loss(model, batch: dict, device: str, head: torch.nn.Linear | None = None) -> torch.Tensor:
+    """The answers' cross-entropy; with `head` (`frame_head`), plus the frame objective's, weighted."""
     target = torch.tensor([answer for _, answer, _ in batch["answers"]], device=device)
-    return F.cross_entropy(_answer_logits(model, batch, device), target)
+    frames_seen = [] if head is not None else None
+    loss = F.cross_entropy(_answer_logits(model, batch, device, frames_seen), target)
+    if head is None:
+        return loss
+    logits = head(frames_seen[0].mean(1)).view(-1, ABSENT + 1)  # (frames * shapes, colours + absent)
+    return loss + FRAME_LOSS_WEIGHT * F.cross_entropy(logits.float(), batch["frame_targets"].to(device).view(-1))
 
 
 def train_vqa(out_dir: Path, minutes: float, batch_size: int = 8, lr: float = 3e-4, device: str = "cuda",
@@ -112,11 +153,15 @@ def train_vqa(out_dir: Path, minutes: float, batch_size: int = 8, lr: float = 3e
     if full:
         model.load_state_dict(full["model"])
         state = full["state"]
+    head = frame_head(model)
+    if full and "frame_head" in full:
+        head.load_state_dict(full["frame_head"])
     model.to(device).train()
+    head.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if full:
         ema.load_state_dict(full["ema"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     if full:
         optimizer.load_state_dict(full["optimizer"])
     warmup_from = 0 if full else state["steps"]
@@ -130,18 +175,19 @@ def train_vqa(out_dir: Path, minutes: float, batch_size: int = 8, lr: float = 3e
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (state["steps"] - warmup_from + 1) / WARMUP_STEPS)
         with autocast:
-            loss = batch_loss(model, batch, device)
+            loss = batch_loss(model, batch, device, head)
         update(loss, optimizer, list(model.parameters()), list(ema.parameters()), state["steps"])
         if step_done(state, running, loss, start, first_step, log_every, minutes):
             break
-    record_session(state, start, first_step, device, batch_size=batch_size, lr=lr)
+    record_session(state, start, first_step, device, batch_size=batch_size, lr=lr,
+                   frame_loss_weight=FRAME_LOSS_WEIGHT)
     out_dir.mkdir(parents=True, exist_ok=True)
     copy.deepcopy(ema).half().save_pretrained(out_dir)
     (out_dir / "training.json").write_text(json.dumps(state, indent=1))
     if checkpoint:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                    "state": state}, checkpoint)
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "frame_head": head.state_dict(),
+                    "optimizer": optimizer.state_dict(), "state": state}, checkpoint)
     return state
 
 
