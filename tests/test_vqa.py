@@ -139,6 +139,20 @@ def test_the_frame_objective_names_each_shapes_colour_in_view_and_teaches_the_vi
     assert head.weight.grad.abs().sum() > 0 and tower.grad.abs().sum() > 0
 
 
+def test_a_batch_of_shorter_streams_holds_as_many_more_of_them_as_fill_its_frames():
+    from tempocache.reference.train_vqa import PackedStreams, streams_per_batch
+
+    assert [streams_per_batch(2, (96, 192), n) for n in (192, 96)] == [2, 4]
+    short = []
+    for batch, _ in zip(PackedStreams(2, (96, 192), 4, seed=0), range(12)):
+        streams, frames = batch["frame_of"].shape[0], int(batch["frame_of"].max()) + 1
+        assert frames in (96, 192) and streams * frames <= 2 * 192  # a stream with no question to ask is left out
+        assert batch["frame_targets"].shape[0] == batch["pixel_values"].shape[0] == streams * frames
+        if frames == 96:
+            short.append(streams)
+    assert short and sum(short) > 2 * len(short)
+
+
 def test_training_resumes_and_the_judge_scores_by_type_and_bucket(tmp_path, capsys, one_thread):
     from tempocache.cli import main
     from tempocache.reference.train_vqa import train_vqa

@@ -511,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, required=True, help="wall-clock budget for this run")
     p.add_argument("--resume", type=Path, default=None, help="folder written by an earlier run")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="keep a full checkpoint here for exact resume")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="streams per step")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="streams per step at the longest --frames (shorter ones: as many more as fill as many frames)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)

@@ -41,7 +41,9 @@ ABSENT = len(shapes_stream.COLOURS)  # a shape's frame target when it is not in 
 
 
 class PackedStreams(IterableDataset):
-    """Endless collated batches of packed training streams, each batch's streams of a length drawn from `frames`."""
+    """Endless collated batches of packed training streams, each batch's streams of a length drawn from `frames`:
+    `batch_size` streams of the longest, and of a shorter length as many more as fill the same frames (so that a
+    step of short streams is not a small one, and each stream counts the same in the loss)."""
 
     def __init__(self, batch_size: int, frames: tuple[int, ...], questions: int, seed: int, split: str = "train"):
         self.batch_size, self.frames, self.questions, self.seed, self.split = batch_size, frames, questions, seed, split
@@ -52,14 +54,20 @@ class PackedStreams(IterableDataset):
         tokenizer = vqa.WordTokenizer()
         for batch in range(worker, 1 << 62, workers):
             samples, frames = [], random.Random(self.seed + batch).choice(self.frames)
-            for i in range(self.batch_size):
-                stream = ShapesStream(self.seed + batch * self.batch_size + i, frames, self.split)
+            most = streams_per_batch(self.batch_size, self.frames, min(self.frames))
+            for i in range(streams_per_batch(self.batch_size, self.frames, frames)):
+                stream = ShapesStream(self.seed + batch * most + i, frames, self.split)
                 asked = stream.questions(self.questions)
                 if asked:
                     samples.append((vqa.pack(stream, frames, asked, tokenizer), frame_targets(stream, frames)))
             if samples:
                 packed, targets = zip(*samples)
                 yield collate(list(packed), list(targets))
+
+
+def streams_per_batch(batch_size: int, frames: tuple[int, ...], length: int) -> int:
+    """How many streams of `length` frames a batch of `batch_size` streams of the longest of `frames` holds."""
+    return max(1, batch_size * max(frames) // length)
 
 
 def frame_targets(stream: ShapesStream, frames: int) -> torch.Tensor:
@@ -165,7 +173,8 @@ def train_vqa(out_dir: Path, minutes: float, batch_size: int = 8, lr: float = 3e
     if full:
         optimizer.load_state_dict(full["optimizer"])
     warmup_from = 0 if full else state["steps"]
-    data = PackedStreams(batch_size, tuple(frames), questions, seed * 1_000_003 + state["steps"] * batch_size)
+    drawn = state["steps"] * streams_per_batch(batch_size, tuple(frames), min(frames))  # a resumed run: streams of its own
+    data = PackedStreams(batch_size, tuple(frames), questions, seed * 1_000_003 + drawn)
     loader = DataLoader(data, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     start, running, first_step = time.time(), [], state["steps"]
