@@ -43,7 +43,7 @@ ABSENT = len(shapes_stream.COLOURS)  # a shape's frame target when it is not in 
 class PackedStreams(IterableDataset):
     """Endless collated batches of packed training streams, each batch's streams of a length drawn from `frames`:
     `batch_size` streams of the longest, and of a shorter length as many more as fill the same frames (so that a
-    step of short streams is not a small one, and each stream counts the same in the loss)."""
+    step of short streams is not a small one)."""
 
     def __init__(self, batch_size: int, frames: tuple[int, ...], questions: int, seed: int, split: str = "train"):
         self.batch_size, self.frames, self.questions, self.seed, self.split = batch_size, frames, questions, seed, split
