@@ -6,8 +6,11 @@
 under a sinks + window view (cost does not depend on the weights). One hour at 0.5 fps is
 1,800 frames (352,800 tokens). Per memory policy: frames read per second (after a warm-up
 chunk), the KV bytes on the device and on the host at the end, peak device memory, and the
-time to answer a question at the end (median of three). Re-encoding the whole stream to answer
-costs what full KV's reading of it costs, plus its answer.
+time to answer a question at the end (median of three), and how long a stream could grow before
+memory runs out, projected from the bytes each frame adds (the device's free memory for a policy
+that holds every frame there, the host's available memory for one that offloads; none where
+memory stays flat). Re-encoding the whole stream to answer costs what full KV's reading of it
+costs, plus its answer.
 
     python benchmarks/watch_speed.py --out benchmarks/results/watch_speed.json   # on the GPU: scripts/device_watch.sh
     python benchmarks/watch_speed.py --tiny --out /tmp/watch_speed.json   # a CPU smoke run, measures nothing
@@ -18,7 +21,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -54,6 +59,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def frames_until_full(stats: dict, frames: int, device: torch.device) -> dict:
+    """The frames a stream could reach before the device's free memory (where every frame is held there) or the
+    host's available memory (where frames are offloaded) runs out, at the bytes a frame adds; None where flat."""
+    projected = {"device": None, "host": None}
+    if stats["device_frames"] == frames and device.type == "cuda":
+        projected["device"] = int(frames + torch.cuda.mem_get_info()[0] / (stats["device_kv_bytes"] / frames))
+    if stats["host_frames"]:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        projected["host"] = int(frames + available / (stats["host_kv_bytes"] / stats["host_frames"]))
+    return projected
+
+
 def measure(model, memory: kv.KVConfig, frames: int, chunk: int, device: torch.device) -> dict:
     size = model.config.vision_config.image_size
     watcher = watch(model, memory, chunk)
@@ -74,8 +91,10 @@ def measure(model, memory: kv.KVConfig, frames: int, chunk: int, device: torch.d
         watcher.ask(QUESTION)
         sync(device)
         answers.append(time.perf_counter() - t0)
-    return {**watcher.stats(), "read_seconds": round(seconds, 2), "frames_per_second": round(frames / seconds, 2),
+    stats = watcher.stats()
+    return {**stats, "read_seconds": round(seconds, 2), "frames_per_second": round(frames / seconds, 2),
             "answer_seconds": round(statistics.median(answers), 4),
+            "frames_until_full": frames_until_full(stats, frames, device),
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
 
@@ -84,6 +103,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=1800, help="frames watched (1,800: an hour at 0.5 fps)")
     parser.add_argument("--chunk", type=int, default=4, help="frames read at a time")
     parser.add_argument("--window", type=int, default=vqa.WINDOW_FRAMES, help="frames of the sinks + window view")
+    parser.add_argument("--only", nargs="+", default=None, help="run the memories whose names contain one of these")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -101,15 +121,19 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "transformers": transformers.__version__,
               "date": datetime.date.today().isoformat(), "policies": {},
-              "command": "python benchmarks/watch_speed.py --out benchmarks/results/watch_speed.json"}
-    for name, memory in policies(args.window).items():
+              "command": " ".join(["python benchmarks/watch_speed.py", *sys.argv[1:]])}
+    chosen = {n: m for n, m in policies(args.window).items() if not args.only or any(o in n for o in args.only)}
+    if not chosen:
+        raise SystemExit(f"no memory's name contains any of {args.only}: {', '.join(policies(args.window))}")
+    for name, memory in chosen.items():
         result["policies"][name] = row = measure(model, memory, args.frames, args.chunk, device)
         print(name, json.dumps(row), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
-    full = result["policies"]["full KV"]
-    result["reencode_answer_seconds"] = round(full["read_seconds"] + full["answer_seconds"], 2)
-    args.out.write_text(json.dumps(result, indent=2))
+    if "full KV" in result["policies"]:
+        full = result["policies"]["full KV"]
+        result["reencode_answer_seconds"] = round(full["read_seconds"] + full["answer_seconds"], 2)
+        args.out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,14 +6,15 @@
 #     transformers==5.25.0 huggingface_hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5
 #   bash scripts/device_watch.sh speed           # 7B-shaped, random weights, an hour of video: $OUT/watch_speed.json
 #   bash scripts/device_watch.sh bench WEIGHTS   # trained shapes-vqa: $OUT/eval_vqa.json, $OUT/watch-bench.tar.gz
-#     (STREAMS, default 8; SPEED_SECONDS, BENCH_SECONDS cut a run short)
+#     (SPEED_ARGS adds watch_speed.py options, e.g. "--frames 4096 --only ReKV"; STREAMS, default 8;
+#     SPEED_SECONDS, BENCH_SECONDS cut a run short)
 set -uo pipefail
 for wheels in .whl .whl_tf; do
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "/tmp/site$wheels" $wheels/*.whl
 done
 export PYTHONPATH=/tmp/site.whl_tf:/tmp/site.whl:$PWD/src PYTHONUNBUFFERED=1
 if [ "$1" = speed ]; then
-  timeout "${SPEED_SECONDS:-540}" python3 benchmarks/watch_speed.py --out "$OUT/watch_speed.json"
+  timeout "${SPEED_SECONDS:-540}" python3 benchmarks/watch_speed.py --out "$OUT/watch_speed.json" ${SPEED_ARGS:-}
   exit
 fi
 weights=$2
