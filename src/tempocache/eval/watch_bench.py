@@ -55,7 +55,8 @@ def default_memories(budgets: tuple[int, ...]) -> dict[str, kv.KVConfig | None]:
 @torch.no_grad()
 def run_watch_bench(model, out: Path, streams: int = 32, frames: int = 512, questions: int = 32,
                     budgets: tuple[int, ...] = (16, 32, 64), chunk_frames: int = 4, seed: int = 0) -> dict:
-    """Every memory of `default_memories(budgets)` on the same questions: results.json, table.md, memory.png."""
+    """Every memory of `default_memories(budgets)` on the same questions: results.json, table.md, memory.png, written
+    again after each memory."""
     work = shapes_stream.held_out_questions(streams, frames, questions, seed)
     result = {"frames": frames, "streams": streams, "questions": sum(len(q) for _, q in work), "budgets": list(budgets),
               "chunk_frames": chunk_frames, "window": model.config.stream_window, "memories": {}}
@@ -85,11 +86,15 @@ def run_watch_bench(model, out: Path, streams: int = 32, frames: int = 512, ques
             "evidence_recall": statistics.mean(recall) if recall else None, "answer_seconds": statistics.median(seconds),
             "plan": repr(plan) if plan else None}
         print(name, json.dumps(result["memories"][name]["accuracy"]), flush=True)
+        write_report(result, out)  # after each memory: a run cut short keeps the memories it finished
+    return result
+
+
+def write_report(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "table.md").write_text(table(result))
     plot(result, out / "memory.png")
-    return result
 
 
 def table(result: dict) -> str:
