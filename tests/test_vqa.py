@@ -163,6 +163,10 @@ def test_training_resumes_and_the_judge_scores_by_type_and_bucket(tmp_path, caps
     assert first["steps"] >= 1 and (tmp_path / "w" / "model.safetensors").exists()
     again = train_vqa(tmp_path / "w", minutes=0.001, resume_dir=tmp_path / "w", checkpoint_dir=tmp_path / "ckpt", **small)
     assert again["steps"] > first["steps"] and len(again["sessions"]) == 2 and (tmp_path / "ckpt" / "shapes-vqa.pt").exists()
+    logged = again["answer_accuracy"]  # per logged step, the share of the training batches' answers right, by type
+    assert [r["step"] for r in logged] == list(range(1, again["steps"] + 1))
+    assert all(set(r) - {"step"} <= set(ss.QUESTION_TYPES) and all(0 <= r[k] <= 1 for k in set(r) - {"step"})
+               for r in logged)
     assert main(["eval-vqa", "--weights", str(tmp_path / "w"), "--streams", "12", "--frames", "192",
                  "--save", str(tmp_path / "eval.json")]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())

@@ -130,15 +130,21 @@ def _answer_logits(model, batch: dict, device: str, frames_seen: list | None = N
     return rows.gather(1, index.to(rows.device)).masked_fill(~valid.to(rows.device), -math.inf)
 
 
-def batch_loss(model, batch: dict, device: str, head: torch.nn.Linear | None = None) -> torch.Tensor:
-    """The answers' cross-entropy; with `head` (`frame_head`), plus the frame objective's, weighted."""
+def batch_loss(model, batch: dict, device: str, head: torch.nn.Linear | None = None,
+               tally: shapes_stream.Accuracy | None = None) -> torch.Tensor:
+    """The answers' cross-entropy; with `head` (`frame_head`), plus the frame objective's, weighted. `tally` counts
+    the answers the logits get right."""
     target = torch.tensor([answer for _, answer, _ in batch["answers"]], device=device)
     frames_seen = [] if head is not None else None
-    loss = F.cross_entropy(_answer_logits(model, batch, device, frames_seen), target)
+    logits = _answer_logits(model, batch, device, frames_seen)
+    loss = F.cross_entropy(logits, target)
+    if tally is not None:
+        for choice, (kind, answer, bucket) in zip(logits.argmax(1).tolist(), batch["answers"]):
+            tally.add(kind, bucket, choice == answer)
     if head is None:
         return loss
-    logits = head(frames_seen[0].mean(1)).view(-1, ABSENT + 1)  # (frames * shapes, colours + absent)
-    return loss + FRAME_LOSS_WEIGHT * F.cross_entropy(logits.float(), batch["frame_targets"].to(device).view(-1))
+    colours = head(frames_seen[0].mean(1)).view(-1, ABSENT + 1)  # (frames * shapes, colours + absent)
+    return loss + FRAME_LOSS_WEIGHT * F.cross_entropy(colours.float(), batch["frame_targets"].to(device).view(-1))
 
 
 def train_vqa(out_dir: Path, minutes: float, batch_size: int = 8, lr: float = 3e-4, device: str = "cuda",
@@ -180,13 +186,20 @@ def train_vqa(out_dir: Path, minutes: float, batch_size: int = 8, lr: float = 3e
     start, running, first_step = time.time(), [], state["steps"]
     print(f"training shapes-vqa: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, from step "
           f"{first_step}, for {minutes} min on {device}", flush=True)
+    tally = shapes_stream.Accuracy()
     for batch in loader:
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (state["steps"] - warmup_from + 1) / WARMUP_STEPS)
         with autocast:
-            loss = batch_loss(model, batch, device, head)
+            loss = batch_loss(model, batch, device, head, tally)
         update(loss, optimizer, list(model.parameters()), list(ema.parameters()), state["steps"])
-        if step_done(state, running, loss, start, first_step, log_every, minutes):
+        done = step_done(state, running, loss, start, first_step, log_every, minutes)
+        if state["steps"] % log_every == 0:  # what the training batches' answers got right, by type, since the last
+            right = {k: round(v, 3) for k, v in tally.summary()["accuracy"].items() if k in shapes_stream.QUESTION_TYPES}
+            state.setdefault("answer_accuracy", []).append({"step": state["steps"], **right})
+            print(f"  answers right: {json.dumps(right)}", flush=True)
+            tally = shapes_stream.Accuracy()
+        if done:
             break
     record_session(state, start, first_step, device, batch_size=batch_size, lr=lr,
                    frame_loss_weight=FRAME_LOSS_WEIGHT)
