@@ -173,3 +173,13 @@ def test_training_resumes_and_the_judge_scores_by_type_and_bucket(tmp_path, caps
     assert {"all", "inside"} <= set(result["accuracy"]) and 0 <= result["accuracy"]["all"] <= 1
     assert sum(result["questions"][k] for k in ss.QUESTION_TYPES if k in result["questions"]) == result["questions"]["all"]
     assert "all" in capsys.readouterr().out
+
+    from tempocache.reference.card import write_vqa_card
+
+    card = write_vqa_card([result], tmp_path / "w").read_text()
+    assert f"- steps: {again['steps']}," in card and "| question | inside | beyond | far | all |" in card
+    assert "plus the frame objective" in card and "at weight 0.5, 0.5 in its runs" in card
+    assert f"{result['streams']} held-out streams of 192 frames (past the longest training stream)" in card
+    assert all((tmp_path / "w" / name).stat().st_size > 0 for name in ("loss.png", "answers.png"))
+    with pytest.raises(FileNotFoundError, match="train-vqa"):
+        vqa.load(tmp_path / "none")

@@ -223,14 +223,12 @@ def _train_vqa(args: argparse.Namespace) -> None:
 
 
 def _eval_vqa(args: argparse.Namespace) -> None:
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
+    from .reference import vqa
     from .reference.train_vqa import evaluate_vqa
 
     if args.save:
         check_writable(args.save)
-    model = LlavaForConditionalGeneration.from_pretrained(args.weights, dtype=torch.float32)
+    model = vqa.load(args.weights)
     result = evaluate_vqa(model, args.streams, args.frames, device=args.device)
     _save_json(args.save, result)
     for key, accuracy in result["accuracy"].items():
@@ -238,13 +236,11 @@ def _eval_vqa(args: argparse.Namespace) -> None:
 
 
 def _watch_bench(args: argparse.Namespace) -> None:
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
     from .eval.watch_bench import run_watch_bench
+    from .reference import vqa
 
     check_writable(args.out / "results.json")
-    model = LlavaForConditionalGeneration.from_pretrained(args.weights, dtype=torch.float32).to(args.device)
+    model = vqa.load(args.weights, args.device)
     result = run_watch_bench(model, args.out, args.streams, args.frames, args.questions, tuple(args.budgets),
                              args.chunk_frames)
     print((args.out / "table.md").read_text())
@@ -523,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_train_vqa)
 
     p = sub.add_parser("eval-vqa", help="shapes-vqa's accuracy with full KV on held-out ShapesStream questions")
-    p.add_argument("--weights", type=Path, required=True, help="a folder written by train-vqa")
+    p.add_argument("--weights", type=Path, default=None, help="a folder written by train-vqa (default: the shipped one)")
     p.add_argument("--streams", type=positive_int, default=32)
     p.add_argument("--frames", type=positive_int, default=512)
     p.add_argument("--device", default="cpu")
@@ -531,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_eval_vqa)
 
     p = sub.add_parser("watch-bench", help="every memory of tempocache.watch on the same held-out ShapesStream questions")
-    p.add_argument("--weights", type=Path, required=True, help="a folder written by train-vqa")
+    p.add_argument("--weights", type=Path, default=None, help="a folder written by train-vqa (default: the shipped one)")
     p.add_argument("--out", type=Path, default=Path("watch-bench"), help="folder for results.json, table.md, memory.png")
     p.add_argument("--streams", type=positive_int, default=32)
     p.add_argument("--frames", type=positive_int, default=512)

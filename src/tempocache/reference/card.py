@@ -2,9 +2,10 @@
 
 Reads each model's `training.json`, the evaluation in
 `benchmarks/results/reference_eval.json` and any at other clip lengths
-(`reference_eval_<model>_<N>frames.json` beside it; an editor's in `reference_eval_<model>.json`),
-draws the loss curve and a grid of samples on held-out captions (an editor's: held-out edits),
-and writes README.md next to the weights.
+(`reference_eval_<model>_<N>frames.json` beside it; an editor's in `reference_eval_<model>.json`;
+shapes-vqa's, `eval-vqa --save`'s, in `vqa_eval_<N>frames.json`), draws the loss curve and a grid
+of samples on held-out captions (an editor's: held-out edits; shapes-vqa's: its training answers
+right by question type), and writes README.md next to the weights.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from ..eval.evaluator import WEIGHTS_DIR as EVALUATOR_DIR  # noqa: E402
 from ..generation import generate, load_pipeline  # noqa: E402
-from . import shapesworld  # noqa: E402
+from . import shapes_stream, shapesworld, vqa  # noqa: E402
 from .edits import KINDS, held_out_edits, render_edit  # noqa: E402
 from .models import SPECS, ReferenceSpec, load_weights  # noqa: E402
 
@@ -235,6 +236,96 @@ def write_editor_card(spec: ReferenceSpec, evaluation: dict | None, device: str)
     return path
 
 
+def plot_answers(state: dict, path: Path) -> None:
+    """The share of the training batches' answers right, by question type, against the step."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for kind in shapes_stream.QUESTION_TYPES:
+        points = [(r["step"], r[kind]) for r in state.get("answer_accuracy", []) if kind in r]
+        if points:
+            ax.plot(*np.array(points).T, lw=1, label=kind)
+    ax.set(xlabel="step", ylabel="training answers right", ylim=(0, 1), title="shapes-vqa")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _vqa_table(evaluation: dict) -> list[str]:
+    """Accuracy by question type (rows) and distance bucket (columns), with the question counts."""
+    accuracy, questions = evaluation["accuracy"], evaluation["questions"]
+
+    def cell(key: str) -> str:
+        return f"{accuracy[key]:.2f} ({questions[key]})" if key in accuracy else "-"
+
+    lines = ["| question | " + " | ".join(shapes_stream.BUCKETS) + " | all |", "|---" * (len(shapes_stream.BUCKETS) + 2) + "|"]
+    for kind in (*shapes_stream.QUESTION_TYPES, None):
+        keys = [f"{kind}/{b}" if kind else b for b in shapes_stream.BUCKETS] + [kind or "all"]
+        lines.append(f"| {kind or 'all'} | " + " | ".join(map(cell, keys)) + " |")
+    return lines
+
+
+def write_vqa_card(evaluations: list[dict], directory: Path = vqa.WEIGHTS_DIR) -> Path:
+    """Write shapes-vqa's README.md beside its weights; `evaluations`: `eval-vqa --save`'s, one per stream length."""
+    state = json.loads((directory / "training.json").read_text())
+    model = vqa.load(directory)
+    vision, text = model.config.vision_config, model.config.text_config
+    plot_loss(state, directory / "loss.png", "shapes-vqa")
+    plot_answers(state, directory / "answers.png")
+    devices = sorted({s["device"] for s in state["sessions"]})
+    weights = [s.get("frame_loss_weight", 0.0) for s in state["sessions"]]  # 0: a run from before the objective
+    frame_objective = "" if not any(weights) else (
+        ", plus the frame objective (each shape's colour in view, from the mean of a frame's projected tokens, through "
+        f"a training-only head) at weight {', '.join(f'{w:g}' for w in weights)} in its runs")
+    lines = [
+        "# shapes-vqa",
+        "",
+        "A small video-language model for tempocache's streaming understanding (the reference for `tempocache.watch`): "
+        "transformers' `LlavaForConditionalGeneration`, trained from scratch on ShapesStream (32x32 RGB streams and "
+        "questions about their events).",
+        "",
+        "## Architecture",
+        f"- {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; vision: `SiglipVisionModel`, "
+        f"{vision.image_size}x{vision.image_size} frames in patches of {vision.patch_size} "
+        f"({model.config.image_seq_length} tokens a frame), {vision.num_hidden_layers} layers of {vision.hidden_size}; "
+        f"LLaVA's projector; text: `Qwen2Model`, {text.num_hidden_layers} layers of {text.hidden_size}, "
+        f"{text.num_attention_heads} query and {text.num_key_value_heads} key-value heads, rope theta "
+        f"{text.rope_parameters['rope_theta']:g}",
+        f"- a frame's tokens attend to their frame, the first {model.config.stream_sinks} frames and the "
+        f"{model.config.stream_window} before it; a question's to every frame before it was asked (full KV is the "
+        "trained oracle); the answer is the likeliest of its type's at the question's `?`",
+        "- weights: fp16 safetensors (EMA of the training weights, decay 0.999)",
+        "",
+        "## Training",
+        f"- data: fresh training streams of {', '.join(map(str, state['frames']))} frames (one length a batch), "
+        f"{state['questions']} questions drawn per stream, (shape, colour) pairs of the held-out split never shown",
+        "- objective: the answers' cross-entropy over their type's answers" + frame_objective,
+        f"- AdamW, lr per run {', '.join(str(r['lr']) for r in state['sessions'])}, batch per run "
+        f"{', '.join(str(r['batch_size']) for r in state['sessions'])} streams of the longest length, bf16 autocast",
+        f"- steps: {state['steps']}, time: {state['seconds'] / 60:.1f} min on {', '.join(devices)} in "
+        f"{len(state['sessions'])} runs, seed {state['seed']}",
+        f"- final loss (mean of the last logged steps): {state['losses'][-1][1]:.4f}",
+        "- command: `bash scripts/device_train.sh MINUTES shapes-vqa` on the GPU (or `tempocache train-vqa --out DIR "
+        "--minutes M`)",
+        "",
+        "![loss](loss.png) ![answers](answers.png)",
+        "",
+        "## Quality (full KV, held-out streams)",
+        "",
+    ]
+    if not evaluations:
+        lines.append("Not evaluated yet: `tempocache eval-vqa --streams 32 --frames 512 --save "
+                     "benchmarks/results/vqa_eval_512frames.json`.")
+    for evaluation in sorted(evaluations, key=lambda e: e["frames"]):
+        beyond = " (past the longest training stream)" if evaluation["frames"] > max(state["frames"]) else ""
+        lines += [f"{evaluation['streams']} held-out streams of {evaluation['frames']} frames{beyond}, questions "
+                  "balanced by answer within each type; accuracy (questions):", "", *_vqa_table(evaluation), ""]
+    path = directory / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def write_evaluator_card(report: dict) -> Path:
     state = json.loads((EVALUATOR_DIR / "training.json").read_text())
     lines = [
@@ -265,13 +356,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/reference_eval.json"))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cards", nargs="+", choices=[*SPECS, "evaluator"], default=[*SPECS, "evaluator"],
-                        help="which cards to write (default: all)")
+    parser.add_argument("--cards", nargs="+", choices=[*SPECS, "shapes-vqa", "evaluator"],
+                        default=[*SPECS, "evaluator"], help="which cards to write (default: the diffusion models' and "
+                                                            "the evaluator's)")
     args = parser.parse_args()
     defaults = json.loads(args.results.read_text()) if args.results.exists() else {}
     for name in args.cards:
         if name == "evaluator":
             print(f"wrote {write_evaluator_card(evaluate_evaluator(device=args.device))}")
+            continue
+        if name == "shapes-vqa":
+            saved = args.results.parent.glob("vqa_eval_*frames.json")
+            print(f"wrote {write_vqa_card([json.loads(path.read_text()) for path in saved])}")
             continue
         spec = SPECS[name]
         if spec.task == "edit":

@@ -18,6 +18,7 @@ one stream, asked at different frames, are packed after it in one sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
@@ -25,6 +26,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 from . import shapes_stream
 from .shapes_stream import Question, ShapesStream
 
+WEIGHTS_DIR = Path(__file__).parent / "weights" / "shapes-vqa"
 PAD, IMAGE, END = "<pad>", "<image>", "?"
 FRAME_TOKENS = 16  # (32 / 8) ** 2 patches
 SINK_FRAMES, WINDOW_FRAMES = 2, shapes_stream.WINDOW_FRAMES
@@ -67,6 +69,15 @@ def build_model(vision: dict | None = None, text: dict | None = None, sinks: int
         vision_feature_layer=-1,
         vision_feature_select_strategy="full", projector_hidden_act="gelu", stream_sinks=sinks, stream_window=window)
     return LlavaForConditionalGeneration(config)
+
+
+def load(directory: Path | None = None, device: str = "cpu") -> LlavaForConditionalGeneration:
+    """Trained shapes-vqa weights (None: the shipped ones), in float32, for inference."""
+    directory = WEIGHTS_DIR if directory is None else Path(directory)
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"no shapes-vqa weights in {directory}; train them with `tempocache train-vqa --out "
+                                f"{directory}` (on a GPU: bash scripts/device_train.sh MINUTES shapes-vqa)")
+    return LlavaForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).to(device).eval()
 
 
 def attends(queries: torch.Tensor, keys: torch.Tensor, sinks: int = SINK_FRAMES, window: int = WINDOW_FRAMES,
